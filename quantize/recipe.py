@@ -1,0 +1,134 @@
+"""The quantization recipe: one versioned, JSON-serializable description of how a model was quantized.
+
+The recipe travels through every stage (calibrate → quantize → validate → report), is hashed to cache sweep
+results, and is stored in the output model's `metadata_props` under `rq.recipe` so an INT8 file says how it
+was made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from calibration.errors import RqInputError
+
+RECIPE_VERSION = 1
+METADATA_KEY = "rq.recipe"
+
+BACKENDS = ("ort", "inc")
+FORMATS = ("qdq", "qoperator")
+INT8_TYPES = ("uint8", "int8")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+# Conv/Gemm/MatMul carry almost all of a CNN classifier's compute. Quantizing other ops (BatchNormalization
+# left unfolded in v2 nets, Resize, Softmax, ...) costs accuracy and can produce models ORT cannot run, so
+# they stay FP32 unless the user asks for them.
+DEFAULT_OP_TYPES = ("Conv", "Gemm", "MatMul")
+# Histogram bins for the methods that use a histogram. ORT's quantize_static fixes entropy at 128 bins and
+# 128 quantized bins, which leaves the KL search a single candidate: the full min/max range.
+DEFAULT_BINS = {"entropy": 2048, "percentile": 2048}
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    """How to quantize. `reduce_range=None` means "decide from the CPU" (see quantize.cpu.advise_int8)."""
+
+    backend: str = "ort"
+    format: str = "qdq"
+    activation_type: str = "uint8"
+    weight_type: str = "int8"
+    per_channel: bool = True
+    reduce_range: bool | None = None
+    calibration: str = "minmax"
+    percentile: float = 99.999
+    num_bins: int | None = None
+    samples: int = 100
+    seed: int = 0
+    batch_size: int = 8
+    op_types: tuple[str, ...] = DEFAULT_OP_TYPES
+    exclude_nodes: tuple[str, ...] = field(default_factory=tuple)
+    version: int = RECIPE_VERSION
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}"),
+            (self.format in FORMATS, f"format must be one of {', '.join(FORMATS)}, not {self.format!r}"),
+            (
+                self.activation_type in INT8_TYPES,
+                f"activation type must be uint8 or int8, not {self.activation_type!r}",
+            ),
+            (self.weight_type in INT8_TYPES, f"weight type must be uint8 or int8, not {self.weight_type!r}"),
+            (
+                self.calibration in CALIBRATION_METHODS,
+                f"calibration must be one of {', '.join(CALIBRATION_METHODS)}, not {self.calibration!r}",
+            ),
+            (0.0 < self.percentile <= 100.0, f"percentile must be in (0, 100], not {self.percentile}"),
+            (self.num_bins is None or self.num_bins >= 128, f"num_bins must be ≥ 128, not {self.num_bins}"),
+            (self.samples >= 1, f"samples must be ≥ 1, not {self.samples}"),
+            (self.batch_size >= 1, f"batch size must be ≥ 1, not {self.batch_size}"),
+            (bool(self.op_types), "op_types must name at least one operator type"),
+            (self.version == RECIPE_VERSION, f"recipe version {self.version} is not supported (this rq: 1)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise RqInputError(message)
+        # Tuples keep the recipe hashable and its JSON stable whatever sequence the caller passed.
+        object.__setattr__(self, "op_types", tuple(self.op_types))
+        object.__setattr__(self, "exclude_nodes", tuple(self.exclude_nodes))
+
+    @property
+    def bins(self) -> int | None:
+        """Histogram bins actually used by the calibration method (None for minmax)."""
+        if self.calibration == "minmax":
+            return None
+        return self.num_bins or DEFAULT_BINS[self.calibration]
+
+    def with_changes(self, **changes) -> QuantRecipe:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["op_types"] = list(self.op_types)
+        data["exclude_nodes"] = list(self.exclude_nodes)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> QuantRecipe:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RqInputError(f"unknown recipe field(s): {', '.join(unknown)}")
+        values = dict(data)
+        for key in ("op_types", "exclude_nodes"):
+            if key in values:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text: str) -> QuantRecipe:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise RqInputError(f"recipe is not valid JSON: {exc.msg} (line {exc.lineno})") from None
+        if not isinstance(data, dict):
+            raise RqInputError("recipe JSON must be an object")
+        return cls.from_dict(data)
+
+    def digest(self) -> str:
+        """Short stable hash of the recipe, used to name and cache results."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:12]
+
+    def label(self) -> str:
+        """A compact human name, e.g. `qdq-pc-rr-minmax`."""
+        parts = [self.format, "pc" if self.per_channel else "pt"]
+        if self.reduce_range:
+            parts.append("rr")
+        parts.append(self.calibration if self.calibration != "percentile" else f"p{self.percentile:g}")
+        if self.activation_type != "uint8" or self.weight_type != "int8":
+            parts.append(f"{self.activation_type[0]}{self.weight_type[0]}")
+        if self.backend != "ort":
+            parts.insert(0, self.backend)
+        return "-".join(parts)
