@@ -39,7 +39,7 @@ class QuantRecipe:
     weight_type: str = "int8"
     per_channel: bool = True
     reduce_range: bool | None = None
-    calibration: str = "minmax"
+    calibration: str = "percentile"
     percentile: float = 99.999
     num_bins: int | None = None
     samples: int = 100

@@ -1,0 +1,350 @@
+"""The `rq` command line: thin typer commands over the library.
+
+Exit codes (documented in the README):
+  0  success
+  1  an unexpected internal error (one line; RQ_DEBUG=1 shows the traceback)
+  2  bad input: a path, a folder, a labels file, a model, an option
+  3  the accuracy gate failed (--max-drop): the artifact and report are still written
+  130 interrupted (Ctrl-C): nothing half-written is left behind
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from calibration import PRESETS, PreprocessSpec, preset
+from calibration.errors import RqInputError
+from quantize.recipe import CALIBRATION_METHODS, DEFAULT_OP_TYPES, FORMATS, INT8_TYPES, QuantRecipe
+
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+app = typer.Typer(
+    name="rq",
+    help="INT8 post-training quantization of ONNX image classifiers, validated and measured.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# Progress and messages go to stderr so that `--json` output on stdout stays machine-readable.
+err = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn every failure into one line on stderr and a documented exit code; never a traceback."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except RqInputError as exc:
+        err.print(f"[bold red]rq: error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except KeyboardInterrupt:
+        err.print("[bold red]rq: interrupted[/]; nothing was written", highlight=False)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Exception as exc:
+        if os.environ.get("RQ_DEBUG"):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        err.print(
+            f"[bold red]rq: internal error:[/] {escape(type(exc).__name__)}: {escape(first)} "
+            "(set RQ_DEBUG=1 for the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(EXIT_INTERNAL) from None
+
+
+def _floats3(text: str | None, option: str) -> tuple[float, float, float] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        raise RqInputError(f"{option} takes three comma-separated numbers, got {text!r}") from None
+    if len(values) != 3:
+        raise RqInputError(f"{option} takes three comma-separated numbers, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def build_spec(
+    preset_name: str | None,
+    mean: str | None,
+    std: str | None,
+    resize: int | None,
+    crop: int | None,
+    interpolation: str | None,
+) -> PreprocessSpec:
+    base = preset(preset_name) if preset_name else PreprocessSpec()
+    return base.with_overrides(
+        mean=_floats3(mean, "--mean"),
+        std=_floats3(std, "--std"),
+        resize=resize,
+        crop=crop,
+        interpolation=interpolation,
+    )
+
+
+def _csv(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    return tuple(t for t in (p.strip() for p in text.split(",")) if t)
+
+
+# Options shared by commands that read images.
+PresetOpt = Annotated[
+    str | None,
+    typer.Option("--preset", help=f"Preprocessing preset: {', '.join(PRESETS)} (default resnet50-v2)."),
+]
+MeanOpt = Annotated[str | None, typer.Option(help="Per-channel mean, e.g. 0.485,0.456,0.406.")]
+StdOpt = Annotated[str | None, typer.Option(help="Per-channel std, e.g. 0.229,0.224,0.225.")]
+ResizeOpt = Annotated[int | None, typer.Option(help="Resize the shorter side to this many pixels (256).")]
+CropOpt = Annotated[int | None, typer.Option(help="Center crop size (224).")]
+InterpOpt = Annotated[
+    str | None, typer.Option(help="Resize filter: bilinear, bicubic, nearest, lanczos, box, hamming.")
+]
+LabelsOpt = Annotated[
+    Path | None, typer.Option(help="Labels file for a flat folder: Caffe val.txt or LOC_val_solution.csv.")
+]
+WorkersOpt = Annotated[int | None, typer.Option(help="Image decoding threads (default: CPU count).")]
+
+
+def _recipe_from_options(base: QuantRecipe, **options) -> QuantRecipe:
+    changes = {k: v for k, v in options.items() if v is not None}
+    return base.with_changes(**changes)
+
+
+def _summary_table(result) -> Table:
+    data = result.to_dict()
+    table = Table(title=f"rq quantize → {result.output}", title_justify="left", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value", overflow="fold")
+    calib = data["calibration"]
+    table.add_row("calibration folder", f"{calib['folder']} (layout: {calib['layout']})")
+    for note in calib["notes"]:
+        table.add_row("", note)
+    skipped = calib["skipped"]
+    table.add_row(
+        "images",
+        f"{calib['images_used']} used of {calib['images_requested']} sampled "
+        f"({calib['images_available']} available), {len(skipped)} skipped",
+    )
+    for path, reason in skipped[:10]:
+        table.add_row("  skipped", f"{path}: {reason}")
+    if len(skipped) > 10:
+        table.add_row("  skipped", f"… and {len(skipped) - 10} more")
+    prep = data["preparation"]
+    for i, step in enumerate(prep["steps"]):
+        table.add_row("preparation" if i == 0 else "", step)
+    for warning in prep["warnings"]:
+        table.add_row("warning", warning)
+    r = result.recipe
+    table.add_row(
+        "recipe",
+        f"{r.label()}: {r.format}, {r.activation_type} activations / {r.weight_type} weights, "
+        f"{'per-channel' if r.per_channel else 'per-tensor'}, reduce_range={r.reduce_range}, "
+        f"{r.calibration}"
+        + (f" {r.percentile:g}%" if r.calibration == "percentile" else "")
+        + (f" ({r.bins} bins)" if r.bins else ""),
+    )
+    table.add_row("ops quantized", result.quantized_ops.describe())
+    mb = 1024 * 1024
+    table.add_row(
+        "size",
+        f"{result.fp32_bytes / mb:.1f} MB FP32 → {result.int8_bytes / mb:.1f} MB INT8 "
+        f"({result.fp32_bytes / max(result.int8_bytes, 1):.2f}× smaller)",
+    )
+    table.add_row("seconds", ", ".join(f"{k} {v:.1f}" for k, v in data["seconds"].items()))
+    table.add_row("CPU", result.cpu.describe())
+    source = "chosen by rq for this CPU" if result.reduce_range_source == "cpu" else "set by you"
+    table.add_row("reduce_range", f"{result.recipe.reduce_range} ({source}): {result.advice.reason}")
+    return table
+
+
+@app.command()
+def quantize(
+    model: Annotated[
+        Path, typer.Argument(help="FP32 ONNX classifier (any opset; zoo opset-7 files are upgraded).")
+    ],
+    calib: Annotated[Path, typer.Option("--calib", help="Folder of calibration images (labels not needed).")],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Output file (default: <model>-int8.onnx in this folder)."),
+    ] = None,
+    labels: LabelsOpt = None,
+    samples: Annotated[int | None, typer.Option(help="Calibration images to use (100).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the calibration sample (0).")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Calibration batch size (8).")
+    ] = None,
+    recipe_file: Annotated[
+        Path | None,
+        typer.Option("--recipe", help="Start from a recipe JSON file; options below override it."),
+    ] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help=f"{' | '.join(FORMATS)} (qdq).")] = None,
+    calibration: Annotated[
+        str | None, typer.Option("--calibration", help=f"{' | '.join(CALIBRATION_METHODS)} (percentile).")
+    ] = None,
+    percentile: Annotated[
+        float | None, typer.Option(help="Percentile for --calibration percentile (99.999).")
+    ] = None,
+    bins: Annotated[int | None, typer.Option(help="Histogram bins for entropy/percentile (2048).")] = None,
+    per_channel: Annotated[
+        bool | None, typer.Option("--per-channel/--per-tensor", help="Per-channel weight scales (on).")
+    ] = None,
+    reduce_range: Annotated[
+        bool | None,
+        typer.Option(
+            "--reduce-range/--no-reduce-range",
+            help="7-bit weights. Default: decided from the CPU (on without VNNI).",
+        ),
+    ] = None,
+    activation_type: Annotated[str | None, typer.Option(help=f"{' | '.join(INT8_TYPES)} (uint8).")] = None,
+    weight_type: Annotated[str | None, typer.Option(help=f"{' | '.join(INT8_TYPES)} (int8).")] = None,
+    op_types: Annotated[
+        str | None, typer.Option(help=f"Comma-separated op types to quantize ({','.join(DEFAULT_OP_TYPES)}).")
+    ] = None,
+    exclude_nodes: Annotated[
+        str | None, typer.Option(help="Comma-separated node names to keep in FP32.")
+    ] = None,
+    backend: Annotated[str | None, typer.Option(help="Quantization backend: ort.")] = None,
+    preset_name: PresetOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    interpolation: InterpOpt = None,
+    workers: WorkersOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+) -> None:
+    """Quantize an FP32 ONNX classifier to INT8 with calibration images; write a checked model."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress as RichProgress
+
+    from quantize.pipeline import Progress, quantize_model
+
+    with user_errors():
+        base = QuantRecipe()
+        if recipe_file is not None:
+            if not recipe_file.is_file():
+                raise RqInputError(f"recipe file not found: {recipe_file}")
+            base = QuantRecipe.from_json(recipe_file.read_text())
+        recipe = _recipe_from_options(
+            base,
+            backend=backend,
+            format=fmt,
+            activation_type=activation_type,
+            weight_type=weight_type,
+            per_channel=per_channel,
+            reduce_range=reduce_range,
+            calibration=calibration,
+            percentile=percentile,
+            num_bins=bins,
+            samples=samples,
+            seed=seed,
+            batch_size=batch_size,
+            op_types=_csv(op_types),
+            exclude_nodes=_csv(exclude_nodes),
+        )
+        spec = build_spec(preset_name, mean, std, resize, crop, interpolation)
+        with RichProgress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
+        ) as bar:
+            task = {}
+
+            def on_stage(name: str) -> None:
+                if name != "calibrate":
+                    err.print(f"[dim]· {name}[/]", highlight=False)
+
+            def on_start(total: int) -> None:
+                task["id"] = bar.add_task("calibrating", total=total)
+
+            def on_advance(n: int) -> None:
+                bar.advance(task["id"], n)
+
+            result = quantize_model(
+                model,
+                calib,
+                output=out,
+                recipe=recipe,
+                spec=spec,
+                labels=labels,
+                workers=workers,
+                progress=Progress(stage=on_stage, calibration_start=on_start, calibration_advance=on_advance),
+            )
+        if as_json:
+            typer.echo(json.dumps(result.to_dict(), indent=2))
+        else:
+            Console().print(_summary_table(result))
+
+
+@app.command()
+def fetch(
+    name: Annotated[str, typer.Argument(help="Model name from the manifest, e.g. resnet50-v2.")],
+    dest: Annotated[Path, typer.Option(help="Folder to download into.")] = Path("models"),
+    manifest: Annotated[
+        Path | None, typer.Option(help="Manifest file (default: models/manifest.json).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Download again even if a verified copy exists.")] = False,
+) -> None:
+    """Download a model from the manifest, verify its size and sha256, write it atomically."""
+    from quantize.fetch import fetch_with_progress, load_manifest, resolve
+
+    with user_errors():
+        entry = resolve(name, load_manifest(manifest))
+        path = fetch_with_progress(entry, dest, force=force, console=err)
+        typer.echo(str(path))
+
+
+@app.command()
+def bench(
+    models: Annotated[list[Path], typer.Argument(help="ONNX models; ratios are relative to the first.")],
+    batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8",
+    threads: Annotated[int | None, typer.Option(help="Intra-op threads (default: physical cores).")] = None,
+    runs: Annotated[int, typer.Option(help="Timed runs per model and batch size.")] = 20,
+    warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Latency and throughput of models, run interleaved (A B A B …) so drift hits all alike."""
+    from quantize.bench import bench_models
+
+    with user_errors():
+        batches = _parse_batches(batch)
+        result = bench_models(models, batch_sizes=batches, threads=threads, runs=runs, warmup=warmup)
+        if as_json:
+            typer.echo(json.dumps(result.to_dict(), indent=2))
+        else:
+            Console().print(result.render_table())
+
+
+def _parse_batches(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise RqInputError(f"--batch takes comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise RqInputError("--batch must be ≥ 1")
+    return values
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m quantize.cli`
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""`quantize_model`: the one verb that runs prepare → calibrate → quantize and publishes a checked INT8 model.
+
+The CLI is a thin layer over this function; tests and scripts call it directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from calibration import BatchStream, ImageDataset, PreprocessSpec, discover_dataset, select_samples
+from calibration.errors import RqInputError
+from quantize import __version__
+from quantize.calibrate import CalibrationRanges, calibrate
+from quantize.cpu import CpuInfo, IntegerKernelAdvice, advise_int8, detect_cpu
+from quantize.ort_backend import QuantizedOps, count_quantized, quantize_with_ort
+from quantize.prepare import ModelError, PreparedModel, atomic_save, load_model, prepare_model
+from quantize.recipe import METADATA_KEY, QuantRecipe
+
+PREPROCESS_METADATA_KEY = "rq.preprocess"
+
+
+class QuantizationFailed(RqInputError):
+    """The quantized model did not pass rq's own checks; nothing was written."""
+
+
+@dataclass
+class Progress:
+    """Callbacks the CLI uses to draw progress; all optional."""
+
+    stage: Callable[[str], None] | None = None
+    calibration_start: Callable[[int], None] | None = None  # number of images to read
+    calibration_advance: Callable[[int], None] | None = None  # images consumed (skipped included)
+
+
+@dataclass
+class QuantizeResult:
+    """Everything `rq quantize` reports, in one place."""
+
+    output: Path
+    recipe: QuantRecipe
+    spec: PreprocessSpec
+    cpu: CpuInfo
+    advice: IntegerKernelAdvice
+    reduce_range_source: str  # "cpu" (rq decided) or "user"
+    prepared: PreparedModel
+    calibration_dataset: ImageDataset
+    calibration_files: list[Path]
+    images_used: int
+    skipped: list[tuple[Path, str]]
+    ranges: CalibrationRanges
+    quantized_ops: QuantizedOps
+    fp32_bytes: int
+    int8_bytes: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "output": str(self.output),
+            "recipe": self.recipe.to_dict(),
+            "preprocess": self.spec.to_dict(),
+            "cpu": self.cpu.to_dict(),
+            "advice": self.advice.to_dict(),
+            "reduce_range_source": self.reduce_range_source,
+            "preparation": self.prepared.to_dict(),
+            "calibration": {
+                "folder": str(self.calibration_dataset.root),
+                "layout": self.calibration_dataset.layout,
+                "notes": list(self.calibration_dataset.notes),
+                "images_available": len(self.calibration_dataset.samples),
+                "images_requested": len(self.calibration_files),
+                "images_used": self.images_used,
+                "skipped": [[str(p), reason] for p, reason in self.skipped],
+                "method": self.ranges.method,
+                "tensors": len(self.ranges.tensors.data),
+            },
+            "quantized_ops": self.quantized_ops.to_dict(),
+            "size_bytes": {"fp32": self.fp32_bytes, "int8": self.int8_bytes},
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+        }
+
+
+def default_output_path(model: Path, directory: Path | None = None) -> Path:
+    """`resnet50-v2-7.onnx` → `resnet50-v2-int8.onnx`: the zoo's trailing `-<opset>` is dropped."""
+    stem = re.sub(r"-\d+$", "", Path(model).stem) or Path(model).stem
+    return (directory or Path.cwd()) / f"{stem}-int8.onnx"
+
+
+def check_output_path(output: Path) -> None:
+    """Fail before any expensive work when the output cannot be written."""
+    directory = output.parent
+    if output.exists() and output.is_dir():
+        raise RqInputError(f"output path is a folder: {output}")
+    if not directory.is_dir():
+        raise RqInputError(f"output folder does not exist: {directory}")
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError:
+        raise RqInputError(f"output folder is not writable: {directory}") from None
+
+
+def resolve_recipe(recipe: QuantRecipe, cpu: CpuInfo) -> tuple[QuantRecipe, IntegerKernelAdvice, str]:
+    """Fill the CPU-dependent choices the user left open (reduce_range=None)."""
+    advice = advise_int8(cpu)
+    if recipe.reduce_range is None:
+        return recipe.with_changes(reduce_range=advice.reduce_range), advice, "cpu"
+    return recipe, advice, "user"
+
+
+def _padded(images: np.ndarray, batch: int) -> np.ndarray:
+    """Models with a fixed batch dimension need full batches: repeat the last image to fill one."""
+    if len(images) == batch:
+        return images
+    fill = np.repeat(images[-1:], batch - len(images), axis=0)
+    return np.concatenate([images, fill])
+
+
+def _stamp_metadata(model: onnx.ModelProto, recipe: QuantRecipe, spec: PreprocessSpec, source: Path) -> None:
+    import json
+
+    entries = {
+        METADATA_KEY: recipe.to_json(),
+        PREPROCESS_METADATA_KEY: json.dumps(spec.to_dict(), sort_keys=True),
+        "rq.version": __version__,
+        "rq.source_model": source.name,
+    }
+    kept = [p for p in model.metadata_props if p.key not in entries]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in entries.items():
+        model.metadata_props.add(key=key, value=value)
+
+
+def _smoke_test(path: Path, input_name: str, sample: np.ndarray, fp32_path: Path) -> None:
+    """The INT8 model must load and run in ONNX Runtime and give finite outputs of the FP32 model's shape."""
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        out = session.run(None, {input_name: sample})[0]
+    except Exception as exc:  # ORT raises its own exception types
+        raise QuantizationFailed(
+            f"the quantized model fails in onnxruntime: {str(exc).splitlines()[0]}"
+        ) from None
+    reference = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"]).run(
+        None, {input_name: sample}
+    )[0]
+    if out.shape != reference.shape or not np.all(np.isfinite(out)):
+        raise QuantizationFailed(
+            f"the quantized model gives output {out.shape}, FP32 gives {reference.shape}"
+        )
+
+
+def quantize_model(
+    model: Path | str,
+    calib: Path | str,
+    *,
+    output: Path | str | None = None,
+    recipe: QuantRecipe | None = None,
+    spec: PreprocessSpec | None = None,
+    labels: Path | str | None = None,
+    cpu: CpuInfo | None = None,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> QuantizeResult:
+    """Quantize `model` with images from `calib`; write the INT8 model to `output` atomically.
+
+    Raises RqInputError (or a subclass) with a one-line message for anything the user can fix. Nothing is
+    written at `output` unless every stage succeeded and the result runs in ONNX Runtime.
+    """
+    model = Path(model)
+    recipe = recipe or QuantRecipe()
+    spec = spec or PreprocessSpec()
+    progress = progress or Progress()
+    cpu = cpu or detect_cpu()
+    output = Path(output) if output is not None else default_output_path(model)
+    if recipe.backend != "ort":
+        raise RqInputError(
+            f"backend {recipe.backend!r} is not available in this version of rq (use --backend ort)"
+        )
+    check_output_path(output)
+    if output.resolve() == model.resolve():
+        raise RqInputError("output path is the input model; choose another --out")
+    recipe, advice, rr_source = resolve_recipe(recipe, cpu)
+    seconds: dict[str, float] = {}
+
+    def stage(name: str) -> None:
+        if progress.stage:
+            progress.stage(name)
+
+    with tempfile.TemporaryDirectory(prefix="rq-") as tmp:
+        workdir = Path(tmp)
+        stage("prepare")
+        prepared = prepare_model(model, workdir)
+        seconds["prepare"] = prepared.seconds
+        signature = prepared.signature
+        channels = signature.input_shape[1]
+        height, width = signature.spatial
+        expected = spec.input_shape(1)[1:]
+        actual = (channels, height, width) if spec.layout == "NCHW" else (height, width, channels)
+        if any(isinstance(a, int) and a != e for a, e in zip(actual, expected, strict=True)):
+            raise RqInputError(
+                f"model input {signature.input_name} expects {list(actual)} per image, preprocessing gives "
+                f"{list(expected)}: adjust --crop/--preset"
+            )
+
+        stage("calibrate")
+        started = time.perf_counter()
+        dataset = discover_dataset(calib, labels)
+        samples = select_samples(dataset, recipe.samples, recipe.seed)
+        batch = signature.fixed_batch or recipe.batch_size
+        stream = BatchStream(
+            samples, spec, batch_size=batch, workers=workers, on_image=progress.calibration_advance
+        )
+        if progress.calibration_start:
+            progress.calibration_start(len(samples))
+        first_batch: list[np.ndarray] = []
+
+        def batches():
+            for item in stream:
+                images = item.images
+                if not first_batch:
+                    first_batch.append(images[: min(len(images), 2)].copy())
+                yield _padded(images, batch) if signature.fixed_batch else images
+
+        with contextlib.closing(stream):
+            ranges = calibrate(prepared.path, signature.input_name, batches(), recipe, workdir)
+        seconds["calibrate"] = time.perf_counter() - started
+
+        stage("quantize")
+        started = time.perf_counter()
+        scratch = workdir / "int8.onnx"
+        try:
+            quantize_with_ort(prepared.path, ranges, recipe, scratch, workdir)
+        except RqInputError:
+            raise
+        except Exception as exc:
+            raise QuantizationFailed(
+                f"onnxruntime's quantizer failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from None
+        int8 = load_model(scratch)
+        _stamp_metadata(int8, recipe, spec, model)
+        try:
+            onnx.checker.check_model(int8)
+        except onnx.checker.ValidationError as exc:
+            raise QuantizationFailed(
+                f"the quantized model fails onnx.checker: {str(exc).splitlines()[0]}"
+            ) from None
+        fp32_graph = load_model(prepared.path)
+        ops = count_quantized(fp32_graph, int8, recipe.op_types)
+        del fp32_graph
+        onnx.save_model(int8, str(scratch))
+        sample = first_batch[0]
+        if signature.fixed_batch:
+            sample = _padded(sample[:1], signature.fixed_batch)
+        _smoke_test(scratch, signature.input_name, sample, prepared.path)
+        atomic_save(int8, output)
+        seconds["quantize"] = time.perf_counter() - started
+
+    return QuantizeResult(
+        output=output,
+        recipe=recipe,
+        spec=spec,
+        cpu=cpu,
+        advice=advice,
+        reduce_range_source=rr_source,
+        prepared=prepared,
+        calibration_dataset=dataset,
+        calibration_files=[s.path for s in samples],
+        images_used=stream.used,
+        skipped=list(stream.skipped),
+        ranges=ranges,
+        quantized_ops=ops,
+        fp32_bytes=model.stat().st_size,
+        int8_bytes=output.stat().st_size,
+        seconds=seconds,
+    )
+
+
+def read_model_metadata(path: Path) -> dict[str, str]:
+    """The `metadata_props` of an ONNX file (rq stores its recipe and preprocessing spec there)."""
+    model = load_model(path, load_weights=False)
+    return {p.key: p.value for p in model.metadata_props}
+
+
+__all__ = [
+    "ModelError",
+    "Progress",
+    "QuantizationFailed",
+    "QuantizeResult",
+    "default_output_path",
+    "quantize_model",
+    "read_model_metadata",
+]
