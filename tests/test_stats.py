@@ -1,0 +1,197 @@
+"""Paired drop statistics, McNemar p-values and the Pareto front, checked against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from calibration.errors import RqInputError
+from quantize.stats import PairedDrop, clopper_pearson, mcnemar_p_value, paired_drop, pareto_front
+
+
+def _flipped_pair() -> tuple[list[bool], list[bool]]:
+    """A right on 90/100; B loses 3 of those (T→F) and gains 1 of A's misses (F→T)."""
+    a = [True] * 90 + [False] * 10
+    b = list(a)
+    b[0] = b[1] = b[2] = False
+    b[95] = True
+    return a, b
+
+
+def _cp_3_of_4() -> tuple[float, float]:
+    """Clopper–Pearson 95% for 3 successes of 4, solved from the closed-form binomial tails.
+
+    Lower: P(X >= 3) = 4p³(1−p) + p⁴ = −3p⁴ + 4p³ = 0.025 (root in (0, 1));
+    upper: P(X <= 3) = 1 − p⁴ = 0.025  →  p = 0.975^(1/4).
+    """
+    roots = np.roots([-3.0, 4.0, 0.0, 0.0, -0.025])
+    real = [r.real for r in roots if abs(r.imag) < 1e-12 and 0 < r.real < 1]
+    return min(real), 0.975**0.25
+
+
+def test_closed_form_matches_published_interval():
+    low, high = _cp_3_of_4()
+    assert low == pytest.approx(0.1941, abs=1e-4)
+    assert high == pytest.approx(0.9937, abs=1e-4)
+
+
+def test_clopper_pearson_3_of_4():
+    low, high = clopper_pearson(3, 4, 0.95)
+    exp_low, exp_high = _cp_3_of_4()
+    assert low == pytest.approx(exp_low, abs=1e-9)
+    assert high == pytest.approx(exp_high, abs=1e-9)
+
+
+def test_clopper_pearson_edges():
+    # x = 0 of 10: upper bound solves (1 − p)^10 = 0.025.
+    low, high = clopper_pearson(0, 10)
+    assert low == 0.0
+    assert high == pytest.approx(1 - 0.025**0.1, abs=1e-9)
+    low, high = clopper_pearson(10, 10)
+    assert low == pytest.approx(0.025**0.1, abs=1e-9)
+    assert high == 1.0
+    assert clopper_pearson(0, 0) == (0.0, 1.0)
+
+
+def test_clopper_pearson_large_m_is_stable():
+    # 12 345 of 50 000: the exact interval must be close to the normal approximation at this size.
+    x, m = 12345, 50000
+    low, high = clopper_pearson(x, m)
+    p = x / m
+    half = 1.959964 * math.sqrt(p * (1 - p) / m)
+    assert low == pytest.approx(p - half, abs=2e-4)
+    assert high == pytest.approx(p + half, abs=2e-4)
+    assert low < p < high
+
+
+def test_exact_paired_drop_hand_case():
+    a, b = _flipped_pair()
+    d = paired_drop(a, b, disagreements=6)
+    assert isinstance(d, PairedDrop)
+    assert d.n == 100
+    assert d.a_only == 3 and d.b_only == 1
+    assert d.disagreements == 6
+    assert d.top1_a == pytest.approx(90.0)
+    assert d.top1_b == pytest.approx(88.0)
+    assert d.drop_pt == pytest.approx(2.0)
+    # m = 4 discordant of n = 100: drop = m/n · (2p − 1), in points.
+    p_low, p_high = _cp_3_of_4()
+    assert d.ci_low_pt == pytest.approx(100 * 4 / 100 * (2 * p_low - 1), abs=1e-7)
+    assert d.ci_high_pt == pytest.approx(100 * 4 / 100 * (2 * p_high - 1), abs=1e-7)
+    assert d.ci_low_pt < 0 < d.ci_high_pt
+    assert d.significant is False
+    assert d.method == "exact" and d.confidence == 0.95
+
+
+def test_disagreements_default_is_discordant_count():
+    a, b = _flipped_pair()
+    assert paired_drop(a, b).disagreements == 4
+
+
+def test_significant_drop():
+    # 30 images lost, none gained, out of 1000: clearly a real drop.
+    a = np.ones(1000, dtype=bool)
+    b = a.copy()
+    b[:30] = False
+    d = paired_drop(a, b)
+    assert d.drop_pt == pytest.approx(3.0)
+    assert d.ci_low_pt > 0
+    assert d.significant is True
+    # With all discordant pairs one way, p_high = 1 and the upper bound is exactly m/n.
+    assert d.ci_high_pt == pytest.approx(3.0)
+
+
+def test_identical_arrays_give_zero_interval():
+    a = [True, False, True, True, False] * 20
+    for method in ("exact", "bootstrap"):
+        d = paired_drop(a, list(a), method=method)
+        assert d.drop_pt == 0.0
+        assert (d.ci_low_pt, d.ci_high_pt) == (0.0, 0.0)
+        assert d.a_only == d.b_only == d.disagreements == 0
+        assert d.significant is False
+
+
+def test_bootstrap_reproducible_and_contains_estimate():
+    rng = np.random.default_rng(1)
+    a = rng.random(1300) < 0.78
+    b = a.copy()
+    flip = rng.choice(1300, size=40, replace=False)
+    b[flip] = ~b[flip]
+    d1 = paired_drop(a, b, method="bootstrap", seed=7)
+    d2 = paired_drop(a, b, method="bootstrap", seed=7)
+    assert d1 == d2
+    assert d1.method == "bootstrap"
+    assert d1.ci_low_pt <= d1.drop_pt <= d1.ci_high_pt
+    # Same data, exact method: the two intervals should broadly agree (both are ≈ ±2·√m/n).
+    e = paired_drop(a, b)
+    assert e.drop_pt == d1.drop_pt
+    assert abs((d1.ci_high_pt - d1.ci_low_pt) - (e.ci_high_pt - e.ci_low_pt)) < 1.5
+
+
+def test_accepts_zero_one_numbers():
+    a, b = _flipped_pair()
+    d = paired_drop(np.array(a, dtype=np.int64), np.array(b, dtype=np.float32))
+    assert d.a_only == 3 and d.b_only == 1
+
+
+def test_to_dict_round_trip():
+    a, b = _flipped_pair()
+    d = paired_drop(a, b, disagreements=5)
+    assert PairedDrop(**d.to_dict()) == d
+    assert set(d.to_dict()) >= {"drop_pt", "ci_low_pt", "ci_high_pt", "disagreements", "significant"}
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "kwargs", "match"),
+    [
+        ([True, False], [True], {}, "differ in length"),
+        ([], [], {}, "empty"),
+        ([1, 2], [1, 0], {}, "booleans"),
+        (["x", "y"], ["x", "y"], {}, "booleans"),
+        ([[True]], [[True]], {}, "one-dimensional"),
+        ([True, False], [False, True], {"disagreements": 1}, "disagreements"),
+        ([True, False], [False, True], {"disagreements": 3}, "disagreements"),
+        ([True], [True], {"method": "normal"}, "unknown interval method"),
+        ([True], [True], {"confidence": 1.5}, "confidence"),
+        ([True], [True], {"method": "bootstrap", "n_boot": 0}, "n_boot"),
+    ],
+)
+def test_bad_input(a, b, kwargs, match):
+    with pytest.raises(RqInputError, match=match) as info:
+        paired_drop(a, b, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_mcnemar_known_values():
+    assert mcnemar_p_value(10, 0) == pytest.approx(2 * 0.5**10, rel=1e-12)
+    assert mcnemar_p_value(0, 10) == pytest.approx(0.001953125, rel=1e-12)
+    assert mcnemar_p_value(0, 0) == 1.0
+    assert mcnemar_p_value(5, 5) == 1.0
+    # 3 vs 1: 2 · P(X <= 1 | 4, ½) = 2 · 5/16.
+    assert mcnemar_p_value(3, 1) == pytest.approx(0.625, rel=1e-12)
+    with pytest.raises(RqInputError):
+        mcnemar_p_value(-1, 2)
+
+
+def test_pareto_front_basic():
+    points = [
+        (1.0, 76.1),  # FP32: most accurate → front
+        (1.8, 75.9),  # front
+        (1.5, 75.0),  # dominated by (1.8, 75.9)
+        (2.1, 70.0),  # fastest → front
+        (1.8, 75.5),  # dominated by (1.8, 75.9): same x, lower y
+    ]
+    assert pareto_front(points) == [0, 1, 3]
+
+
+def test_pareto_front_ties_and_nan():
+    points = [(1.8, 75.9), (1.8, 75.9), (1.0, 75.9), (float("nan"), 99.0), (2.0, 70.0)]
+    # Equal points are both on the front; (1.0, 75.9) is dominated (same y, slower); NaN is excluded and
+    # must not knock out anything.
+    assert pareto_front(points) == [0, 1, 4]
+    assert pareto_front([]) == []
+    assert pareto_front([(1.0, 1.0)]) == [0]
+    with pytest.raises(RqInputError):
+        pareto_front([(1.0,)])
