@@ -14,6 +14,8 @@ import contextlib
 import json
 import os
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -225,13 +227,40 @@ def quantize(
     crop: CropOpt = None,
     interpolation: InterpOpt = None,
     workers: WorkersOpt = None,
+    val: Annotated[
+        Path | None,
+        typer.Option("--val", help="Labelled images: evaluate FP32 and INT8 on them after quantizing."),
+    ] = None,
+    val_labels: Annotated[Path | None, typer.Option(help="Labels file for a flat --val folder.")] = None,
+    val_limit: Annotated[int | None, typer.Option(help="Evaluate on this many --val images (all).")] = None,
+    max_drop: Annotated[
+        float | None,
+        typer.Option(help="Accuracy gate: fail (exit code 3) when INT8 loses more top-1 points than this."),
+    ] = None,
+    eval_batch: Annotated[int, typer.Option(help="Batch size of the validation pass.")] = 32,
+    bench: Annotated[
+        bool, typer.Option("--bench", help="Benchmark FP32 vs INT8 (interleaved) afterwards.")
+    ] = False,
+    bench_batch: Annotated[str, typer.Option(help="Batch sizes for --bench.")] = "1,8",
+    bench_runs: Annotated[int, typer.Option(help="Timed runs per model and batch for --bench.")] = 20,
+    report_dir: Annotated[
+        Path, typer.Option(help="Reports go to REPORT_DIR/<run-id>/ (report.json, report.md, report.html).")
+    ] = Path("reports"),
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
 ) -> None:
-    """Quantize an FP32 ONNX classifier to INT8 with calibration images; write a checked model."""
+    """Quantize an FP32 ONNX classifier to INT8 with calibration images; write a checked model and a report.
+
+    With --val, FP32 and INT8 are evaluated on the same images and the top-1 drop is reported with a paired
+    95% confidence interval; with --max-drop the run fails (exit code 3) when the drop exceeds it, though the
+    model and the report are still written.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
     from rich.progress import Progress as RichProgress
 
+    from quantize.bench import bench_models
     from quantize.pipeline import Progress, quantize_model
+    from quantize.report import write_report
+    from quantize.validate import Gate, validate, validation_samples
 
     with user_errors():
         base = QuantRecipe()
@@ -257,6 +286,18 @@ def quantize(
             exclude_nodes=_csv(exclude_nodes),
         )
         spec = build_spec(preset_name, mean, std, resize, crop, interpolation)
+        # Check everything the later stages need before the expensive ones start.
+        if max_drop is not None and val is None:
+            raise RqInputError("--max-drop needs --val (the images to measure the drop on)")
+        if max_drop is not None and max_drop < 0:
+            raise RqInputError("--max-drop must be ≥ 0")
+        if eval_batch < 1:
+            raise RqInputError("--eval-batch must be ≥ 1")
+        bench_batches = _parse_batches(bench_batch) if bench else []
+        val_dataset = val_samples = None
+        if val is not None:
+            val_dataset, val_samples = validation_samples(val, val_labels, val_limit)
+        ensure_writable_dir(report_dir)
         with RichProgress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -287,10 +328,316 @@ def quantize(
                 workers=workers,
                 progress=Progress(stage=on_stage, calibration_start=on_start, calibration_advance=on_advance),
             )
+            validation = gate = bench_result = None
+            if val_dataset is not None:
+                err.print("[dim]· validate (FP32 and INT8 on the same images)[/]", highlight=False)
+                vtask = bar.add_task("validating", total=len(val_samples))
+                validation = validate(
+                    model,
+                    result.output,
+                    val_dataset,
+                    val_samples,
+                    spec,
+                    batch_size=eval_batch,
+                    calibration_files=result.calibration_files,
+                    workers=workers,
+                    on_images=lambda n: bar.advance(vtask, n),
+                )
+                result.seconds["validate"] = validation.run.seconds
+                if max_drop is not None:
+                    gate = Gate(
+                        max_drop, validation.drop.drop_pt, EXIT_GATE_FAILED, f"INT8 {result.recipe.label()}"
+                    )
+        if bench_batches:
+            err.print("[dim]· bench (FP32 and INT8 interleaved)[/]", highlight=False)
+            started = time.perf_counter()
+            bench_result = bench_models([model, result.output], batch_sizes=bench_batches, runs=bench_runs)
+            result.seconds["bench"] = time.perf_counter() - started
+        run_report = _quantize_report(result, validation, gate, bench_result)
+        paths = write_report(run_report, report_dir / run_report["run_id"])
         if as_json:
-            typer.echo(json.dumps(result.to_dict(), indent=2))
+            typer.echo(json.dumps(run_report, indent=2))
         else:
-            Console().print(_summary_table(result))
+            console = Console()
+            console.print(_summary_table(result))
+            if validation is not None:
+                console.print(_validation_table(validation))
+            if bench_result is not None:
+                console.print(bench_result.render_table())
+        if validation is not None and validation.overlap_with_calibration:
+            err.print(
+                f"[yellow]warning:[/] {validation.overlap_with_calibration} validation images are also "
+                "calibration images: the measured drop is optimistic",
+                highlight=False,
+            )
+        err.print(f"report: {paths['html']}", highlight=False, soft_wrap=True)
+        if gate is not None:
+            style = "bold green" if gate.passed else "bold red"
+            err.print(f"[{style}]{escape(gate.message)}[/]", highlight=False)
+            if not gate.passed:
+                raise typer.Exit(EXIT_GATE_FAILED)
+
+
+def ensure_writable_dir(directory: Path) -> None:
+    """Create `directory` if needed and check a file can be written there (before any long work)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise RqInputError(f"report folder is not writable: {directory} ({exc.strerror or exc})") from None
+
+
+def _quantize_report(result, validation, gate, bench_result) -> dict:
+    from quantize.report_data import accuracy_of, bench_by_batch, build_report, variant
+
+    variants = [
+        variant(
+            "FP32",
+            "fp32",
+            result.prepared.source,
+            accuracy=accuracy_of(validation, 0),
+            bench=bench_by_batch(bench_result, 0),
+        ),
+        variant(
+            f"INT8 {result.recipe.label()}",
+            "int8",
+            result.output,
+            recipe=result.recipe,
+            quantized_ops=result.quantized_ops,
+            accuracy=accuracy_of(validation, 1),
+            drop=validation.drop if validation else None,
+            bench=bench_by_batch(bench_result, 1),
+        ),
+    ]
+    calibration = result.to_dict()["calibration"]
+    notes = []
+    if validation is not None and validation.overlap_with_calibration:
+        notes.append(
+            f"{validation.overlap_with_calibration} validation images are also calibration images: "
+            "the measured drop is optimistic"
+        )
+    return build_report(
+        command=["rq", *sys.argv[1:]],
+        model=result.prepared.source,
+        cpu=result.cpu,
+        advice=result.advice,
+        prepared=result.prepared,
+        variants=variants,
+        calibration=calibration,
+        validation=validation,
+        gate=gate,
+        bench=bench_result,
+        stages=result.seconds,
+        notes=notes,
+        label=result.recipe.label(),
+    )
+
+
+def _validation_table(validation) -> Table:
+    d = validation.drop
+    table = Table(
+        title=f"Validation: {validation.run.images} images of {validation.dataset.root} "
+        f"({validation.run.images_per_s:.1f} images/s, decode + both models)",
+        title_justify="left",
+    )
+    for col in ("model", "top-1 %", "top-5 %"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    table.add_row("FP32", f"{validation.fp32.top1:.2f}", f"{validation.fp32.top5:.2f}")
+    table.add_row("INT8", f"{validation.int8.top1:.2f}", f"{validation.int8.top5:.2f}")
+    verdict = "significant" if d.significant else "within noise"
+    table.caption = (
+        f"top-1 drop {d.drop_pt:.2f} pt, 95% CI [{d.ci_low_pt:.2f}, {d.ci_high_pt:.2f}] ({d.method}, {verdict}); "
+        f"predictions differ on {d.disagreements} images (FP32-only right {d.a_only}, INT8-only right {d.b_only})"
+    )
+    table.caption_justify = "left"
+    return table
+
+
+@app.command("eval")
+def eval_(
+    models: Annotated[
+        list[Path], typer.Argument(help="ONNX classifier(s); several are run on the same batches.")
+    ],
+    data: Annotated[Path, typer.Option("--data", help="Labelled ImageNet folder (any layout rq detects).")],
+    labels: LabelsOpt = None,
+    limit: Annotated[
+        int | None, typer.Option(help="Evaluate a deterministic sample of this many images.")
+    ] = None,
+    batch: Annotated[int, typer.Option(help="Batch size.")] = 32,
+    seed: Annotated[int, typer.Option(help="Seed of the --limit sample.")] = 0,
+    preset_name: PresetOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    interpolation: InterpOpt = None,
+    workers: WorkersOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Top-1 and top-5 accuracy of ONNX classifiers on a labelled ImageNet folder."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress as RichProgress
+
+    from quantize.evaluate import evaluate
+    from quantize.validate import validation_samples
+
+    with user_errors():
+        if batch < 1:
+            raise RqInputError("--batch must be ≥ 1")
+        spec = build_spec(preset_name, mean, std, resize, crop, interpolation)
+        dataset, samples = validation_samples(data, labels, limit, seed)
+        with RichProgress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
+        ) as bar:
+            task = bar.add_task("evaluating", total=len(samples))
+            run = evaluate(
+                models,
+                samples,
+                spec,
+                batch_size=batch,
+                workers=workers,
+                on_images=lambda n: bar.advance(task, n),
+            )
+        if as_json:
+            payload = run.to_dict()
+            payload.update(
+                {"folder": str(dataset.root), "layout": dataset.layout, "preprocess": spec.to_dict()}
+            )
+            typer.echo(json.dumps(payload, indent=2))
+            return
+        table = Table(
+            title=f"{run.images} images of {dataset.root} (layout {dataset.layout}), batch {batch}",
+            title_justify="left",
+        )
+        for col in ("model", "top-1 %", "top-5 %", "model img/s"):
+            table.add_column(col, justify="left" if col == "model" else "right")
+        for m in run.models:
+            rate = run.images / m.inference_seconds if m.inference_seconds else 0.0
+            table.add_row(escape(str(m.path)), f"{m.top1:.2f}", f"{m.top5:.2f}", f"{rate:.1f}")
+        notes = [f"pipeline: {run.images_per_s:.1f} images/s (decode in parallel + every model)"]
+        if run.skipped:
+            notes.append(
+                f"{len(run.skipped)} unreadable images skipped, e.g. {run.skipped[0][0]}: {run.skipped[0][1]}"
+            )
+        notes.extend(run.notes)
+        table.caption = "\n".join(notes)
+        table.caption_justify = "left"
+        Console().print(table)
+
+
+@app.command()
+def sweep(
+    model: Annotated[Path, typer.Argument(help="FP32 ONNX classifier.")],
+    calib: Annotated[Path, typer.Option("--calib", help="Folder of calibration images.")],
+    val: Annotated[Path, typer.Option("--val", help="Labelled validation images.")],
+    grid: Annotated[str, typer.Option(help="Recipe grid: default, full, calibration, formats.")] = "default",
+    labels: LabelsOpt = None,
+    val_labels: Annotated[Path | None, typer.Option(help="Labels file for a flat --val folder.")] = None,
+    val_limit: Annotated[int | None, typer.Option(help="Evaluate on this many --val images (all).")] = None,
+    samples: Annotated[int | None, typer.Option(help="Calibration images to use (100).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the calibration sample (0).")] = None,
+    bench_batch: Annotated[str, typer.Option(help="Batch sizes to benchmark; 'none' to skip.")] = "1,8",
+    bench_runs: Annotated[int, typer.Option(help="Timed runs per model and batch.")] = 10,
+    eval_batch: Annotated[int, typer.Option(help="Batch size of the validation passes.")] = 32,
+    report_dir: Annotated[Path, typer.Option(help="Reports go to REPORT_DIR/<run-id>/.")] = Path("reports"),
+    preset_name: PresetOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    interpolation: InterpOpt = None,
+    workers: WorkersOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+) -> None:
+    """Quantize, validate and benchmark a grid of recipes; report the accuracy/speed Pareto front.
+
+    Finished recipes are cached under REPORT_DIR/.sweep-cache/, so an interrupted sweep resumes.
+    """
+    from quantize.report import write_report
+    from quantize.sweep import run_sweep, sweep_report
+
+    with user_errors():
+        spec = build_spec(preset_name, mean, std, resize, crop, interpolation)
+        base = _recipe_from_options(QuantRecipe(), samples=samples, seed=seed)
+        batches = [] if bench_batch.strip().lower() == "none" else _parse_batches(bench_batch)
+        if eval_batch < 1:
+            raise RqInputError("--eval-batch must be ≥ 1")
+        ensure_writable_dir(report_dir)
+        result = run_sweep(
+            model,
+            calib,
+            val,
+            grid=grid,
+            base=base,
+            spec=spec,
+            labels=labels,
+            val_labels=val_labels,
+            val_limit=val_limit,
+            report_dir=report_dir,
+            bench_batches=batches,
+            bench_runs=bench_runs,
+            eval_batch=eval_batch,
+            workers=workers,
+            log=lambda msg: err.print(f"[dim]· {escape(msg)}[/]", highlight=False),
+        )
+        data = sweep_report(result, ["rq", *sys.argv[1:]], grid)
+        paths = write_report(data, report_dir / data["run_id"])
+        if as_json:
+            typer.echo(json.dumps(data, indent=2))
+        else:
+            Console().print(_sweep_table(data))
+        err.print(f"report: {paths['html']}", highlight=False, soft_wrap=True)
+
+
+def _sweep_table(data: dict) -> Table:
+    table = Table(title="rq sweep (★ = on the accuracy/speed Pareto front)", title_justify="left")
+    batches = sorted({int(b) for v in data["variants"] if v["bench"] for b in v["bench"]})
+    for col in [
+        "variant",
+        "top-1 %",
+        "drop pt [95% CI]",
+        "differ",
+        *[f"speed b{b}" for b in batches],
+        "ops",
+        "★",
+    ]:
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for v in data["variants"]:
+        drop = v["drop"]
+        drop_text = (
+            f"{drop['drop_pt']:.2f} [{drop['ci_low_pt']:.2f}, {drop['ci_high_pt']:.2f}]" if drop else "—"
+        )
+        speeds = [f"{v['bench'][str(b)]['ratio_to_fp32']:.2f}×" if v["bench"] else "—" for b in batches]
+        ops = v["quantized_ops"]
+        table.add_row(
+            escape(v["name"]),
+            f"{v['accuracy']['top1']:.2f}" if v["accuracy"] else "—",
+            drop_text,
+            str(drop["disagreements"]) if drop else "—",
+            *speeds,
+            f"{ops['quantized']}/{ops['candidates']}" if ops else "—",
+            "★" if v.get("pareto") else "",
+        )
+    return table
+
+
+@app.command()
+def report(
+    directory: Annotated[Path, typer.Argument(help="A report folder holding report.json.")],
+) -> None:
+    """Re-render report.md and report.html from a report folder's report.json."""
+    from quantize.report import render_report
+
+    with user_errors():
+        paths = render_report(directory)
+        for path in paths.values():
+            typer.echo(str(path))
 
 
 @app.command()

@@ -6,6 +6,7 @@ The CLI is a thin layer over this function; tests and scripts call it directly.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 import tempfile
 import time
@@ -17,7 +18,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from calibration import BatchStream, ImageDataset, PreprocessSpec, discover_dataset, select_samples
+from calibration import BatchStream, ImageDataset, PreprocessSpec, Sample, discover_dataset, select_samples
 from calibration.errors import RqInputError
 from quantize import __version__
 from quantize.calibrate import CalibrationRanges, calibrate
@@ -82,11 +83,19 @@ class QuantizeResult:
                 "skipped": [[str(p), reason] for p, reason in self.skipped],
                 "method": self.ranges.method,
                 "tensors": len(self.ranges.tensors.data),
+                "file_list_sha256": file_list_sha256(self.calibration_files, self.calibration_dataset.root),
+                "seconds": round(self.seconds.get("calibrate", 0.0), 3),
             },
             "quantized_ops": self.quantized_ops.to_dict(),
             "size_bytes": {"fp32": self.fp32_bytes, "int8": self.int8_bytes},
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
         }
+
+
+def file_list_sha256(files: list[Path], root: Path) -> str:
+    """sha256 of the sorted calibration file list (paths relative to its folder), to tell runs apart."""
+    names = sorted(Path(f).resolve().relative_to(Path(root).resolve()).as_posix() for f in files)
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()
 
 
 def default_output_path(model: Path, directory: Path | None = None) -> Path:
@@ -159,6 +168,119 @@ def _smoke_test(path: Path, input_name: str, sample: np.ndarray, fp32_path: Path
         )
 
 
+def check_spec_matches(signature, spec: PreprocessSpec) -> None:
+    """The preprocessing must produce the image size the model takes."""
+    channels = signature.input_shape[1]
+    height, width = signature.spatial
+    expected = spec.input_shape(1)[1:]
+    actual = (channels, height, width) if spec.layout == "NCHW" else (height, width, channels)
+    if any(isinstance(a, int) and a != e for a, e in zip(actual, expected, strict=True)):
+        raise RqInputError(
+            f"model input {signature.input_name} expects {list(actual)} per image, preprocessing gives "
+            f"{list(expected)}: adjust --crop/--preset"
+        )
+
+
+@dataclass
+class CalibrationRun:
+    """Calibration images read and the activation ranges they gave."""
+
+    dataset: ImageDataset
+    samples: list[Sample]
+    ranges: CalibrationRanges
+    used: int
+    skipped: list[tuple[Path, str]]
+    smoke_sample: np.ndarray  # a couple of real images, to check the INT8 model runs
+    seconds: float
+
+    def files(self) -> list[Path]:
+        return [s.path for s in self.samples]
+
+
+def calibration_key(recipe: QuantRecipe) -> tuple:
+    """Recipes with the same key share calibration ranges (format, per-channel, reduce_range do not matter)."""
+    return (recipe.calibration, recipe.percentile, recipe.bins, recipe.samples, recipe.seed, recipe.op_types)
+
+
+def run_calibration(
+    prepared: PreparedModel,
+    dataset: ImageDataset,
+    recipe: QuantRecipe,
+    spec: PreprocessSpec,
+    workdir: Path,
+    *,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> CalibrationRun:
+    """Stream a deterministic sample of `dataset` through the prepared model's calibrator."""
+    progress = progress or Progress()
+    started = time.perf_counter()
+    signature = prepared.signature
+    samples = select_samples(dataset, recipe.samples, recipe.seed)
+    batch = signature.fixed_batch or recipe.batch_size
+    stream = BatchStream(
+        samples, spec, batch_size=batch, workers=workers, on_image=progress.calibration_advance
+    )
+    if progress.calibration_start:
+        progress.calibration_start(len(samples))
+    first_batch: list[np.ndarray] = []
+
+    def batches():
+        for item in stream:
+            images = item.images
+            if not first_batch:
+                first_batch.append(images[: min(len(images), 2)].copy())
+            yield _padded(images, batch) if signature.fixed_batch else images
+
+    with contextlib.closing(stream):
+        ranges = calibrate(prepared.path, signature.input_name, batches(), recipe, workdir)
+    sample = first_batch[0]
+    if signature.fixed_batch:
+        sample = _padded(sample[:1], signature.fixed_batch)
+    return CalibrationRun(
+        dataset=dataset,
+        samples=samples,
+        ranges=ranges,
+        used=stream.used,
+        skipped=list(stream.skipped),
+        smoke_sample=sample,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def quantize_prepared(
+    prepared: PreparedModel,
+    calibration: CalibrationRun,
+    recipe: QuantRecipe,
+    spec: PreprocessSpec,
+    output: Path,
+    workdir: Path,
+) -> QuantizedOps:
+    """Quantize a prepared model with computed ranges, check the result, publish it atomically at `output`."""
+    scratch = workdir / f"int8-{recipe.digest()}.onnx"
+    try:
+        quantize_with_ort(prepared.path, calibration.ranges, recipe, scratch, workdir)
+    except RqInputError:
+        raise
+    except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        raise QuantizationFailed(f"onnxruntime's quantizer failed: {type(exc).__name__}: {reason}") from None
+    int8 = load_model(scratch)
+    _stamp_metadata(int8, recipe, spec, prepared.source)
+    try:
+        onnx.checker.check_model(int8)
+    except onnx.checker.ValidationError as exc:
+        raise QuantizationFailed(
+            f"the quantized model fails onnx.checker: {str(exc).splitlines()[0]}"
+        ) from None
+    ops = count_quantized(load_model(prepared.path), int8, recipe.op_types)
+    onnx.save_model(int8, str(scratch))
+    _smoke_test(scratch, prepared.signature.input_name, calibration.smoke_sample, prepared.path)
+    atomic_save(int8, output)
+    scratch.unlink()
+    return ops
+
+
 def quantize_model(
     model: Path | str,
     calib: Path | str,
@@ -190,6 +312,7 @@ def quantize_model(
     if output.resolve() == model.resolve():
         raise RqInputError("output path is the input model; choose another --out")
     recipe, advice, rr_source = resolve_recipe(recipe, cpu)
+    dataset = discover_dataset(calib, labels)  # before the slow stages: a bad folder fails at once
     seconds: dict[str, float] = {}
 
     def stage(name: str) -> None:
@@ -201,68 +324,15 @@ def quantize_model(
         stage("prepare")
         prepared = prepare_model(model, workdir)
         seconds["prepare"] = prepared.seconds
-        signature = prepared.signature
-        channels = signature.input_shape[1]
-        height, width = signature.spatial
-        expected = spec.input_shape(1)[1:]
-        actual = (channels, height, width) if spec.layout == "NCHW" else (height, width, channels)
-        if any(isinstance(a, int) and a != e for a, e in zip(actual, expected, strict=True)):
-            raise RqInputError(
-                f"model input {signature.input_name} expects {list(actual)} per image, preprocessing gives "
-                f"{list(expected)}: adjust --crop/--preset"
-            )
-
+        check_spec_matches(prepared.signature, spec)
         stage("calibrate")
-        started = time.perf_counter()
-        dataset = discover_dataset(calib, labels)
-        samples = select_samples(dataset, recipe.samples, recipe.seed)
-        batch = signature.fixed_batch or recipe.batch_size
-        stream = BatchStream(
-            samples, spec, batch_size=batch, workers=workers, on_image=progress.calibration_advance
+        calibration = run_calibration(
+            prepared, dataset, recipe, spec, workdir, workers=workers, progress=progress
         )
-        if progress.calibration_start:
-            progress.calibration_start(len(samples))
-        first_batch: list[np.ndarray] = []
-
-        def batches():
-            for item in stream:
-                images = item.images
-                if not first_batch:
-                    first_batch.append(images[: min(len(images), 2)].copy())
-                yield _padded(images, batch) if signature.fixed_batch else images
-
-        with contextlib.closing(stream):
-            ranges = calibrate(prepared.path, signature.input_name, batches(), recipe, workdir)
-        seconds["calibrate"] = time.perf_counter() - started
-
+        seconds["calibrate"] = calibration.seconds
         stage("quantize")
         started = time.perf_counter()
-        scratch = workdir / "int8.onnx"
-        try:
-            quantize_with_ort(prepared.path, ranges, recipe, scratch, workdir)
-        except RqInputError:
-            raise
-        except Exception as exc:
-            raise QuantizationFailed(
-                f"onnxruntime's quantizer failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            ) from None
-        int8 = load_model(scratch)
-        _stamp_metadata(int8, recipe, spec, model)
-        try:
-            onnx.checker.check_model(int8)
-        except onnx.checker.ValidationError as exc:
-            raise QuantizationFailed(
-                f"the quantized model fails onnx.checker: {str(exc).splitlines()[0]}"
-            ) from None
-        fp32_graph = load_model(prepared.path)
-        ops = count_quantized(fp32_graph, int8, recipe.op_types)
-        del fp32_graph
-        onnx.save_model(int8, str(scratch))
-        sample = first_batch[0]
-        if signature.fixed_batch:
-            sample = _padded(sample[:1], signature.fixed_batch)
-        _smoke_test(scratch, signature.input_name, sample, prepared.path)
-        atomic_save(int8, output)
+        ops = quantize_prepared(prepared, calibration, recipe, spec, output, workdir)
         seconds["quantize"] = time.perf_counter() - started
 
     return QuantizeResult(
@@ -274,10 +344,10 @@ def quantize_model(
         reduce_range_source=rr_source,
         prepared=prepared,
         calibration_dataset=dataset,
-        calibration_files=[s.path for s in samples],
-        images_used=stream.used,
-        skipped=list(stream.skipped),
-        ranges=ranges,
+        calibration_files=calibration.files(),
+        images_used=calibration.used,
+        skipped=calibration.skipped,
+        ranges=calibration.ranges,
         quantized_ops=ops,
         fp32_bytes=model.stat().st_size,
         int8_bytes=output.stat().st_size,

@@ -1,0 +1,216 @@
+"""Stage 4, validate: top-1/top-5 of one or several models on the same labelled images, decoded once.
+
+Decoding runs in `calibration.BatchStream`'s threads while ONNX Runtime runs the previous batch, and every
+model sees exactly the same tensors, so FP32 and INT8 are compared pair-wise image by image (which is what
+the paired confidence interval of the drop needs).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from calibration import BatchStream, ImageDataset, PreprocessSpec, Sample
+from calibration.errors import RqInputError
+
+
+@dataclass
+class ModelAccuracy:
+    """Per-image results of one model on the evaluated images (same order for every model)."""
+
+    path: Path
+    predictions: np.ndarray  # top-1 class index per image
+    correct_top1: np.ndarray  # bool
+    correct_top5: np.ndarray  # bool
+    label_offset: int  # 1 when the model has a background class first (1001 outputs)
+    inference_seconds: float
+
+    @property
+    def top1(self) -> float:
+        return 100.0 * float(self.correct_top1.mean()) if len(self.correct_top1) else 0.0
+
+    @property
+    def top5(self) -> float:
+        return 100.0 * float(self.correct_top5.mean()) if len(self.correct_top5) else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "path": str(self.path),
+            "top1": round(self.top1, 4),
+            "top5": round(self.top5, 4),
+            "images": len(self.correct_top1),
+            "label_offset": self.label_offset,
+            "inference_seconds": round(self.inference_seconds, 3),
+        }
+
+
+@dataclass
+class EvalRun:
+    """The result of evaluating models on one set of images."""
+
+    models: list[ModelAccuracy]
+    labels: np.ndarray
+    paths: list[Path]
+    skipped: list[tuple[Path, str]]
+    seconds: float
+    batch_size: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def images(self) -> int:
+        return len(self.labels)
+
+    @property
+    def images_per_s(self) -> float:
+        """Images per second of the whole pipeline (decode + every model)."""
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "images": self.images,
+            "batch_size": self.batch_size,
+            "seconds": round(self.seconds, 3),
+            "images_per_s": round(self.images_per_s, 2),
+            "skipped": [[str(p), r] for p, r in self.skipped],
+            "models": [m.to_dict() for m in self.models],
+            "notes": list(self.notes),
+        }
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def open_session(path: Path, threads: int | None = None) -> ort.InferenceSession:
+    """An ORT CPU session, or a one-line RqInputError with ORT's reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise RqInputError(f"model not found: {path}")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        reason = _first_line(exc).replace("[ONNXRuntimeError] : ", "")
+        raise RqInputError(f"onnxruntime cannot load {path.name}: {reason}") from None
+
+
+def _classes_and_offset(session: ort.InferenceSession, path: Path) -> tuple[str, int]:
+    inputs = session.get_inputs()
+    if len(inputs) != 1 or len(inputs[0].shape) != 4:
+        raise RqInputError(f"{path.name}: expected one 4-D image input")
+    output = session.get_outputs()[0]
+    shape = output.shape
+    if len(shape) != 2:
+        raise RqInputError(f"{path.name}: output '{output.name}' has shape {shape}, expected [N, classes]")
+    classes = shape[1]
+    # TF-slim style classifiers put a background class at index 0; ImageNet class k is output k+1.
+    offset = 1 if classes == 1001 else 0
+    if isinstance(classes, int) and classes not in (1000, 1001):
+        raise RqInputError(
+            f"{path.name}: {classes} output classes; rq evaluates ImageNet-1k classifiers (1000/1001)"
+        )
+    return inputs[0].name, offset
+
+
+def require_labels(dataset: ImageDataset, samples: Sequence[Sample]) -> None:
+    """Evaluation needs a label for every image; say how many are missing."""
+    missing = sum(1 for s in samples if s.label is None)
+    if missing == len(samples):
+        raise RqInputError(
+            f"{dataset.root} has no labels (layout: {dataset.layout}); use class folders named by wnid, "
+            "<wnid>_*.JPEG names, or --labels val.txt"
+        )
+    if missing:
+        raise RqInputError(f"labels are missing for {missing} of {len(samples)} images in {dataset.root}")
+
+
+def evaluate(
+    models: Sequence[Path],
+    samples: Sequence[Sample],
+    spec: PreprocessSpec,
+    *,
+    batch_size: int = 32,
+    threads: int | None = None,
+    workers: int | None = None,
+    on_images: Callable[[int], None] | None = None,
+) -> EvalRun:
+    """Run every model on the same decoded batches; return per-image correctness for each."""
+    if batch_size < 1:
+        raise RqInputError("--batch must be ≥ 1")
+    if not models:
+        raise RqInputError("no model to evaluate")
+    sessions = [open_session(Path(m), threads) for m in models]
+    io = [_classes_and_offset(s, Path(m)) for s, m in zip(sessions, models, strict=True)]
+    preds: list[list[np.ndarray]] = [[] for _ in models]
+    top5: list[list[np.ndarray]] = [[] for _ in models]
+    infer_seconds = [0.0 for _ in models]
+    labels: list[np.ndarray] = []
+    paths: list[Path] = []
+    started = time.perf_counter()
+    stream = BatchStream(samples, spec, batch_size=batch_size, workers=workers, on_image=on_images)
+    with stream:
+        for batch in stream:
+            labels.append(batch.labels)
+            paths.extend(batch.paths)
+            for i, (session, (input_name, offset)) in enumerate(zip(sessions, io, strict=True)):
+                t0 = time.perf_counter()
+                try:
+                    logits = session.run(None, {input_name: batch.images})[0]
+                except Exception as exc:
+                    raise RqInputError(
+                        f"{Path(models[i]).name} failed in onnxruntime: {_first_line(exc)}"
+                    ) from None
+                infer_seconds[i] += time.perf_counter() - t0
+                logits = logits[:, offset:] if offset else logits
+                order = np.argsort(-logits, axis=1)[:, :5]
+                preds[i].append(order[:, 0])
+                top5[i].append(order)
+    seconds = time.perf_counter() - started
+    all_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    results = []
+    for i, path in enumerate(models):
+        p = np.concatenate(preds[i])
+        t5 = np.concatenate(top5[i])
+        results.append(
+            ModelAccuracy(
+                path=Path(path),
+                predictions=p,
+                correct_top1=p == all_labels,
+                correct_top5=(t5 == all_labels[:, None]).any(axis=1),
+                label_offset=io[i][1],
+                inference_seconds=infer_seconds[i],
+            )
+        )
+    notes = []
+    if any(offset for _, offset in io):
+        notes.append("1001-class output detected: index 0 treated as background and dropped")
+    return EvalRun(
+        models=results,
+        labels=all_labels,
+        paths=paths,
+        skipped=list(stream.skipped),
+        seconds=seconds,
+        batch_size=batch_size,
+        notes=notes,
+    )
+
+
+def inference_only_throughput(
+    model: Path, images: np.ndarray, *, batch_size: int, threads: int | None = None
+) -> float:
+    """Images/s of ORT alone on pre-decoded tensors: the ceiling the eval pipeline is measured against."""
+    session = open_session(model, threads)
+    input_name = session.get_inputs()[0].name
+    started = time.perf_counter()
+    for start in range(0, len(images), batch_size):
+        session.run(None, {input_name: images[start : start + batch_size]})
+    return len(images) / (time.perf_counter() - started)

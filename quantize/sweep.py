@@ -1,0 +1,340 @@
+"""`rq sweep`: quantize, validate and benchmark a grid of recipes; one report, the Pareto front marked.
+
+The model is prepared once and each distinct calibration (method, percentile, bins, sample) runs once; every
+recipe then only re-quantizes. Each finished recipe is cached under `<report-dir>/.sweep-cache/<key>/` (its
+INT8 model, per-image predictions, and a summary keyed by the recipe's digest), where the key covers the model
+file, the preprocessing, the calibration and validation image lists: an interrupted sweep resumes where it
+stopped, and a changed input starts a fresh cache. Benchmarks are not cached: the models are benchmarked
+together, interleaved, at the end, so that the machine's drift hits them all alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from calibration import PreprocessSpec, discover_dataset
+from calibration.errors import RqInputError
+from quantize.bench import BenchResult, bench_models
+from quantize.cpu import CpuInfo, advise_int8, detect_cpu
+from quantize.evaluate import evaluate
+from quantize.fetch import sha256_file
+from quantize.ort_backend import QuantizedOps
+from quantize.pipeline import (
+    CalibrationRun,
+    Progress,
+    calibration_key,
+    check_spec_matches,
+    file_list_sha256,
+    quantize_prepared,
+    run_calibration,
+)
+from quantize.prepare import prepare_model
+from quantize.recipe import QuantRecipe
+from quantize.stats import paired_drop
+from quantize.validate import count_overlap, validation_samples
+
+GRIDS: dict[str, dict[str, tuple]] = {
+    # The default grid answers the questions that matter most on a CPU: per-channel or not, 7-bit weights or
+    # not, and whether clipping outliers (percentile) beats the plain min/max range.
+    "default": {
+        "format": ("qdq",),
+        "per_channel": (True, False),
+        "reduce_range": (False, True),
+        "calibration": ("minmax", "percentile"),
+    },
+    "full": {
+        "format": ("qdq", "qoperator"),
+        "per_channel": (True, False),
+        "reduce_range": (False, True),
+        "calibration": ("minmax", "entropy", "percentile"),
+    },
+    "calibration": {"calibration": ("minmax", "entropy", "percentile")},
+    "formats": {"format": ("qdq", "qoperator"), "per_channel": (True, False)},
+}
+
+
+def grid_recipes(name: str, base: QuantRecipe, cpu: CpuInfo) -> list[QuantRecipe]:
+    if name not in GRIDS:
+        raise RqInputError(f"unknown grid {name!r}; choose one of {', '.join(GRIDS)}")
+    axes = GRIDS[name]
+    keys = list(axes)
+    recipes = []
+    for values in itertools.product(*(axes[k] for k in keys)):
+        recipe = base.with_changes(**dict(zip(keys, values, strict=True)))
+        if recipe.reduce_range is None:
+            recipe = recipe.with_changes(reduce_range=advise_int8(cpu).reduce_range)
+        if recipe not in recipes:
+            recipes.append(recipe)
+    return recipes
+
+
+@dataclass
+class SweepEntry:
+    recipe: QuantRecipe
+    model_path: Path
+    quantized_ops: dict
+    predictions: np.ndarray
+    top5_correct: np.ndarray
+    cached: bool
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class SweepResult:
+    model: Path
+    cpu: CpuInfo
+    entries: list[SweepEntry]
+    fp32_predictions: np.ndarray
+    fp32_top5_correct: np.ndarray
+    labels: np.ndarray
+    bench: BenchResult | None
+    calibration: dict
+    validation: dict
+    prepared: object
+    cache_dir: Path
+    seconds: dict[str, float]
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
+    os.close(fd)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run_sweep(
+    model: Path,
+    calib: Path,
+    val: Path,
+    *,
+    grid: str = "default",
+    base: QuantRecipe | None = None,
+    spec: PreprocessSpec | None = None,
+    labels: Path | None = None,
+    val_labels: Path | None = None,
+    val_limit: int | None = None,
+    report_dir: Path = Path("reports"),
+    bench_batches: list[int] | None = None,
+    bench_runs: int = 20,
+    eval_batch: int = 32,
+    workers: int | None = None,
+    cpu: CpuInfo | None = None,
+    log: Callable[[str], None] = lambda _msg: None,
+    progress: Progress | None = None,
+) -> SweepResult:
+    model = Path(model)
+    base = base or QuantRecipe()
+    spec = spec or PreprocessSpec()
+    cpu = cpu or detect_cpu()
+    recipes = grid_recipes(grid, base, cpu)
+    calib_dataset = discover_dataset(calib, labels)
+    val_dataset, val_set = validation_samples(val, val_labels, val_limit)
+    seconds: dict[str, float] = {}
+
+    # Everything a cached result depends on, besides the recipe itself.
+    calib_files_hint = [s.path for s in calib_dataset.samples]
+    key_material = json.dumps(
+        {
+            "model": sha256_file(model),
+            "spec": spec.to_dict(),
+            "calib": file_list_sha256(calib_files_hint, calib_dataset.root),
+            "val": file_list_sha256([s.path for s in val_set], val_dataset.root),
+        },
+        sort_keys=True,
+    )
+    cache_dir = Path(report_dir) / ".sweep-cache" / hashlib.sha256(key_material.encode()).hexdigest()[:16]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+
+    with tempfile.TemporaryDirectory(prefix="rq-sweep-") as tmp:
+        workdir = Path(tmp)
+        started = time.perf_counter()
+        log("prepare")
+        prepared = prepare_model(model, workdir)
+        check_spec_matches(prepared.signature, spec)
+        seconds["prepare"] = time.perf_counter() - started
+
+        fp32_cache = cache_dir / "fp32.npz"
+        if fp32_cache.is_file():
+            data = np.load(fp32_cache)
+            fp32_pred, fp32_top5, labels_arr = data["predictions"], data["top5"], data["labels"]
+        else:
+            log("validate FP32")
+            started = time.perf_counter()
+            run = evaluate([model], val_set, spec, batch_size=eval_batch, workers=workers)
+            seconds["validate FP32"] = time.perf_counter() - started
+            fp32_pred, fp32_top5, labels_arr = (
+                run.models[0].predictions,
+                run.models[0].correct_top5,
+                run.labels,
+            )
+            _save_npz(fp32_cache, predictions=fp32_pred, top5=fp32_top5, labels=labels_arr)
+
+        calibrations: dict[tuple, CalibrationRun] = {}
+        entries: list[SweepEntry] = []
+        calib_summary: dict = {}
+        for index, recipe in enumerate(recipes, 1):
+            digest = recipe.digest()
+            onnx_path = cache_dir / f"{digest}.onnx"
+            summary_path = cache_dir / f"{digest}.json"
+            npz_path = cache_dir / f"{digest}.npz"
+            if onnx_path.is_file() and summary_path.is_file() and npz_path.is_file():
+                summary = json.loads(summary_path.read_text())
+                data = np.load(npz_path)
+                entries.append(
+                    SweepEntry(
+                        recipe, onnx_path, summary["quantized_ops"], data["predictions"], data["top5"], True
+                    )
+                )
+                log(f"[{index}/{len(recipes)}] {recipe.label()}: cached")
+                continue
+            log(f"[{index}/{len(recipes)}] {recipe.label()}")
+            timing: dict[str, float] = {}
+            key = calibration_key(recipe)
+            if key not in calibrations:
+                started = time.perf_counter()
+                calibrations[key] = run_calibration(
+                    prepared, calib_dataset, recipe, spec, workdir, workers=workers, progress=progress
+                )
+                timing["calibrate"] = time.perf_counter() - started
+            calibration = calibrations[key]
+            calib_summary = {
+                "folder": str(calib_dataset.root),
+                "layout": calib_dataset.layout,
+                "images_used": calibration.used,
+                "skipped": [[str(p), r] for p, r in calibration.skipped],
+                "file_list_sha256": file_list_sha256(calibration.files(), calib_dataset.root),
+                "seconds": round(calibration.seconds, 3),
+            }
+            started = time.perf_counter()
+            ops: QuantizedOps = quantize_prepared(prepared, calibration, recipe, spec, onnx_path, workdir)
+            timing["quantize"] = time.perf_counter() - started
+            started = time.perf_counter()
+            run = evaluate([onnx_path], val_set, spec, batch_size=eval_batch, workers=workers)
+            timing["validate"] = time.perf_counter() - started
+            if not np.array_equal(run.labels, labels_arr):
+                raise RqInputError(
+                    "validation images changed during the sweep; delete the sweep cache and rerun"
+                )
+            pred, top5 = run.models[0].predictions, run.models[0].correct_top5
+            _save_npz(npz_path, predictions=pred, top5=top5)
+            summary = {"recipe": recipe.to_dict(), "quantized_ops": ops.to_dict(), "seconds": timing}
+            _atomic_write_bytes(summary_path, json.dumps(summary, indent=2).encode())
+            entries.append(SweepEntry(recipe, onnx_path, ops.to_dict(), pred, top5, False, timing))
+
+    bench = None
+    if bench_batches:
+        log("bench (FP32 and every INT8 variant, interleaved)")
+        started = time.perf_counter()
+        bench = bench_models(
+            [model] + [e.model_path for e in entries], batch_sizes=bench_batches, runs=bench_runs
+        )
+        seconds["bench"] = time.perf_counter() - started
+
+    val_summary = {
+        "folder": str(val_dataset.root),
+        "layout": val_dataset.layout,
+        "images": len(labels_arr),
+        "skipped": [],
+        "overlap_with_calibration": count_overlap(calib_files_hint, [s.path for s in val_set]),
+        "images_per_s": 0.0,
+        "seconds": round(sum(e.seconds.get("validate", 0.0) for e in entries), 3),
+    }
+    return SweepResult(
+        model=model,
+        cpu=cpu,
+        entries=entries,
+        fp32_predictions=fp32_pred,
+        fp32_top5_correct=fp32_top5,
+        labels=labels_arr,
+        bench=bench,
+        calibration=calib_summary,
+        validation=val_summary,
+        prepared=prepared,
+        cache_dir=cache_dir,
+        seconds=seconds,
+    )
+
+
+def sweep_report(result: SweepResult, command: list[str], grid: str) -> dict:
+    from quantize.report_data import bench_by_batch, build_report, variant
+
+    labels = result.labels
+    fp32_correct = result.fp32_predictions == labels
+    variants = [
+        variant(
+            "FP32",
+            "fp32",
+            result.model,
+            accuracy={
+                "top1": round(100 * float(fp32_correct.mean()), 4),
+                "top5": round(100 * float(result.fp32_top5_correct.mean()), 4),
+                "images": len(labels),
+            },
+            bench=bench_by_batch(result.bench, 0),
+        )
+    ]
+    for i, entry in enumerate(result.entries, 1):
+        correct = entry.predictions == labels
+        drop = paired_drop(
+            fp32_correct, correct, disagreements=int((entry.predictions != result.fp32_predictions).sum())
+        )
+        item = variant(
+            f"INT8 {entry.recipe.label()}",
+            "int8",
+            entry.model_path,
+            recipe=entry.recipe,
+            accuracy={
+                "top1": round(100 * float(correct.mean()), 4),
+                "top5": round(100 * float(entry.top5_correct.mean()), 4),
+                "images": len(labels),
+            },
+            drop=drop,
+            bench=bench_by_batch(result.bench, i),
+        )
+        item["quantized_ops"] = entry.quantized_ops
+        item["cached"] = entry.cached
+        variants.append(item)
+    notes = [f"grid {grid!r}: {len(result.entries)} recipes; cache {result.cache_dir}"]
+    cached = sum(e.cached for e in result.entries)
+    if cached:
+        notes.append(f"{cached} recipe(s) reused from the cache of an earlier (interrupted) sweep")
+    return build_report(
+        command=command,
+        model=result.model,
+        cpu=result.cpu,
+        advice=advise_int8(result.cpu),
+        prepared=result.prepared,
+        variants=variants,
+        calibration=result.calibration or None,
+        validation=None,
+        gate=None,
+        bench=result.bench,
+        stages=result.seconds,
+        notes=notes,
+        label=f"sweep-{grid}",
+    ) | {"validation": result.validation}

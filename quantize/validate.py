@@ -1,0 +1,121 @@
+"""Validation of an INT8 model against its FP32 source: same images, decoded once, paired statistics, gate."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from calibration import ImageDataset, PreprocessSpec, Sample, discover_dataset, select_samples
+from quantize.evaluate import EvalRun, evaluate, require_labels
+from quantize.stats import PairedDrop, paired_drop
+
+
+@dataclass
+class Validation:
+    """FP32 vs INT8 on the same validation images."""
+
+    dataset: ImageDataset
+    run: EvalRun
+    drop: PairedDrop
+    overlap_with_calibration: int
+
+    @property
+    def fp32(self):
+        return self.run.models[0]
+
+    @property
+    def int8(self):
+        return self.run.models[1]
+
+    def to_dict(self) -> dict:
+        return {
+            "folder": str(self.dataset.root),
+            "layout": self.dataset.layout,
+            "images": self.run.images,
+            "skipped": [[str(p), r] for p, r in self.run.skipped],
+            "overlap_with_calibration": self.overlap_with_calibration,
+            "images_per_s": round(self.run.images_per_s, 2),
+            "seconds": round(self.run.seconds, 3),
+            "batch_size": self.run.batch_size,
+            "notes": list(self.dataset.notes) + list(self.run.notes),
+        }
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The accuracy gate: INT8 may lose at most `max_drop_pt` top-1 points against FP32."""
+
+    max_drop_pt: float
+    drop_pt: float
+    exit_code: int
+    variant: str = "INT8"
+
+    @property
+    def passed(self) -> bool:
+        return self.drop_pt <= self.max_drop_pt
+
+    @property
+    def message(self) -> str:
+        if self.passed:
+            return f"PASSED: INT8 top-1 drop {self.drop_pt:.2f} pt ≤ {self.max_drop_pt:.2f} pt"
+        return (
+            f"FAILED: INT8 top-1 drop {self.drop_pt:.2f} pt > {self.max_drop_pt:.2f} pt "
+            f"(exit code {self.exit_code})"
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "variant": self.variant,
+            "max_drop_pt": self.max_drop_pt,
+            "drop_pt": round(self.drop_pt, 4),
+            "passed": self.passed,
+            "exit_code": 0 if self.passed else self.exit_code,
+            "message": self.message,
+        }
+
+
+def _identity(path: Path) -> tuple:
+    """Two paths name the same image if they resolve to the same file (hard links and copies by inode)."""
+    try:
+        st = os.stat(path)
+        return (st.st_dev, st.st_ino)
+    except OSError:
+        return (str(Path(path).resolve()),)
+
+
+def count_overlap(calibration_files: Sequence[Path], validation_files: Sequence[Path]) -> int:
+    calib = {_identity(p) for p in calibration_files}
+    return sum(1 for p in validation_files if _identity(p) in calib)
+
+
+def validation_samples(
+    folder: Path | str, labels: Path | str | None, limit: int | None, seed: int = 0
+) -> tuple[ImageDataset, list[Sample]]:
+    dataset = discover_dataset(folder, labels)
+    samples = select_samples(dataset, limit, seed) if limit else list(dataset.samples)
+    require_labels(dataset, samples)
+    return dataset, samples
+
+
+def validate(
+    fp32: Path,
+    int8: Path,
+    dataset: ImageDataset,
+    samples: Sequence[Sample],
+    spec: PreprocessSpec,
+    *,
+    batch_size: int = 32,
+    calibration_files: Sequence[Path] = (),
+    workers: int | None = None,
+    on_images: Callable[[int], None] | None = None,
+) -> Validation:
+    """Evaluate FP32 and INT8 on `samples` in one pass (see `validation_samples`) and compare them pair-wise."""
+    run = evaluate([fp32, int8], samples, spec, batch_size=batch_size, workers=workers, on_images=on_images)
+    a, b = run.models
+    drop = paired_drop(
+        a.correct_top1, b.correct_top1, disagreements=int((a.predictions != b.predictions).sum())
+    )
+    overlap = count_overlap(calibration_files, run.paths)
+    return Validation(dataset=dataset, run=run, drop=drop, overlap_with_calibration=overlap)
