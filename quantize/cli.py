@@ -41,6 +41,11 @@ app = typer.Typer(
 err = Console(stderr=True)
 
 
+def out_console() -> Console:
+    """Console for tables on stdout; piped output gets a wide fixed width instead of rich's 80 columns."""
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
 @contextlib.contextmanager
 def user_errors():
     """Turn every failure into one line on stderr and a documented exit code; never a traceback."""
@@ -160,6 +165,16 @@ def _summary_table(result) -> Table:
         + (f" ({r.bins} bins)" if r.bins else ""),
     )
     table.add_row("ops quantized", result.quantized_ops.describe())
+    if result.tuning is not None:
+        t = result.tuning
+        steps = "; ".join(
+            f"step {st.step}: {len(st.fallback)} FP32, drop {st.drop_pt:.2f} pt" for st in t.steps
+        )
+        table.add_row(
+            "tuning",
+            f"goal ≤ {t.max_drop_pt:.2f} pt on {t.tune_images} images {'met' if t.goal_met else 'NOT met'}; "
+            f"chosen step {t.chosen} ({', '.join(t.fallback_nodes) or 'nothing'} in FP32). {steps}",
+        )
     mb = 1024 * 1024
     table.add_row(
         "size",
@@ -237,6 +252,17 @@ def quantize(
         float | None,
         typer.Option(help="Accuracy gate: fail (exit code 3) when INT8 loses more top-1 points than this."),
     ] = None,
+    tune: Annotated[
+        bool,
+        typer.Option(
+            "--tune",
+            help="Accuracy-aware tuning: fall nodes back to FP32 until the drop fits --max-drop (needs --val).",
+        ),
+    ] = False,
+    max_trials: Annotated[int, typer.Option(help="Most tuning steps (fallbacks or INC trials).")] = 12,
+    tune_fraction: Annotated[
+        float, typer.Option(help="Share of --val images used to tune; the rest confirms the result.")
+    ] = 0.5,
     eval_batch: Annotated[int, typer.Option(help="Batch size of the validation pass.")] = 32,
     bench: Annotated[
         bool, typer.Option("--bench", help="Benchmark FP32 vs INT8 (interleaved) afterwards.")
@@ -260,6 +286,7 @@ def quantize(
     from quantize.bench import bench_models
     from quantize.pipeline import Progress, quantize_model
     from quantize.report import write_report
+    from quantize.tune import TuneRequest, split_for_tuning
     from quantize.validate import Gate, validate, validation_samples
 
     with user_errors():
@@ -291,12 +318,22 @@ def quantize(
             raise RqInputError("--max-drop needs --val (the images to measure the drop on)")
         if max_drop is not None and max_drop < 0:
             raise RqInputError("--max-drop must be ≥ 0")
+        if tune and (val is None or max_drop is None):
+            raise RqInputError("--tune needs --val (images to measure on) and --max-drop (the goal)")
+        if max_trials < 1:
+            raise RqInputError("--max-trials must be ≥ 1")
         if eval_batch < 1:
             raise RqInputError("--eval-batch must be ≥ 1")
         bench_batches = _parse_batches(bench_batch) if bench else []
         val_dataset = val_samples = None
+        tune_request = None
         if val is not None:
             val_dataset, val_samples = validation_samples(val, val_labels, val_limit)
+            if tune:
+                # Tune on one part of the images, confirm (and gate) on the other: the drop reported is not
+                # the one the tuner optimized.
+                tune_samples, val_samples = split_for_tuning(val_samples, tune_fraction)
+                tune_request = TuneRequest(max_drop, tuple(tune_samples), max_trials=max_trials)
         ensure_writable_dir(report_dir)
         with RichProgress(
             TextColumn("[bold]{task.description}"),
@@ -327,6 +364,8 @@ def quantize(
                 labels=labels,
                 workers=workers,
                 progress=Progress(stage=on_stage, calibration_start=on_start, calibration_advance=on_advance),
+                tune=tune_request,
+                log=lambda msg: err.print(f"[dim]  {escape(msg)}[/]", highlight=False),
             )
             validation = gate = bench_result = None
             if val_dataset is not None:
@@ -358,7 +397,7 @@ def quantize(
         if as_json:
             typer.echo(json.dumps(run_report, indent=2))
         else:
-            console = Console()
+            console = out_console()
             console.print(_summary_table(result))
             if validation is not None:
                 console.print(_validation_table(validation))
@@ -417,7 +456,13 @@ def _quantize_report(result, validation, gate, bench_result) -> dict:
             f"{validation.overlap_with_calibration} validation images are also calibration images: "
             "the measured drop is optimistic"
         )
-    return build_report(
+    if result.tuning is not None:
+        tuning = result.tuning
+        notes.append(
+            f"tuning ({tuning.backend}): {len(tuning.fallback_nodes)} node(s) fell back to FP32; the validation "
+            "figures are on the images held out from tuning"
+        )
+    data = build_report(
         command=["rq", *sys.argv[1:]],
         model=result.prepared.source,
         cpu=result.cpu,
@@ -432,6 +477,9 @@ def _quantize_report(result, validation, gate, bench_result) -> dict:
         notes=notes,
         label=result.recipe.label(),
     )
+    if result.tuning is not None:
+        data["tuning"] = result.tuning.to_dict()
+    return data
 
 
 def _validation_table(validation) -> Table:
@@ -528,7 +576,7 @@ def eval_(
         notes.extend(run.notes)
         table.caption = "\n".join(notes)
         table.caption_justify = "left"
-        Console().print(table)
+        out_console().print(table)
 
 
 @app.command()
@@ -591,7 +639,7 @@ def sweep(
         if as_json:
             typer.echo(json.dumps(data, indent=2))
         else:
-            Console().print(_sweep_table(data))
+            out_console().print(_sweep_table(data))
         err.print(f"report: {paths['html']}", highlight=False, soft_wrap=True)
 
 
@@ -625,6 +673,78 @@ def _sweep_table(data: dict) -> Table:
             "★" if v.get("pareto") else "",
         )
     return table
+
+
+@app.command()
+def inspect(
+    fp32: Annotated[Path, typer.Argument(help="The FP32 model the INT8 one was made from.")],
+    int8: Annotated[Path, typer.Argument(help="The INT8 model (QDQ format).")],
+    calib: Annotated[Path, typer.Option("--calib", help="Images to run both models on.")],
+    labels: LabelsOpt = None,
+    samples: Annotated[int, typer.Option(help="Images to use.")] = 16,
+    top: Annotated[int, typer.Option(help="Rows to print (worst first); the report has them all.")] = 15,
+    report_dir: Annotated[Path, typer.Option(help="Reports go to REPORT_DIR/<run-id>/.")] = Path("reports"),
+    preset_name: PresetOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    interpolation: InterpOpt = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the per-node errors as JSON on stdout.")
+    ] = False,
+) -> None:
+    """Per-node weight and activation SQNR / cosine of an INT8 model against FP32, worst first."""
+    from calibration import BatchStream, discover_dataset, select_samples
+    from quantize.cpu import detect_cpu
+    from quantize.inspection import inspect_models
+    from quantize.prepare import prepare_model
+    from quantize.report import write_report
+    from quantize.report_data import build_report, variant
+
+    with user_errors():
+        if samples < 1:
+            raise RqInputError("--samples must be ≥ 1")
+        spec = build_spec(preset_name, mean, std, resize, crop, interpolation)
+        dataset = discover_dataset(calib, labels)
+        chosen = select_samples(dataset, samples, 0)
+        ensure_writable_dir(report_dir)
+        with tempfile.TemporaryDirectory(prefix="rq-inspect-") as tmp:
+            # The INT8 model was made from the prepared graph: compare against the same graph (same names).
+            prepared = prepare_model(fp32, Path(tmp))
+            with BatchStream(chosen, spec, batch_size=8) as stream:
+                nodes = inspect_models(prepared.path, int8, (b.images for b in stream))
+                used = stream.used
+        rows = [n.to_dict() for n in nodes]
+        data = build_report(
+            command=["rq", *sys.argv[1:]],
+            model=fp32,
+            cpu=detect_cpu(),
+            advice=None,
+            prepared=prepared,
+            variants=[variant("FP32", "fp32", fp32), variant("INT8", "int8", int8)],
+            label="inspect",
+        )
+        data["inspection"] = {"images": used, "nodes": rows}
+        paths = write_report(data, report_dir / data["run_id"])
+        if as_json:
+            typer.echo(json.dumps(data["inspection"], indent=2))
+        else:
+            table = Table(
+                title=f"Per-node error on {used} images (worst activation SQNR first)", title_justify="left"
+            )
+            for col in ("node", "op", "weight SQNR dB", "activation SQNR dB", "cosine"):
+                table.add_column(col, justify="left" if col in ("node", "op") else "right")
+            for n in nodes[:top]:
+                table.add_row(
+                    escape(n.node),
+                    n.op_type,
+                    "—" if n.weight_sqnr_db is None else f"{n.weight_sqnr_db:.1f}",
+                    "—" if n.activation_sqnr_db is None else f"{n.activation_sqnr_db:.1f}",
+                    "—" if n.activation_cosine is None else f"{n.activation_cosine:.4f}",
+                )
+            out_console().print(table)
+        err.print(f"report: {paths['html']}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -676,7 +796,7 @@ def bench(
         if as_json:
             typer.echo(json.dumps(result.to_dict(), indent=2))
         else:
-            Console().print(result.render_table())
+            out_console().print(result.render_table())
 
 
 def _parse_batches(text: str) -> list[int]:

@@ -26,6 +26,7 @@ from quantize.cpu import CpuInfo, IntegerKernelAdvice, advise_int8, detect_cpu
 from quantize.ort_backend import QuantizedOps, count_quantized, quantize_with_ort
 from quantize.prepare import ModelError, PreparedModel, atomic_save, load_model, prepare_model
 from quantize.recipe import METADATA_KEY, QuantRecipe
+from quantize.tune import TuneReport, TuneRequest, tune_fallback
 
 PREPROCESS_METADATA_KEY = "rq.preprocess"
 
@@ -63,6 +64,7 @@ class QuantizeResult:
     fp32_bytes: int
     int8_bytes: int
     seconds: dict[str, float] = field(default_factory=dict)
+    tuning: TuneReport | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -89,6 +91,7 @@ class QuantizeResult:
             "quantized_ops": self.quantized_ops.to_dict(),
             "size_bytes": {"fp32": self.fp32_bytes, "int8": self.int8_bytes},
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+            "tuning": self.tuning.to_dict() if self.tuning else None,
         }
 
 
@@ -292,8 +295,13 @@ def quantize_model(
     cpu: CpuInfo | None = None,
     workers: int | None = None,
     progress: Progress | None = None,
+    tune: TuneRequest | None = None,
+    log: Callable[[str], None] = lambda _m: None,
 ) -> QuantizeResult:
     """Quantize `model` with images from `calib`; write the INT8 model to `output` atomically.
+
+    With `tune`, nodes are fallen back to FP32 until the top-1 drop on `tune.tune_samples` fits
+    `tune.max_drop_pt` (see quantize.tune); the published model is the step chosen there.
 
     Raises RqInputError (or a subclass) with a one-line message for anything the user can fix. Nothing is
     written at `output` unless every stage succeeded and the result runs in ONNX Runtime.
@@ -330,6 +338,23 @@ def quantize_model(
             prepared, dataset, recipe, spec, workdir, workers=workers, progress=progress
         )
         seconds["calibrate"] = calibration.seconds
+        tuning = None
+        if tune is not None:
+            stage("tune")
+            recipe, tuning = tune_fallback(
+                quantize_to=lambda r, path: quantize_prepared(prepared, calibration, r, spec, path, workdir),
+                prepared_path=prepared.path,
+                fp32_path=model,
+                input_name=prepared.signature.input_name,
+                recipe=recipe,
+                spec=spec,
+                request=tune,
+                sensitivity_samples=calibration.samples,
+                workdir=workdir,
+                workers=workers,
+                log=log,
+            )
+            seconds["tune"] = tuning.seconds
         stage("quantize")
         started = time.perf_counter()
         ops = quantize_prepared(prepared, calibration, recipe, spec, output, workdir)
@@ -352,6 +377,7 @@ def quantize_model(
         fp32_bytes=model.stat().st_size,
         int8_bytes=output.stat().st_size,
         seconds=seconds,
+        tuning=tuning,
     )
 
 

@@ -816,6 +816,80 @@ def _package_blocks(data: dict) -> list[Block]:
     return [("h2", "Packages"), ("table", ["Package", "Version"], rows)]
 
 
+def _tuning_blocks(data: dict) -> list[Block]:
+    """Accuracy-aware tuning: every step, what fell back, the drop on the tuning images and the speed it cost."""
+    tuning = data.get("tuning")
+    if not isinstance(tuning, dict):
+        return []
+    blocks: list[Block] = [("h2", "Tuning")]
+    verdict = "met" if tuning.get("goal_met") else "NOT met"
+    blocks.append(
+        (
+            "p",
+            f"Backend {tuning.get('backend', '?')}: goal drop ≤ {_num(tuning.get('max_drop_pt'))} pt on "
+            f"{tuning.get('tune_images', '?')} tuning images (FP32 top-1 there "
+            f"{_num(tuning.get('fp32_top1_on_tune_images'))}%): goal {verdict}; chosen step "
+            f"{tuning.get('chosen_step', '?')}, {len(tuning.get('fallback_nodes') or [])} node(s) kept in FP32.",
+        )
+    )
+    rows = []
+    for step in tuning.get("steps") or []:
+        speed = step.get("speed_ratio_to_fp32") or {}
+        rows.append(
+            [
+                str(step.get("step")),
+                str(len(step.get("fallback_nodes") or [])),
+                str(step.get("added") or "—"),
+                _num(step.get("top1")),
+                _num(step.get("drop_pt")),
+                ", ".join(f"b{b}: {_num(r)}×" for b, r in speed.items()) or NOT_MEASURED,
+                str(step.get("error") or ""),
+            ]
+        )
+    if rows:
+        headers = ["Step", "FP32 nodes", "Fell back", "Top-1 %", "Drop pt", "Speed vs FP32", "Error"]
+        blocks.append(("table", headers, rows))
+    sensitivity = tuning.get("sensitivity") or []
+    if sensitivity:
+        worst = ", ".join(
+            f"{s.get('node')} ({_num(s.get('logits_sqnr_db'), 1)} dB)" for s in sensitivity[:10]
+        )
+        blocks.append(("p", f"Most sensitive nodes (logits SQNR when quantized alone): {worst}."))
+    notes = [str(n) for n in tuning.get("notes") or []]
+    if notes:
+        blocks.append(("list", notes))
+    return blocks
+
+
+def _inspection_blocks(data: dict) -> list[Block]:
+    """Per-node weight/activation error of an INT8 model, worst first."""
+    inspection = data.get("inspection")
+    if not isinstance(inspection, dict):
+        return []
+    nodes = inspection.get("nodes") or []
+    blocks: list[Block] = [
+        ("h2", "Per-node error"),
+        (
+            "p",
+            f"{len(nodes)} nodes, {inspection.get('images', '?')} images; SQNR in dB (higher is better), "
+            "activation = the node's output in the INT8 model vs FP32.",
+        ),
+    ]
+    rows = [
+        [
+            str(n.get("node")),
+            str(n.get("op_type")),
+            _num(n.get("weight_sqnr_db"), 1),
+            _num(n.get("activation_sqnr_db"), 1),
+            _num(n.get("activation_cosine"), 4),
+        ]
+        for n in nodes
+    ]
+    if rows:
+        blocks.append(("table", ["Node", "Op", "Weight SQNR", "Activation SQNR", "Cosine"], rows))
+    return blocks
+
+
 def _notes_blocks(data: dict) -> list[Block]:
     notes = [str(n) for n in data.get("notes") or []]
     return [("h2", "Notes"), ("list", notes) if notes else ("p", "none")]
@@ -835,6 +909,8 @@ def _document(data: dict) -> list[Block]:
         ("h2", "Accuracy vs speed"),
         ("plot",),
         *_bench_blocks(data),
+        *_tuning_blocks(data),
+        *_inspection_blocks(data),
         *_recipe_blocks(data),
         *_model_blocks(data),
         *_dataset_blocks(data, "calibration", "Calibration"),

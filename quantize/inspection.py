@@ -1,0 +1,169 @@
+"""Per-node quantization error: weight and activation SQNR / cosine of an INT8 (QDQ) model against its FP32 source.
+
+Weights are matched with ONNX Runtime's `qdq_loss_debug.create_weight_matching` (the library already knows how
+to dequantize per-channel weights). Activations are compared by running both models on the same images with
+the output of every quantized node exposed; the error statistics are accumulated batch by batch (sums of
+squares and dot products), so inspecting on many images costs no more memory than one batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from calibration.errors import RqInputError
+from quantize.prepare import _quiet, load_model
+
+DEQUANT_SUFFIX = "_DequantizeLinear_Output"
+
+
+@dataclass
+class NodeError:
+    node: str
+    op_type: str
+    tensor: str
+    weight_sqnr_db: float | None
+    activation_sqnr_db: float | None
+    activation_cosine: float | None
+
+    def to_dict(self) -> dict:
+        def r(x):
+            return None if x is None else round(x, 4)
+
+        return {
+            "node": self.node,
+            "op_type": self.op_type,
+            "tensor": self.tensor,
+            "weight_sqnr_db": r(self.weight_sqnr_db),
+            "activation_sqnr_db": r(self.activation_sqnr_db),
+            "activation_cosine": r(self.activation_cosine),
+        }
+
+
+class _Accumulator:
+    """Streaming SQNR and cosine between a reference tensor and its approximation."""
+
+    def __init__(self) -> None:
+        self.ref2 = self.err2 = self.dot = self.approx2 = 0.0
+
+    def add(self, ref: np.ndarray, approx: np.ndarray) -> None:
+        ref = ref.astype(np.float64, copy=False).ravel()
+        approx = approx.astype(np.float64, copy=False).ravel()
+        self.ref2 += float(ref @ ref)
+        diff = ref - approx
+        self.err2 += float(diff @ diff)
+        self.dot += float(ref @ approx)
+        self.approx2 += float(approx @ approx)
+
+    @property
+    def sqnr_db(self) -> float:
+        eps = np.finfo(np.float64).tiny
+        return 10 * math.log10(max(self.ref2, eps) / max(self.err2, eps))
+
+    @property
+    def cosine(self) -> float:
+        denom = math.sqrt(self.ref2 * self.approx2)
+        return self.dot / denom if denom > 0 else 1.0
+
+
+def sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
+    acc = _Accumulator()
+    acc.add(reference, approximation)
+    return acc.sqnr_db
+
+
+def _with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    existing = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in existing:
+            model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    return model.SerializeToString()
+
+
+def _session(model_bytes: bytes) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def weight_errors(fp32_path: Path, int8_path: Path) -> dict[str, float]:
+    """SQNR (dB) of every quantized weight, keyed by the FP32 initializer name."""
+    from onnxruntime.quantization.qdq_loss_debug import (
+        compute_signal_to_quantization_noice_ratio,
+        compute_weight_error,
+        create_weight_matching,
+    )
+
+    with _quiet():
+        matched = create_weight_matching(str(fp32_path), str(int8_path))
+    return compute_weight_error(matched, compute_signal_to_quantization_noice_ratio)
+
+
+def inspect_models(
+    fp32_path: Path,
+    int8_path: Path,
+    batches: Iterable[np.ndarray],
+    *,
+    op_types: tuple[str, ...] = ("Conv", "Gemm", "MatMul"),
+) -> list[NodeError]:
+    """Per-node errors, most damaged first. `fp32_path` must be the prepared graph the INT8 model came from."""
+    fp32 = load_model(fp32_path)
+    int8 = load_model(int8_path)
+    if not any(n.op_type == "DequantizeLinear" for n in int8.graph.node):
+        raise RqInputError(
+            f"{Path(int8_path).name} has no DequantizeLinear nodes: rq inspect needs a QDQ-format model"
+        )
+    int8_tensors = {t for n in int8.graph.node for t in n.output}
+    nodes = [n for n in fp32.graph.node if n.op_type in op_types and n.output]
+    if not nodes:
+        raise RqInputError(f"{Path(fp32_path).name} has no {'/'.join(op_types)} nodes to inspect")
+    pairs = []  # (node, fp32 tensor, int8 tensor)
+    for node in nodes:
+        out = node.output[0]
+        candidate = out + DEQUANT_SUFFIX if out + DEQUANT_SUFFIX in int8_tensors else out
+        if candidate in int8_tensors:
+            pairs.append((node, out, candidate))
+    input_name = next(
+        i.name for i in fp32.graph.input if i.name not in {x.name for x in fp32.graph.initializer}
+    )
+    fp32_session = _session(_with_outputs(fp32, [p[1] for p in pairs]))
+    int8_session = _session(_with_outputs(int8, [p[2] for p in pairs]))
+    del fp32, int8
+    fp32_names = [o.name for o in fp32_session.get_outputs()]
+    int8_names = [o.name for o in int8_session.get_outputs()]
+    accumulators = {node.name: _Accumulator() for node, _, _ in pairs}
+    seen = 0
+    for images in batches:
+        ref = dict(zip(fp32_names, fp32_session.run(None, {input_name: images}), strict=True))
+        approx = dict(zip(int8_names, int8_session.run(None, {input_name: images}), strict=True))
+        for node, a, b in pairs:
+            accumulators[node.name].add(ref[a], approx[b])
+        seen += 1
+    if not seen:
+        raise RqInputError("rq inspect received no images")
+    weights = weight_errors(fp32_path, int8_path)
+    results = []
+    paired = {node.name for node, _, _ in pairs}
+    for node in nodes:
+        weight = next((weights[w] for w in node.input[1:2] if w in weights), None)
+        acc = accumulators.get(node.name)
+        results.append(
+            NodeError(
+                node=node.name,
+                op_type=node.op_type,
+                tensor=node.output[0],
+                weight_sqnr_db=weight,
+                activation_sqnr_db=acc.sqnr_db if node.name in paired else None,
+                activation_cosine=acc.cosine if node.name in paired else None,
+            )
+        )
+    results.sort(key=lambda r: (r.activation_sqnr_db is None, r.activation_sqnr_db or 0.0))
+    return results
