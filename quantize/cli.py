@@ -483,22 +483,27 @@ def _quantize_report(result, validation, gate, bench_result) -> dict:
 
 
 def _validation_table(validation) -> Table:
+    """One row per model; the drop, its CI and the disagreements as rows too, so nothing wraps narrowly."""
     d = validation.drop
     table = Table(
         title=f"Validation: {validation.run.images} images of {validation.dataset.root} "
         f"({validation.run.images_per_s:.1f} images/s, decode + both models)",
         title_justify="left",
+        min_width=100,
     )
-    for col in ("model", "top-1 %", "top-5 %"):
-        table.add_column(col, justify="right" if col != "model" else "left")
-    table.add_row("FP32", f"{validation.fp32.top1:.2f}", f"{validation.fp32.top5:.2f}")
-    table.add_row("INT8", f"{validation.int8.top1:.2f}", f"{validation.int8.top5:.2f}")
+    table.add_column("model")
+    table.add_column("top-1 %", justify="right")
+    table.add_column("top-5 %", justify="right")
+    table.add_column("", overflow="fold")
     verdict = "significant" if d.significant else "within noise"
-    table.caption = (
+    table.add_row("FP32", f"{validation.fp32.top1:.2f}", f"{validation.fp32.top5:.2f}", "")
+    table.add_row(
+        "INT8",
+        f"{validation.int8.top1:.2f}",
+        f"{validation.int8.top5:.2f}",
         f"top-1 drop {d.drop_pt:.2f} pt, 95% CI [{d.ci_low_pt:.2f}, {d.ci_high_pt:.2f}] ({d.method}, {verdict}); "
-        f"predictions differ on {d.disagreements} images (FP32-only right {d.a_only}, INT8-only right {d.b_only})"
+        f"predictions differ on {d.disagreements} images (FP32-only right {d.a_only}, INT8-only right {d.b_only})",
     )
-    table.caption_justify = "left"
     return table
 
 
