@@ -42,7 +42,12 @@ class CalibrationRanges:
     seconds: float
 
     def ranges(self) -> dict[str, tuple[float, float]]:
-        return {name: (float(d.range_value[0]), float(d.range_value[1])) for name, d in self.tensors.items()}
+        # MinMax ranges are shape-(1,) arrays (ORT reshapes its ReduceMin/ReduceMax outputs to [-1]), and
+        # numpy 2 refuses float() of a 1-D array: read the single element instead.
+        return {
+            name: (float(np.ravel(d.range_value[0])[0]), float(np.ravel(d.range_value[1])[0]))
+            for name, d in self.tensors.items()
+        }
 
 
 class _SingleBatchReader(CalibrationDataReader):

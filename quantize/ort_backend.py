@@ -65,11 +65,12 @@ def count_quantized(fp32: onnx.ModelProto, int8: onnx.ModelProto, op_types: tupl
     quantized: Counter[str] = Counter()
     for node in int8.graph.node:
         if node.op_type in op_types:
-            # QDQ: the float op reads its activation (input 0) through a DequantizeLinear.
-            if (
-                node.input
-                and produced_by.get(node.input[0]) == "DequantizeLinear"
-                and node.input[0] not in initializers
+            # QDQ: the float op reads its activation (input 0) and its weight (input 1) through
+            # DequantizeLinear. The activation alone is not enough: an excluded node whose input tensor is
+            # shared with a quantized node also reads that tensor's DequantizeLinear, but keeps float weights.
+            operands = [name for name in node.input[:2] if name]
+            if operands and all(
+                produced_by.get(name) == "DequantizeLinear" and name not in initializers for name in operands
             ):
                 quantized[node.op_type] += 1
             continue

@@ -305,6 +305,9 @@ def atomic_save(model: onnx.ModelProto, destination: Path) -> None:
     os.close(fd)
     try:
         onnx.save_model(model, tmp)
+        # mkstemp creates the file 0600; the published model is meant to be read like any other output
+        # (as quantize.fetch and quantize.report do).
+        os.chmod(tmp, 0o644)
         os.replace(tmp, destination)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

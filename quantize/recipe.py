@@ -50,6 +50,9 @@ class QuantRecipe:
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
+        # Types first: a recipe read from JSON can hold anything, and `"100" >= 1` would raise a TypeError
+        # (an internal error) while `"Conv"` would silently become the op types ('C', 'o', 'n', 'v').
+        self._check_types()
         checks = [
             (self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}"),
             (self.format in FORMATS, f"format must be one of {', '.join(FORMATS)}, not {self.format!r}"),
@@ -58,6 +61,10 @@ class QuantRecipe:
                 f"activation type must be uint8 or int8, not {self.activation_type!r}",
             ),
             (self.weight_type in INT8_TYPES, f"weight type must be uint8 or int8, not {self.weight_type!r}"),
+            (
+                (self.activation_type, self.weight_type) != ("int8", "uint8"),
+                "int8 activations with uint8 weights are not supported by onnxruntime (use int8 weights)",
+            ),
             (
                 self.calibration in CALIBRATION_METHODS,
                 f"calibration must be one of {', '.join(CALIBRATION_METHODS)}, not {self.calibration!r}",
@@ -75,6 +82,33 @@ class QuantRecipe:
         # Tuples keep the recipe hashable and its JSON stable whatever sequence the caller passed.
         object.__setattr__(self, "op_types", tuple(self.op_types))
         object.__setattr__(self, "exclude_nodes", tuple(self.exclude_nodes))
+
+    def _check_types(self) -> None:
+        def is_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        for name in ("backend", "format", "activation_type", "weight_type", "calibration"):
+            if not isinstance(getattr(self, name), str):
+                raise RqInputError(f"recipe {name} must be a string, not {getattr(self, name)!r}")
+        if not isinstance(self.per_channel, bool):
+            raise RqInputError(f"recipe per_channel must be true or false, not {self.per_channel!r}")
+        if self.reduce_range is not None and not isinstance(self.reduce_range, bool):
+            raise RqInputError(f"recipe reduce_range must be true, false or null, not {self.reduce_range!r}")
+        if not (is_int(self.percentile) or isinstance(self.percentile, float)):
+            raise RqInputError(f"recipe percentile must be a number, not {self.percentile!r}")
+        # 99 and 99.0 are the same recipe: keep the JSON (and so the digest) the same.
+        object.__setattr__(self, "percentile", float(self.percentile))
+        for name in ("samples", "seed", "batch_size", "version"):
+            if not is_int(getattr(self, name)):
+                raise RqInputError(f"recipe {name} must be a whole number, not {getattr(self, name)!r}")
+        if self.num_bins is not None and not is_int(self.num_bins):
+            raise RqInputError(f"recipe num_bins must be a whole number or null, not {self.num_bins!r}")
+        for name in ("op_types", "exclude_nodes"):
+            value = getattr(self, name)
+            if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
+                raise RqInputError(f"recipe {name} must be a list of names, not {value!r}")
+            if not all(isinstance(v, str) and v for v in value):
+                raise RqInputError(f"recipe {name} must hold non-empty names, not {list(value)!r}")
 
     @property
     def bins(self) -> int | None:
@@ -103,7 +137,8 @@ class QuantRecipe:
             raise RqInputError(f"unknown recipe field(s): {', '.join(unknown)}")
         values = dict(data)
         for key in ("op_types", "exclude_nodes"):
-            if key in values:
+            # Only JSON lists: tuple("Conv") would be ('C', 'o', 'n', 'v'); __post_init__ rejects the rest.
+            if isinstance(values.get(key), list):
                 values[key] = tuple(values[key])
         return cls(**values)
 

@@ -1,0 +1,259 @@
+"""`rq quantize` (and `rq fetch` / `rq bench`) through typer's CliRunner: exit codes and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from calib_images import make_class_folders, write_rgb, write_truncated_jpeg, write_zero_byte
+from conftest import WNIDS
+from tiny_models import non4d_input, tiny_cnn, two_inputs
+from typer.testing import CliRunner
+
+from quantize.cli import EXIT_BAD_INPUT, app
+from quantize.cpu import advise_int8, detect_cpu
+
+SMALL = ["--resize", "36", "--crop", "32", "--samples", "8", "--batch-size", "4", "--workers", "2"]
+ENV = {"COLUMNS": "200", "RQ_CPU_FLAGS": "avx2", "RQ_DEBUG": None, "NO_COLOR": "1"}
+
+
+@pytest.fixture()
+def cli(tmp_path, monkeypatch):
+    """Run `rq` in an empty working folder (reports and default outputs land there, not in the repo)."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    runner = CliRunner()
+
+    def invoke(*args: str, columns: int = 200):
+        return runner.invoke(app, [str(a) for a in args], env={**ENV, "COLUMNS": str(columns)})
+
+    return invoke
+
+
+def all_output(result) -> str:
+    """stdout and stderr together, whichever way this typer/click version captures them."""
+    text = result.output or ""
+    try:
+        stderr = result.stderr or ""
+    except ValueError:  # older click: stderr not captured separately
+        stderr = ""
+    return text if stderr in text else text + stderr
+
+
+def assert_one_line_error(result, fragment: str) -> str:
+    text = all_output(result)
+    assert result.exit_code == EXIT_BAD_INPUT, text
+    assert "Traceback" not in text
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), text
+    lines = [line for line in text.splitlines() if "rq: error:" in line]
+    assert len(lines) == 1, text
+    # the whole message, fragment included, is on that one line (not wrapped onto the next)
+    assert fragment in lines[0], text
+    return lines[0]
+
+
+def find_key(obj, key):
+    """The first value stored under `key` anywhere in a JSON document."""
+    if isinstance(obj, dict):
+        if key in obj:
+            return obj[key]
+        children = obj.values()
+    elif isinstance(obj, list):
+        children = obj
+    else:
+        return None
+    for child in children:
+        found = find_key(child, key)
+        if found is not None:
+            return found
+    return None
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli-calib")
+    make_class_folders(root, {WNIDS[0]: 4, WNIDS[1]: 4}, size=(48, 40))
+    return root
+
+
+def test_quantize_summary(cli, tiny_model, calib, tmp_path):
+    out = tmp_path / "tiny-int8.onnx"
+    result = cli("quantize", tiny_model, "--calib", calib, "--out", out, *SMALL)
+    text = all_output(result)
+    assert result.exit_code == 0, text
+    assert out.is_file()
+    assert "layout" in text and "wnid-folders" in text
+    assert "ops quantized" in text and "3/3" in text
+    assert "reduce_range" in text
+
+
+@pytest.mark.parametrize("method", ["percentile", "minmax", "entropy"])
+def test_quantize_json(cli, tiny_model, calib, tmp_path, method):
+    out = tmp_path / "tiny-int8.onnx"
+    options = ["--calibration", method] + (["--bins", "256"] if method == "entropy" else [])
+    result = cli("quantize", tiny_model, "--calib", calib, "--out", out, "--json", *options, *SMALL)
+    assert result.exit_code == 0, all_output(result)
+    # stdout holds the JSON alone: progress goes to stderr, ORT's own prints are silenced
+    data = json.loads(result.stdout)
+    assert find_key(data, "method") == method
+    assert {"cpu", "advice", "calibration"} <= set(data)
+    calibration = data["calibration"]
+    assert calibration["layout"] == "wnid-folders"
+    assert calibration["images_used"] == 8 and calibration["skipped"] == []
+    ops = find_key(data, "quantized_ops")
+    assert ops["quantized"] == ops["candidates"] == 3
+    recipe = find_key(data, "recipe")
+    # RQ_CPU_FLAGS=avx2 (no VNNI): reduce_range is on for x86 (the machine's architecture still counts)
+    assert recipe["format"] == "qdq"
+    assert recipe["reduce_range"] is advise_int8(detect_cpu(flags_override=["avx2"])).reduce_range
+
+
+def test_default_output_in_working_folder(cli, calib, tmp_path):
+    model = tiny_cnn(tmp_path / "tiny-13.onnx")
+    result = cli("quantize", model, "--calib", calib, *SMALL)
+    assert result.exit_code == 0, all_output(result)
+    assert (Path.cwd() / "tiny-int8.onnx").is_file()
+
+
+def _flat_folder_with_bad_labels(tmp_path: Path) -> list[str]:
+    flat = tmp_path / "flat"
+    for i in range(3):
+        write_rgb(flat / f"img_{i}.png", size=(48, 40), seed=i)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("this is not\na labels file at all\n")
+    return ["--calib", str(flat), "--labels", str(labels)]
+
+
+def _bad_input_cases(tmp_path: Path, tiny_model: Path, calib: Path) -> dict[str, tuple[list[str], str]]:
+    """name -> (arguments after `quantize`, fragment of the one-line message)."""
+    fake = tmp_path / "fake.onnx"
+    fake.write_text("not an onnx model\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    corrupt = tmp_path / "corrupt"
+    write_truncated_jpeg(corrupt / WNIDS[0] / "a.JPEG")
+    write_zero_byte(corrupt / WNIDS[0] / "b.JPEG")
+    unknown_wnid = tmp_path / "unknown-wnid"
+    make_class_folders(unknown_wnid, {"n99999999": 2}, size=(48, 40))
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    out = str(tmp_path / "out.onnx")
+    return {
+        "missing model": (
+            [str(tmp_path / "nope.onnx"), "--calib", str(calib), "--out", out],
+            "model not found",
+        ),
+        "not onnx": ([str(fake), "--calib", str(calib), "--out", out], "not a readable ONNX model"),
+        "two inputs": (
+            [str(two_inputs(tmp_path / "two.onnx")), "--calib", str(calib), "--out", out],
+            "expected one image input",
+        ),
+        "non-4-D input": (
+            [str(non4d_input(tmp_path / "n4.onnx")), "--calib", str(calib), "--out", out],
+            "4-D",
+        ),
+        "empty calib": ([str(tiny_model), "--calib", str(empty), "--out", out], str(empty)),
+        "missing calib": ([str(tiny_model), "--calib", str(tmp_path / "nowhere"), "--out", out], "not found"),
+        "only corrupt images": ([str(tiny_model), "--calib", str(corrupt), "--out", out], "could be decoded"),
+        "labels do not parse": (
+            [str(tiny_model), *_flat_folder_with_bad_labels(tmp_path), "--out", out],
+            "labels",
+        ),
+        "unknown wnid folder": ([str(tiny_model), "--calib", str(unknown_wnid), "--out", out], "n99999999"),
+        "output dir not writable": (
+            [str(tiny_model), "--calib", str(calib), "--out", str(blocker / "out.onnx")],
+            "output folder",
+        ),
+        "bad --mean": ([str(tiny_model), "--calib", str(calib), "--out", out, "--mean", "0.5,0.5"], "--mean"),
+        "bad --mean text": (
+            [str(tiny_model), "--calib", str(calib), "--out", out, "--mean", "a,b,c"],
+            "--mean",
+        ),
+        "bad --format": (
+            [str(tiny_model), "--calib", str(calib), "--out", out, "--format", "int4"],
+            "format",
+        ),
+        "crop does not fit": (
+            [str(tiny_model), "--calib", str(calib), "--out", out, "--resize", "64", "--crop", "48"],
+            "adjust --crop",
+        ),
+    }
+
+
+CASES = [
+    "missing model",
+    "not onnx",
+    "two inputs",
+    "non-4-D input",
+    "empty calib",
+    "missing calib",
+    "only corrupt images",
+    "labels do not parse",
+    "unknown wnid folder",
+    "output dir not writable",
+    "bad --mean",
+    "bad --mean text",
+    "bad --format",
+    "crop does not fit",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_exit_2(case, cli, tiny_model, calib, tmp_path):
+    args, fragment = _bad_input_cases(tmp_path, tiny_model, calib)[case]
+    if "--resize" not in args:
+        args = [*args, "--resize", "36", "--crop", "32"]
+    # A narrow terminal: long messages must still not be wrapped onto a second line.
+    result = cli("quantize", *args, columns=40)
+    assert_one_line_error(result, fragment)
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_recipe_file(cli, tiny_model, calib, tmp_path):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"calibration": "minmax", "samples": "eight"}))
+    result = cli(
+        "quantize", tiny_model, "--calib", calib, "--out", tmp_path / "o.onnx", "--recipe", recipe, *SMALL
+    )
+    assert_one_line_error(result, "samples")
+    recipe.write_text(json.dumps({"calibration": "minmax", "format": "qoperator"}))
+    result = cli(
+        "quantize", tiny_model, "--calib", calib, "--out", tmp_path / "o.onnx", "--recipe", recipe, *SMALL
+    )
+    assert result.exit_code == 0, all_output(result)
+    assert "qoperator" in all_output(result) and "minmax" in all_output(result)
+
+
+def test_fetch_unknown_model(cli):
+    result = cli("fetch", "no-such-model")
+    assert_one_line_error(result, "unknown model 'no-such-model'")
+
+
+def test_bench_two_tiny_models(cli, tmp_path):
+    a = tiny_cnn(tmp_path / "a.onnx", seed=0)
+    b = tiny_cnn(tmp_path / "b.onnx", seed=1)
+    result = cli("bench", a, b, "--runs", "2", "--warmup", "1", "--batch", "1", "--threads", "1")
+    text = all_output(result)
+    assert result.exit_code == 0, text
+    assert "a.onnx" in text and "b.onnx" in text
+
+
+def test_bench_missing_model_is_exit_2(cli, tmp_path):
+    a = tiny_cnn(tmp_path / "a.onnx")
+    result = cli("bench", a, tmp_path / "missing.onnx", "--runs", "2", "--batch", "1")
+    assert_one_line_error(result, "missing.onnx")
+
+
+def test_working_folder_is_left_clean_on_error(cli, tiny_model, tmp_path):
+    """A failed run writes no model and no temporary file into the output folder."""
+    shutil.copy(tiny_model, tmp_path / "m.onnx")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    result = cli("quantize", tmp_path / "m.onnx", "--calib", empty, "--out", out_dir / "m-int8.onnx")
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert list(out_dir.iterdir()) == []
