@@ -418,10 +418,14 @@ def quantize(
 
 
 def ensure_writable_dir(directory: Path) -> None:
-    """Create `directory` if needed and check a file can be written there (before any long work)."""
+    """Check a report can be written under `directory` (before any long work) without creating it yet."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RqInputError(f"report folder is not writable: {directory} ({existing} is not a folder)")
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as exc:
         raise RqInputError(f"report folder is not writable: {directory} ({exc.strerror or exc})") from None

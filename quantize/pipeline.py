@@ -112,6 +112,8 @@ def check_output_path(output: Path) -> None:
     directory = output.parent
     if output.exists() and output.is_dir():
         raise RqInputError(f"output path is a folder: {output}")
+    if directory.exists() and not directory.is_dir():
+        raise RqInputError(f"output folder is a file, not a folder: {directory}")
     if not directory.is_dir():
         raise RqInputError(f"output folder does not exist: {directory}")
     try:
