@@ -234,7 +234,9 @@ def quantize(
     exclude_nodes: Annotated[
         str | None, typer.Option(help="Comma-separated node names to keep in FP32.")
     ] = None,
-    backend: Annotated[str | None, typer.Option(help="Quantization backend: ort.")] = None,
+    backend: Annotated[
+        str | None, typer.Option(help="Quantization backend: ort (default) or inc (needs the inc extra).")
+    ] = None,
     preset_name: PresetOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,

@@ -23,10 +23,11 @@ from calibration.errors import RqInputError
 from quantize import __version__
 from quantize.calibrate import CalibrationRanges, calibrate
 from quantize.cpu import CpuInfo, IntegerKernelAdvice, advise_int8, detect_cpu
+from quantize.evaluate import evaluate
 from quantize.ort_backend import QuantizedOps, count_quantized, quantize_with_ort
 from quantize.prepare import ModelError, PreparedModel, atomic_save, load_model, prepare_model
 from quantize.recipe import METADATA_KEY, QuantRecipe
-from quantize.tune import TuneReport, TuneRequest, tune_fallback
+from quantize.tune import TuneReport, TuneRequest, TuneStep, tune_fallback
 
 PREPROCESS_METADATA_KEY = "rq.preprocess"
 
@@ -192,7 +193,7 @@ class CalibrationRun:
 
     dataset: ImageDataset
     samples: list[Sample]
-    ranges: CalibrationRanges
+    ranges: CalibrationRanges | None  # None for the INC backend, which calibrates by itself
     used: int
     skipped: list[tuple[Path, str]]
     smoke_sample: np.ndarray  # a couple of real images, to check the INT8 model runs
@@ -237,8 +238,15 @@ def run_calibration(
                 first_batch.append(images[: min(len(images), 2)].copy())
             yield _padded(images, batch) if signature.fixed_batch else images
 
-    with contextlib.closing(stream):
-        ranges = calibrate(prepared.path, signature.input_name, batches(), recipe, workdir)
+    if recipe.backend == "inc":
+        # INC calibrates by itself (quantize_prepared hands it the same samples); only a smoke-test sample
+        # is read here.
+        with contextlib.closing(stream):
+            next(batches())
+        ranges = None
+    else:
+        with contextlib.closing(stream):
+            ranges = calibrate(prepared.path, signature.input_name, batches(), recipe, workdir)
     sample = first_batch[0]
     if signature.fixed_batch:
         sample = _padded(sample[:1], signature.fixed_batch)
@@ -253,16 +261,51 @@ def run_calibration(
     )
 
 
-def quantize_prepared(
+def _inc_batches(
+    prepared: PreparedModel, calibration: CalibrationRun, recipe: QuantRecipe, spec: PreprocessSpec
+):
+    """A factory of fresh calibration passes for INC (it reads the images again for every trial)."""
+    batch = prepared.signature.fixed_batch or recipe.batch_size
+
+    def make_batches():
+        stream = BatchStream(calibration.samples, spec, batch_size=batch)
+        with stream:
+            for item in stream:
+                yield _padded(item.images, batch) if prepared.signature.fixed_batch else item.images
+            calibration.used, calibration.skipped = stream.used, list(stream.skipped)
+
+    return make_batches, batch
+
+
+def produce_int8(
     prepared: PreparedModel,
     calibration: CalibrationRun,
     recipe: QuantRecipe,
     spec: PreprocessSpec,
-    output: Path,
+    scratch: Path,
     workdir: Path,
-) -> QuantizedOps:
-    """Quantize a prepared model with computed ranges, check the result, publish it atomically at `output`."""
-    scratch = workdir / f"int8-{recipe.digest()}.onnx"
+    *,
+    eval_func: Callable[[Path], float] | None = None,
+    tune: TuneRequest | None = None,
+    log: Callable[[str], None] = lambda _m: None,
+):
+    """Run the recipe's backend into `scratch`. Returns INC's outcome for the INC backend, else None."""
+    if recipe.backend == "inc":
+        from quantize.inc_backend import quantize_with_inc
+
+        make_batches, batch = _inc_batches(prepared, calibration, recipe, spec)
+        return quantize_with_inc(
+            prepared.path,
+            make_batches,
+            recipe,
+            scratch,
+            workdir,
+            batch_size=batch,
+            eval_func=eval_func,
+            max_drop_pt=tune.max_drop_pt if tune else None,
+            max_trials=tune.max_trials if tune else 20,
+            log=log,
+        )
     try:
         quantize_with_ort(prepared.path, calibration.ranges, recipe, scratch, workdir)
     except RqInputError:
@@ -270,6 +313,18 @@ def quantize_prepared(
     except Exception as exc:
         reason = str(exc).splitlines()[0] if str(exc) else ""
         raise QuantizationFailed(f"onnxruntime's quantizer failed: {type(exc).__name__}: {reason}") from None
+    return None
+
+
+def publish_int8(
+    prepared: PreparedModel,
+    calibration: CalibrationRun,
+    recipe: QuantRecipe,
+    spec: PreprocessSpec,
+    scratch: Path,
+    output: Path,
+) -> QuantizedOps:
+    """Stamp the recipe and spec, check (onnx.checker + a real inference), publish atomically at `output`."""
     int8 = load_model(scratch)
     _stamp_metadata(int8, recipe, spec, prepared.source)
     try:
@@ -284,6 +339,51 @@ def quantize_prepared(
     atomic_save(int8, output)
     scratch.unlink()
     return ops
+
+
+def quantize_prepared(
+    prepared: PreparedModel,
+    calibration: CalibrationRun,
+    recipe: QuantRecipe,
+    spec: PreprocessSpec,
+    output: Path,
+    workdir: Path,
+) -> QuantizedOps:
+    """Quantize a prepared model with the recipe's backend, check the result, publish it atomically at `output`."""
+    scratch = workdir / f"int8-{recipe.digest()}.onnx"
+    produce_int8(prepared, calibration, recipe, spec, scratch, workdir)
+    return publish_int8(prepared, calibration, recipe, spec, scratch, output)
+
+
+def _inc_tune_report(outcome, tune: TuneRequest) -> TuneReport:
+    """INC's trials in the shape of rq's own tuning report."""
+    report = TuneReport(
+        backend="inc",
+        max_drop_pt=tune.max_drop_pt,
+        tune_images=len(tune.tune_samples),
+        fp32_top1=outcome.baseline_accuracy if outcome.baseline_accuracy is not None else float("nan"),
+        goal_met=bool(outcome.goal_met),
+        notes=list(outcome.notes),
+        seconds=outcome.seconds,
+    )
+    best = None
+    for trial in outcome.trials:
+        accuracy = trial.get("accuracy")
+        step = TuneStep(
+            step=int(trial["trial"]),
+            fallback=list(trial.get("fp32_nodes") or []),
+            added=None,
+            top1=float("nan") if accuracy is None else float(accuracy),
+            drop_pt=float("nan") if trial.get("drop_pt") is None else float(trial["drop_pt"]),
+            seconds=0.0,
+            error=trial.get("error"),
+        )
+        report.steps.append(step)
+        if accuracy is not None and (best is None or accuracy > best.top1):
+            best = step
+    report.chosen = report.steps.index(best) if best is not None else 0
+    report.notes.append("INC keeps only its best trial's model, so the speed of each trial was not measured")
+    return report
 
 
 def quantize_model(
@@ -314,10 +414,10 @@ def quantize_model(
     progress = progress or Progress()
     cpu = cpu or detect_cpu()
     output = Path(output) if output is not None else default_output_path(model)
-    if recipe.backend != "ort":
-        raise RqInputError(
-            f"backend {recipe.backend!r} is not available in this version of rq (use --backend ort)"
-        )
+    if recipe.backend == "inc":
+        from quantize.inc_backend import require_inc
+
+        require_inc()  # fail before any work when the extra is not installed
     check_output_path(output)
     if output.resolve() == model.resolve():
         raise RqInputError("output path is the input model; choose another --out")
@@ -341,7 +441,29 @@ def quantize_model(
         )
         seconds["calibrate"] = calibration.seconds
         tuning = None
-        if tune is not None:
+        if tune is not None and recipe.backend == "inc":
+            stage("tune")
+            started = time.perf_counter()
+            scratch = workdir / "int8-inc-tuned.onnx"
+            outcome = produce_int8(
+                prepared,
+                calibration,
+                recipe,
+                spec,
+                scratch,
+                workdir,
+                eval_func=lambda path: (
+                    evaluate([path], list(tune.tune_samples), spec, workers=workers).models[0].top1
+                ),
+                tune=tune,
+                log=log,
+            )
+            tuning = _inc_tune_report(outcome, tune)
+            recipe = recipe.with_changes(exclude_nodes=recipe.exclude_nodes + tuple(outcome.fallback_nodes))
+            seconds["tune"] = time.perf_counter() - started
+            stage("quantize")
+            ops = publish_int8(prepared, calibration, recipe, spec, scratch, output)
+        elif tune is not None:
             stage("tune")
             recipe, tuning = tune_fallback(
                 quantize_to=lambda r, path: quantize_prepared(prepared, calibration, r, spec, path, workdir),
@@ -357,10 +479,11 @@ def quantize_model(
                 log=log,
             )
             seconds["tune"] = tuning.seconds
-        stage("quantize")
-        started = time.perf_counter()
-        ops = quantize_prepared(prepared, calibration, recipe, spec, output, workdir)
-        seconds["quantize"] = time.perf_counter() - started
+        if tuning is None or tuning.backend != "inc":
+            stage("quantize")
+            started = time.perf_counter()
+            ops = quantize_prepared(prepared, calibration, recipe, spec, output, workdir)
+            seconds["quantize"] = time.perf_counter() - started
 
     return QuantizeResult(
         output=output,

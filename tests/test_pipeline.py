@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -285,9 +286,14 @@ def test_keyboard_interrupt_while_publishing_keeps_previous_output(
     assert output.read_bytes() == b"previous run"
 
 
-def test_unknown_backend(tiny_model, calib_dir, tmp_path, avx2_cpu):
-    with pytest.raises(RqInputError, match="backend 'inc' is not available"):
+def test_inc_backend_without_the_extra_fails_before_any_work(
+    tiny_model, calib_dir, tmp_path, avx2_cpu, monkeypatch
+):
+    # Simulate a venv without neural-compressor (the main venv has none; the inc venv has it).
+    monkeypatch.setitem(sys.modules, "neural_compressor", None)
+    with pytest.raises(RqInputError, match=r"pip install 'rq-quant\[inc\]'"):
         quantize(tiny_model, calib_dir, tmp_path / "o.onnx", cpu=avx2_cpu, recipe=QuantRecipe(backend="inc"))
+    assert not (tmp_path / "o.onnx").exists()
 
 
 @pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
