@@ -205,7 +205,15 @@ class CalibrationRun:
 
 def calibration_key(recipe: QuantRecipe) -> tuple:
     """Recipes with the same key share calibration ranges (format, per-channel, reduce_range do not matter)."""
-    return (recipe.calibration, recipe.percentile, recipe.bins, recipe.samples, recipe.seed, recipe.op_types)
+    return (
+        recipe.backend,  # INC calibrates by itself: its CalibrationRun carries no ranges
+        recipe.calibration,
+        recipe.percentile,
+        recipe.bins,
+        recipe.samples,
+        recipe.seed,
+        recipe.op_types,
+    )
 
 
 def run_calibration(

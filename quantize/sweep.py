@@ -59,6 +59,8 @@ GRIDS: dict[str, dict[str, tuple]] = {
         "calibration": ("minmax", "entropy", "percentile"),
     },
     "calibration": {"calibration": ("minmax", "entropy", "percentile")},
+    # INC and ONNX Runtime side by side: same calibration images, same validation images, same recipe.
+    "parity": {"backend": ("ort", "inc"), "calibration": ("minmax", "percentile")},
     "formats": {"format": ("qdq", "qoperator"), "per_channel": (True, False)},
 }
 
@@ -152,6 +154,10 @@ def run_sweep(
     spec = spec or PreprocessSpec()
     cpu = cpu or detect_cpu()
     recipes = grid_recipes(grid, base, cpu)
+    if any(r.backend == "inc" for r in recipes):
+        from quantize.inc_backend import require_inc
+
+        require_inc()
     calib_dataset = discover_dataset(calib, labels)
     val_dataset, val_set = validation_samples(val, val_labels, val_limit)
     seconds: dict[str, float] = {}
