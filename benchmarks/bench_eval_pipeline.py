@@ -21,10 +21,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calibration import BatchStream, PreprocessSpec  # noqa: E402
-from quantize.cpu import detect_cpu  # noqa: E402
-from quantize.evaluate import evaluate, inference_only_throughput  # noqa: E402
-from quantize.validate import validation_samples  # noqa: E402
+from calibration import BatchStream, PreprocessSpec
+from quantize.cpu import detect_cpu
+from quantize.evaluate import evaluate, inference_only_throughput
+from quantize.validate import validation_samples
 
 
 def main() -> None:
