@@ -72,6 +72,20 @@ def user_errors():
         raise typer.Exit(EXIT_INTERNAL) from None
 
 
+def progress_bar():
+    """The rich progress bar every image-reading command draws on stderr (removed when done)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    )
+
+
 def _floats3(text: str | None, option: str) -> tuple[float, float, float] | None:
     if text is None:
         return None
@@ -282,8 +296,6 @@ def quantize(
     95% confidence interval; with --max-drop the run fails (exit code 3) when the drop exceeds it, though the
     model and the report are still written.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-    from rich.progress import Progress as RichProgress
 
     from quantize.bench import bench_models
     from quantize.pipeline import Progress, quantize_model
@@ -337,14 +349,7 @@ def quantize(
                 tune_samples, val_samples = split_for_tuning(val_samples, tune_fraction)
                 tune_request = TuneRequest(max_drop, tuple(tune_samples), max_trials=max_trials)
         ensure_writable_dir(report_dir)
-        with RichProgress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=err,
-            transient=True,
-        ) as bar:
+        with progress_bar() as bar:
             task = {}
 
             def on_stage(name: str) -> None:
@@ -535,8 +540,6 @@ def eval_(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Top-1 and top-5 accuracy of ONNX classifiers on a labelled ImageNet folder."""
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-    from rich.progress import Progress as RichProgress
 
     from quantize.evaluate import evaluate
     from quantize.validate import validation_samples
@@ -546,14 +549,7 @@ def eval_(
             raise RqInputError("--batch must be ≥ 1")
         spec = build_spec(preset_name, mean, std, resize, crop, interpolation)
         dataset, samples = validation_samples(data, labels, limit, seed)
-        with RichProgress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=err,
-            transient=True,
-        ) as bar:
+        with progress_bar() as bar:
             task = bar.add_task("evaluating", total=len(samples))
             run = evaluate(
                 models,
@@ -595,7 +591,12 @@ def sweep(
     model: Annotated[Path, typer.Argument(help="FP32 ONNX classifier.")],
     calib: Annotated[Path, typer.Option("--calib", help="Folder of calibration images.")],
     val: Annotated[Path, typer.Option("--val", help="Labelled validation images.")],
-    grid: Annotated[str, typer.Option(help="Recipe grid: default, full, calibration, formats.")] = "default",
+    grid: Annotated[
+        str,
+        typer.Option(
+            help="Recipe grid: default, full, calibration, formats, parity (ORT vs INC; needs the inc extra)."
+        ),
+    ] = "default",
     labels: LabelsOpt = None,
     val_labels: Annotated[Path | None, typer.Option(help="Labels file for a flat --val folder.")] = None,
     val_limit: Annotated[int | None, typer.Option(help="Evaluate on this many --val images (all).")] = None,
