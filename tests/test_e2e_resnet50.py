@@ -81,3 +81,53 @@ def test_resnet50_int8_agrees_with_fp32(tmp_path):
     )
     assert agreement >= 0.95
     assert fp32_top1 >= 0.70
+
+
+def test_rq_eval_top1_matches_an_independent_reference_loop():
+    """`rq eval --limit 100 --json` FP32 top-1 equals a minimal loop written here with Pillow + numpy only
+    (shorter side to 256 bilinear, center crop 224, /255, mean/std, NCHW), labelled from the wnid folders
+    through ../shared's synset list, on the same 100 images (select_samples(…, 100, seed 0))."""
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from quantize.cli import app
+
+    result = CliRunner().invoke(
+        app,
+        ["eval", str(MODEL), "--data", str(VAL), "--limit", "100", "--json"],
+        env={"RQ_DEBUG": None, "NO_COLOR": "1"},
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["images"] == 100 and data["skipped"] == []
+    (fp32,) = data["models"]
+
+    samples = select_samples(discover_dataset(VAL), 100, 0)
+    lines = (SHARED / "imagenet" / "synset_words.txt").read_text().splitlines()
+    index = {line.split()[0]: i for i, line in enumerate(lines) if line.strip()}
+    mean = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
+    std = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
+
+    def tensor(path: Path) -> np.ndarray:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            size = (256, int(256 * h / w)) if w <= h else (int(256 * w / h), 256)
+            im = im.resize(size, Image.Resampling.BILINEAR)
+            left, top = round((size[0] - 224) / 2), round((size[1] - 224) / 2)
+            im = im.crop((left, top, left + 224, top + 224))
+            x = np.asarray(im, np.float32).transpose(2, 0, 1) / 255.0
+        return (x - mean) / std
+
+    session = ort.InferenceSession(str(MODEL), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    correct = 0
+    for start in range(0, len(samples), 25):
+        chunk = samples[start : start + 25]
+        logits = session.run(None, {name: np.stack([tensor(s.path) for s in chunk])})[0]
+        labels = np.array([index[s.path.parent.name] for s in chunk])
+        correct += int((logits.argmax(axis=1) == labels).sum())
+    assert fp32["top1"] == pytest.approx(100.0 * correct / len(samples), abs=1e-9)
+    print(f"\nrq eval FP32 top-1 on 100 val images: {fp32['top1']:.1f}% (reference loop: {correct}/100)")

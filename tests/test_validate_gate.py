@@ -1,0 +1,325 @@
+"""Validation of INT8 against FP32 (`quantize.validate`): the paired drop, the gate, the calibration overlap,
+and `rq quantize --val/--max-drop` through the CLI with a model whose INT8 version really flips predictions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from calib_images import make_class_folders, write_rgb
+from test_cli_quantize import ENV, all_output, assert_one_line_error
+from test_evaluate import onehot_model, onehot_row, wnid
+from test_tune import center_fc_bias, colored_images, labelled_by_fp32, sensitive_model
+from tiny_models import SMALL_SPEC
+from typer.testing import CliRunner
+
+from quantize.cli import EXIT_BAD_INPUT, EXIT_GATE_FAILED, app
+from quantize.stats import paired_drop
+from quantize.validate import Gate, count_overlap, validate, validation_samples
+
+K, J, OTHER = 3, 7, 11
+N_K, N_J = 6, 2
+
+# ---------------------------------------------------------------------------------------------------------
+# The paired drop on a model pair whose predictions are fixed
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_class_val(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("gate-val")
+    make_class_folders(root, {wnid(K): N_K, wnid(J): N_J}, size=(40, 36))
+    return root
+
+
+@pytest.fixture(scope="module")
+def onehots(tmp_path_factory) -> dict[int, Path]:
+    d = tmp_path_factory.mktemp("gate-onehot")
+    return {k: onehot_model(d / f"class{k}.onnx", onehot_row(1000, [k])) for k in (K, J, OTHER)}
+
+
+def test_validate_drop_equals_paired_drop_on_hand_made_arrays(onehots, two_class_val):
+    """The "FP32" model always says K and the "INT8" one J: FP32 is right on the 6 K images, INT8 on the 2 J."""
+    dataset, samples = validation_samples(two_class_val, None, None)
+    v = validate(onehots[K], onehots[J], dataset, samples, SMALL_SPEC, batch_size=3)
+    a = np.array([True] * N_K + [False] * N_J)
+    b = ~a
+    expected = paired_drop(a, b, disagreements=N_K + N_J)
+    assert v.drop == expected
+    d = v.drop
+    assert (d.n, d.a_only, d.b_only, d.disagreements) == (8, 6, 2, 8)
+    assert d.top1_a == 75.0 and d.top1_b == 25.0 and d.drop_pt == 50.0
+    assert d.method == "exact" and d.confidence == 0.95
+    assert v.fp32.top1 == 75.0 and v.int8.top1 == 25.0
+    assert v.overlap_with_calibration == 0
+    assert v.to_dict()["images"] == 8
+
+
+def test_validate_drop_closed_form_interval(onehots, two_class_val):
+    """INT8 right on no image: every discordant image goes FP32's way (x = m = 6), so the exact interval has
+    the closed form p_low = (α/2)^(1/m), p_high = 1, and drop = m/n · (2p − 1) in points."""
+    dataset, samples = validation_samples(two_class_val, None, None)
+    v = validate(onehots[K], onehots[OTHER], dataset, samples, SMALL_SPEC)
+    d = v.drop
+    m, n = 6, 8
+    p_low = 0.025 ** (1 / m)
+    assert (d.a_only, d.b_only) == (6, 0)
+    assert d.disagreements == 8  # OTHER differs from K on the J images too, though both are wrong there
+    assert d.drop_pt == pytest.approx(75.0)
+    assert d.ci_low_pt == pytest.approx(100 * m / n * (2 * p_low - 1), abs=1e-9)
+    assert d.ci_high_pt == pytest.approx(75.0, abs=1e-9)
+    assert d.significant
+    assert math.isclose(d.ci_low_pt, 6.1113, abs_tol=1e-3)  # the number itself, for a reader
+
+
+def test_identical_models_have_no_drop(onehots, two_class_val):
+    dataset, samples = validation_samples(two_class_val, None, None)
+    v = validate(onehots[K], onehots[K], dataset, samples, SMALL_SPEC)
+    d = v.drop
+    assert (d.drop_pt, d.ci_low_pt, d.ci_high_pt, d.disagreements) == (0.0, 0.0, 0.0, 0)
+    assert not d.significant
+
+
+def test_validate_counts_calibration_overlap(onehots, two_class_val):
+    dataset, samples = validation_samples(two_class_val, None, None)
+    calib = [s.path for s in samples[:3]]
+    v = validate(onehots[K], onehots[K], dataset, samples, SMALL_SPEC, calibration_files=calib)
+    assert v.overlap_with_calibration == 3
+    assert v.to_dict()["overlap_with_calibration"] == 3
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Gate
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_gate_passes_at_and_below_the_limit():
+    for drop in (-1.0, 0.0, 0.3, 0.5):
+        gate = Gate(0.5, drop, EXIT_GATE_FAILED)
+        assert gate.passed
+        assert gate.message.startswith("PASSED") and "≤ 0.50 pt" in gate.message
+        data = gate.to_dict()
+        assert data["passed"] is True and data["exit_code"] == 0 and data["variant"] == "INT8"
+
+
+def test_gate_fails_above_the_limit():
+    gate = Gate(0.5, 0.51, EXIT_GATE_FAILED, "INT8 qdq-pt-minmax")
+    assert not gate.passed
+    assert gate.message == "FAILED: INT8 top-1 drop 0.51 pt > 0.50 pt (exit code 3)"
+    data = gate.to_dict()
+    assert data == {
+        "variant": "INT8 qdq-pt-minmax",
+        "max_drop_pt": 0.5,
+        "drop_pt": 0.51,
+        "passed": False,
+        "exit_code": 3,
+        "message": gate.message,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# count_overlap
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_count_overlap_same_files_links_and_copies(tmp_path):
+    calib = [write_rgb(tmp_path / "calib" / f"c{i}.png", seed=i) for i in range(4)]
+    val_dir = tmp_path / "val"
+    val_dir.mkdir()
+    hard = val_dir / "hard.png"
+    os.link(calib[0], hard)
+    sym = val_dir / "sym.png"
+    sym.symlink_to(calib[1])
+    copy = val_dir / "copy.png"
+    shutil.copy(calib[2], copy)  # same bytes, another file: not the same image file
+    other = write_rgb(val_dir / "other.png", seed=99)
+    roundabout = tmp_path / "calib" / ".." / "calib" / "c3.png"
+    assert count_overlap(calib, calib) == 4
+    assert count_overlap(calib, [hard]) == 1
+    assert count_overlap(calib, [sym]) == 1
+    assert count_overlap(calib, [roundabout]) == 1
+    assert count_overlap(calib, [copy, other]) == 0
+    assert count_overlap(calib, [hard, sym, copy, other, roundabout]) == 3
+    assert count_overlap([], [hard]) == 0
+    assert count_overlap(calib, [tmp_path / "missing.png"]) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# rq quantize --val --max-drop (a model whose INT8 version flips predictions)
+# ---------------------------------------------------------------------------------------------------------
+
+# The recipe under which conv_sensitive breaks (see tests/test_tune.py).
+BREAKING = [
+    "--per-tensor",
+    "--calibration",
+    "minmax",
+    "--reduce-range",
+    "--samples",
+    "16",
+    "--batch-size",
+    "8",
+    "--workers",
+    "2",
+    "--resize",
+    "36",
+    "--crop",
+    "32",
+]
+
+
+@pytest.fixture()
+def cli(tmp_path, monkeypatch):
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(app, [str(a) for a in args], env=ENV)
+
+    return invoke
+
+
+@pytest.fixture(scope="module")
+def flipping(tmp_path_factory) -> dict[str, Path]:
+    """The sensitive model, calibration images, and validation images labelled by its FP32 predictions."""
+    base = tmp_path_factory.mktemp("gate-cli")
+    model = sensitive_model(base / "sensitive.onnx")
+    center_fc_bias(model, colored_images(base / "staging", 36))
+    counts = labelled_by_fp32(model, base / "val", base / "staging")
+    assert len(counts) >= 2, counts
+    colored_images(base / "calib", 16, start=500)
+    return {"model": model, "val": base / "val", "calib": base / "calib"}
+
+
+def _report(report_dir: Path) -> dict:
+    (run,) = [p for p in report_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return json.loads((run / "report.json").read_text())
+
+
+def test_gate_failed_exit_3_artifact_and_report_written(cli, flipping, tmp_path):
+    out = tmp_path / "int8.onnx"
+    reports = tmp_path / "reports"
+    result = cli(
+        "quantize",
+        flipping["model"],
+        "--calib",
+        flipping["calib"],
+        "--val",
+        flipping["val"],
+        "--max-drop",
+        "0",
+        "--out",
+        out,
+        "--report-dir",
+        reports,
+        *BREAKING,
+    )
+    text = all_output(result)
+    assert result.exit_code == EXIT_GATE_FAILED, text
+    assert "FAILED" in text and "Traceback" not in text
+    assert out.is_file()  # the model is written even though the gate failed
+    data = _report(reports)
+    assert data["gate"]["passed"] is False and data["gate"]["exit_code"] == EXIT_GATE_FAILED
+    fp32, int8 = data["variants"]
+    assert fp32["accuracy"]["top1"] == 100.0
+    assert int8["drop"]["drop_pt"] > 0
+    assert data["gate"]["drop_pt"] == pytest.approx(int8["drop"]["drop_pt"], abs=1e-4)
+    assert int8["drop"]["significant"] is True
+    (run,) = [p for p in reports.iterdir() if p.is_dir()]
+    assert "FAILED" in (run / "report.md").read_text() and (run / "report.html").is_file()
+
+
+def test_gate_passes_with_the_sensitive_node_in_fp32(cli, flipping, tmp_path):
+    out = tmp_path / "int8.onnx"
+    reports = tmp_path / "reports"
+    result = cli(
+        "quantize",
+        flipping["model"],
+        "--calib",
+        flipping["calib"],
+        "--val",
+        flipping["val"],
+        "--max-drop",
+        "0",
+        "--exclude-nodes",
+        "conv_sensitive",
+        "--out",
+        out,
+        "--report-dir",
+        reports,
+        *BREAKING,
+    )
+    text = all_output(result)
+    assert result.exit_code == 0, text
+    assert "PASSED" in text and "FAILED" not in text
+    assert out.is_file()
+    data = _report(reports)
+    assert data["gate"]["passed"] is True and data["gate"]["exit_code"] == 0
+    assert data["variants"][1]["drop"]["drop_pt"] == 0.0
+    assert data["validation"]["overlap_with_calibration"] == 0
+    assert "also calibration images" not in text
+
+
+def test_warning_when_calibration_and_validation_are_the_same_images(cli, flipping, tmp_path):
+    reports = tmp_path / "reports"
+    result = cli(
+        "quantize",
+        flipping["model"],
+        "--calib",
+        flipping["val"],
+        "--val",
+        flipping["val"],
+        "--exclude-nodes",
+        "conv_sensitive",
+        "--out",
+        tmp_path / "int8.onnx",
+        "--report-dir",
+        reports,
+        *BREAKING,
+    )
+    text = all_output(result)
+    assert result.exit_code == 0, text
+    images = sum(1 for _ in flipping["val"].rglob("*.png"))
+    used = min(16, images)
+    assert f"warning: {used} validation images are also calibration images" in " ".join(text.split())
+    data = _report(reports)
+    assert data["validation"]["overlap_with_calibration"] == used
+    assert any("also calibration images" in note for note in data["notes"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--max-drop", "0.5"], "--max-drop needs --val"),
+        (["--tune"], "--tune needs --val"),
+        (["--tune", "--max-drop", "0.5"], "needs --val"),
+        (["--tune", "--val", "{val}"], "--tune needs --val"),  # --val but no --max-drop (the goal)
+        (["--val", "{val}", "--max-drop", "-1"], "--max-drop must be ≥ 0"),
+        (["--val", "{val}", "--max-drop", "1", "--eval-batch", "0"], "--eval-batch must be ≥ 1"),
+    ],
+)
+def test_gate_options_need_val(cli, flipping, tmp_path, extra, fragment):
+    out = tmp_path / "int8.onnx"
+    extra = [e.replace("{val}", str(flipping["val"])) for e in extra]
+    result = cli(
+        "quantize",
+        flipping["model"],
+        "--calib",
+        flipping["calib"],
+        "--out",
+        out,
+        "--report-dir",
+        tmp_path / "reports",
+        *extra,
+        *BREAKING,
+    )
+    assert_one_line_error(result, fragment)
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert not out.exists() and not (tmp_path / "reports").exists()
