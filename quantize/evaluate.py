@@ -148,6 +148,10 @@ def evaluate(
         raise RqInputError("--batch must be ≥ 1")
     if not models:
         raise RqInputError("no model to evaluate")
+    missing = sum(1 for s in samples if s.label is None)
+    if missing:
+        # BatchStream labels them -1: they would silently count as wrong predictions.
+        raise RqInputError(f"labels are missing for {missing} of {len(samples)} images")
     sessions = [open_session(Path(m), threads) for m in models]
     io = [_classes_and_offset(s, Path(m)) for s, m in zip(sessions, models, strict=True)]
     preds: list[list[np.ndarray]] = [[] for _ in models]

@@ -65,7 +65,9 @@ class _Accumulator:
     @property
     def sqnr_db(self) -> float:
         eps = np.finfo(np.float64).tiny
-        return 10 * math.log10(max(self.ref2, eps) / max(self.err2, eps))
+        # A difference of logs, not the log of a ratio: identical tensors (err2 = 0) give a large finite
+        # value (about 3000 dB) instead of overflowing to inf, which JSON cannot hold.
+        return 10 * (math.log10(max(self.ref2, eps)) - math.log10(max(self.err2, eps)))
 
     @property
     def cosine(self) -> float:
@@ -117,6 +119,15 @@ def inspect_models(
     """Per-node errors, most damaged first. `fp32_path` must be the prepared graph the INT8 model came from."""
     fp32 = load_model(fp32_path)
     int8 = load_model(int8_path)
+    from quantize.ort_backend import QOPERATOR_FORMS
+
+    qoperator_ops = {op for forms in QOPERATOR_FORMS.values() for op in forms}
+    found = sorted({n.op_type for n in int8.graph.node if n.op_type in qoperator_ops})
+    if found:
+        raise RqInputError(
+            f"{Path(int8_path).name} is in QOperator format ({', '.join(found)}): "
+            "rq inspect needs a QDQ-format model (quantize with --format qdq)"
+        )
     if not any(n.op_type == "DequantizeLinear" for n in int8.graph.node):
         raise RqInputError(
             f"{Path(int8_path).name} has no DequantizeLinear nodes: rq inspect needs a QDQ-format model"

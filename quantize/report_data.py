@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import importlib.metadata
 import re
+import secrets
 import shlex
 import sys
 from collections.abc import Sequence
@@ -37,7 +38,8 @@ def package_versions() -> dict[str, str]:
 def run_id(model: Path, label: str) -> str:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{Path(model).stem}-{label}")
-    return f"{stamp}-{safe}"
+    # The random part keeps two runs started within the same second from sharing (overwriting) a folder.
+    return f"{stamp}-{secrets.token_hex(3)}-{safe}"
 
 
 def cpu_section(cpu: CpuInfo) -> dict:

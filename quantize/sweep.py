@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration import PreprocessSpec, discover_dataset
+from calibration import PreprocessSpec, discover_dataset, select_samples
 from calibration.errors import RqInputError
 from quantize.bench import BenchResult, bench_models
 from quantize.cpu import CpuInfo, advise_int8, detect_cpu
@@ -185,6 +185,7 @@ def run_sweep(
         seconds["prepare"] = time.perf_counter() - started
 
         fp32_cache = cache_dir / "fp32.npz"
+        val_skipped: list[tuple[Path, str]] = []
         if fp32_cache.is_file():
             data = np.load(fp32_cache)
             fp32_pred, fp32_top5, labels_arr = data["predictions"], data["top5"], data["labels"]
@@ -210,6 +211,7 @@ def run_sweep(
             npz_path = cache_dir / f"{digest}.npz"
             if onnx_path.is_file() and summary_path.is_file() and npz_path.is_file():
                 summary = json.loads(summary_path.read_text())
+                calib_summary = summary.get("calibration") or calib_summary
                 data = np.load(npz_path)
                 entries.append(
                     SweepEntry(
@@ -248,7 +250,12 @@ def run_sweep(
                 )
             pred, top5 = run.models[0].predictions, run.models[0].correct_top5
             _save_npz(npz_path, predictions=pred, top5=top5)
-            summary = {"recipe": recipe.to_dict(), "quantized_ops": ops.to_dict(), "seconds": timing}
+            summary = {
+                "recipe": recipe.to_dict(),
+                "quantized_ops": ops.to_dict(),
+                "seconds": timing,
+                "calibration": calib_summary,
+            }
             _atomic_write_bytes(summary_path, json.dumps(summary, indent=2).encode())
             entries.append(SweepEntry(recipe, onnx_path, ops.to_dict(), pred, top5, False, timing))
 
@@ -261,14 +268,18 @@ def run_sweep(
         )
         seconds["bench"] = time.perf_counter() - started
 
+    validate_seconds = sum(e.seconds.get("validate", 0.0) for e in entries)
+    validated_images = len(labels_arr) * sum(1 for e in entries if "validate" in e.seconds)
+    # The calibration sample every recipe of the grid used (they share samples and seed).
+    calibration_files = [s.path for s in select_samples(calib_dataset, base.samples, base.seed)]
     val_summary = {
         "folder": str(val_dataset.root),
         "layout": val_dataset.layout,
         "images": len(labels_arr),
-        "skipped": [],
-        "overlap_with_calibration": count_overlap(calib_files_hint, [s.path for s in val_set]),
-        "images_per_s": 0.0,
-        "seconds": round(sum(e.seconds.get("validate", 0.0) for e in entries), 3),
+        "skipped": [[str(p), r] for p, r in val_skipped],
+        "overlap_with_calibration": count_overlap(calibration_files, [s.path for s in val_set]),
+        "images_per_s": round(validated_images / validate_seconds, 2) if validate_seconds else 0.0,
+        "seconds": round(validate_seconds, 3),
     }
     return SweepResult(
         model=model,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from calibration import ImageDataset, PreprocessSpec, Sample, discover_dataset, select_samples
+from calibration.errors import RqInputError
 from quantize.evaluate import EvalRun, evaluate, require_labels
 from quantize.stats import PairedDrop, paired_drop
 
@@ -93,8 +94,10 @@ def count_overlap(calibration_files: Sequence[Path], validation_files: Sequence[
 def validation_samples(
     folder: Path | str, labels: Path | str | None, limit: int | None, seed: int = 0
 ) -> tuple[ImageDataset, list[Sample]]:
+    if limit is not None and limit < 1:
+        raise RqInputError(f"the validation image limit (--limit / --val-limit) must be ≥ 1, got {limit}")
     dataset = discover_dataset(folder, labels)
-    samples = select_samples(dataset, limit, seed) if limit else list(dataset.samples)
+    samples = select_samples(dataset, limit, seed) if limit is not None else list(dataset.samples)
     require_labels(dataset, samples)
     return dataset, samples
 
