@@ -84,8 +84,9 @@ class QuantizeResult:
                 "images_requested": len(self.calibration_files),
                 "images_used": self.images_used,
                 "skipped": [[str(p), reason] for p, reason in self.skipped],
-                "method": self.ranges.method,
-                "tensors": len(self.ranges.tensors.data),
+                "method": self.recipe.calibration,
+                # INC calibrates inside its own run: rq has no range table to count then.
+                "tensors": len(self.ranges.tensors.data) if self.ranges else None,
                 "file_list_sha256": file_list_sha256(self.calibration_files, self.calibration_dataset.root),
                 "seconds": round(self.seconds.get("calibrate", 0.0), 3),
             },
