@@ -427,6 +427,10 @@ def quantize_model(
         from quantize.inc_backend import require_inc
 
         require_inc()  # fail before any work when the extra is not installed
+    if not model.is_file():
+        raise ModelError(
+            f"model not found: {model}" if not model.exists() else f"model path is not a file: {model}"
+        )
     check_output_path(output)
     if output.resolve() == model.resolve():
         raise RqInputError("output path is the input model; choose another --out")
