@@ -57,7 +57,12 @@ def user_errors():
         err.print(f"[bold red]rq: error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except KeyboardInterrupt:
-        err.print("[bold red]rq: interrupted[/]; nothing was written", highlight=False)
+        # Outputs are written through temporary files: nothing is half-written, but files finished before
+        # the interrupt (an INT8 model before its validation, sweep cache entries) are kept.
+        err.print(
+            "[bold red]rq: interrupted[/]; no half-written file was left (files completed before stay)",
+            highlight=False,
+        )
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except Exception as exc:
         if os.environ.get("RQ_DEBUG"):
@@ -189,7 +194,7 @@ def _summary_table(result) -> Table:
             f"goal ≤ {t.max_drop_pt:.2f} pt on {t.tune_images} images {'met' if t.goal_met else 'NOT met'}; "
             f"chosen step {t.chosen} ({', '.join(t.fallback_nodes) or 'nothing'} in FP32). {steps}",
         )
-    mb = 1024 * 1024
+    mb = 1_000_000  # decimal MB, as in the report
     table.add_row(
         "size",
         f"{result.fp32_bytes / mb:.1f} MB FP32 → {result.int8_bytes / mb:.1f} MB INT8 "
@@ -308,7 +313,11 @@ def quantize(
         if recipe_file is not None:
             if not recipe_file.is_file():
                 raise RqInputError(f"recipe file not found: {recipe_file}")
-            base = QuantRecipe.from_json(recipe_file.read_text())
+            try:
+                text = recipe_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise RqInputError(f"cannot read recipe file {recipe_file}: {exc}") from None
+            base = QuantRecipe.from_json(text)
         recipe = _recipe_from_options(
             base,
             backend=backend,
@@ -338,10 +347,14 @@ def quantize(
             raise RqInputError("--max-trials must be ≥ 1")
         if eval_batch < 1:
             raise RqInputError("--eval-batch must be ≥ 1")
-        bench_batches = _parse_batches(bench_batch) if bench else []
+        bench_batches = _parse_batches(bench_batch, "--bench-batch") if bench else []
+        if bench and bench_runs < 1:
+            raise RqInputError("--bench-runs must be ≥ 1")
         val_dataset = val_samples = None
         tune_request = None
         if val is not None:
+            # The FP32 model must be one rq can evaluate (ImageNet classes) before any INT8 file is written.
+            check_evaluable(model)
             val_dataset, val_samples = validation_samples(val, val_labels, val_limit)
             if tune:
                 # Tune on one part of the images, confirm (and gate) on the other: the drop reported is not
@@ -422,6 +435,13 @@ def quantize(
             err.print(f"[{style}]{escape(gate.message)}[/]", highlight=False)
             if not gate.passed:
                 raise typer.Exit(EXIT_GATE_FAILED)
+
+
+def check_evaluable(model: Path) -> None:
+    from quantize.evaluate import check_classifier_outputs, open_session
+
+    if model.is_file():
+        check_classifier_outputs(open_session(model), model)
 
 
 def ensure_writable_dir(directory: Path) -> None:
@@ -625,7 +645,11 @@ def sweep(
     with user_errors():
         spec = build_spec(preset_name, mean, std, resize, crop, interpolation)
         base = _recipe_from_options(QuantRecipe(), samples=samples, seed=seed)
-        batches = [] if bench_batch.strip().lower() == "none" else _parse_batches(bench_batch)
+        batches = (
+            [] if bench_batch.strip().lower() == "none" else _parse_batches(bench_batch, "--bench-batch")
+        )
+        if batches and bench_runs < 1:
+            raise RqInputError("--bench-runs must be ≥ 1")
         if eval_batch < 1:
             raise RqInputError("--eval-batch must be ≥ 1")
         ensure_writable_dir(report_dir)
@@ -811,13 +835,13 @@ def bench(
             out_console().print(result.render_table())
 
 
-def _parse_batches(text: str) -> list[int]:
+def _parse_batches(text: str, option: str = "--batch") -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise RqInputError(f"--batch takes comma-separated integers, got {text!r}") from None
+        raise RqInputError(f"{option} takes comma-separated integers, got {text!r}") from None
     if not values or any(v < 1 for v in values):
-        raise RqInputError("--batch must be ≥ 1")
+        raise RqInputError(f"{option} must be ≥ 1")
     return values
 
 

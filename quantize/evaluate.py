@@ -103,6 +103,31 @@ def open_session(path: Path, threads: int | None = None) -> ort.InferenceSession
         raise RqInputError(f"onnxruntime cannot load {path.name}: {reason}") from None
 
 
+def fixed_batch(session: ort.InferenceSession) -> int | None:
+    """The batch size a model's input is fixed to, or None when the batch dimension is free."""
+    first = session.get_inputs()[0].shape[0]
+    return first if isinstance(first, int) and first > 0 else None
+
+
+def run_model(session: ort.InferenceSession, input_name: str, images: np.ndarray) -> np.ndarray:
+    """First output of `session` for any number of images, also when the model's batch dimension is fixed.
+
+    A fixed-batch model gets full batches: the images are cut into chunks and the last one is padded by
+    repeating its last image; the padding's outputs are dropped.
+    """
+    batch = fixed_batch(session)
+    if batch is None or len(images) == batch:
+        return session.run(None, {input_name: images})[0]
+    outputs = []
+    for start in range(0, len(images), batch):
+        chunk = images[start : start + batch]
+        count = len(chunk)
+        if count < batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - count, axis=0)])
+        outputs.append(session.run(None, {input_name: chunk})[0][:count])
+    return np.concatenate(outputs)
+
+
 def _classes_and_offset(session: ort.InferenceSession, path: Path) -> tuple[str, int]:
     inputs = session.get_inputs()
     if len(inputs) != 1 or len(inputs[0].shape) != 4:
@@ -119,6 +144,11 @@ def _classes_and_offset(session: ort.InferenceSession, path: Path) -> tuple[str,
             f"{path.name}: {classes} output classes; rq evaluates ImageNet-1k classifiers (1000/1001)"
         )
     return inputs[0].name, offset
+
+
+def check_classifier_outputs(session: ort.InferenceSession, path: Path) -> None:
+    """Raise the one-line error evaluation would raise, without evaluating anything."""
+    _classes_and_offset(session, Path(path))
 
 
 def require_labels(dataset: ImageDataset, samples: Sequence[Sample]) -> None:
@@ -168,7 +198,7 @@ def evaluate(
             for i, (session, (input_name, offset)) in enumerate(zip(sessions, io, strict=True)):
                 t0 = time.perf_counter()
                 try:
-                    logits = session.run(None, {input_name: batch.images})[0]
+                    logits = run_model(session, input_name, batch.images)
                 except Exception as exc:
                     raise RqInputError(
                         f"{Path(models[i]).name} failed in onnxruntime: {_first_line(exc)}"

@@ -93,7 +93,23 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
 def _session(model_bytes: bytes) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RqInputError(f"onnxruntime cannot load the model: {reason}") from None
+
+
+def _run_all(session: ort.InferenceSession, input_name: str, images: np.ndarray) -> list[np.ndarray]:
+    """Every output; a model with a fixed batch dimension gets one image (repeated) per run, padding dropped."""
+    first = session.get_inputs()[0].shape[0]
+    if not isinstance(first, int) or first < 1 or first == len(images):
+        return session.run(None, {input_name: images})
+    per_image = [
+        session.run(None, {input_name: np.repeat(images[i : i + 1], first, axis=0)})
+        for i in range(len(images))
+    ]
+    return [np.concatenate([outs[k][:1] for outs in per_image]) for k in range(len(per_image[0]))]
 
 
 def weight_errors(fp32_path: Path, int8_path: Path) -> dict[str, float]:
@@ -153,8 +169,8 @@ def inspect_models(
     accumulators = {node.name: _Accumulator() for node, _, _ in pairs}
     seen = 0
     for images in batches:
-        ref = dict(zip(fp32_names, fp32_session.run(None, {input_name: images}), strict=True))
-        approx = dict(zip(int8_names, int8_session.run(None, {input_name: images}), strict=True))
+        ref = dict(zip(fp32_names, _run_all(fp32_session, input_name, images), strict=True))
+        approx = dict(zip(int8_names, _run_all(int8_session, input_name, images), strict=True))
         for node, a, b in pairs:
             accumulators[node.name].add(ref[a], approx[b])
         seen += 1

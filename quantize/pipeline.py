@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import re
 import tempfile
 import time
@@ -99,7 +100,8 @@ class QuantizeResult:
 
 def file_list_sha256(files: list[Path], root: Path) -> str:
     """sha256 of the sorted calibration file list (paths relative to its folder), to tell runs apart."""
-    names = sorted(Path(f).resolve().relative_to(Path(root).resolve()).as_posix() for f in files)
+    # No resolve(): a symlinked image may point outside the folder; its name inside the folder is what counts.
+    names = sorted(Path(os.path.relpath(os.path.abspath(f), os.path.abspath(root))).as_posix() for f in files)
     return hashlib.sha256("\n".join(names).encode()).hexdigest()
 
 
@@ -185,6 +187,20 @@ def check_spec_matches(signature, spec: PreprocessSpec) -> None:
         raise RqInputError(
             f"model input {signature.input_name} expects {list(actual)} per image, preprocessing gives "
             f"{list(expected)}: adjust --crop/--preset"
+        )
+
+
+def check_recipe_matches(prepared: PreparedModel, recipe: QuantRecipe) -> None:
+    """The recipe must name op types and nodes the model has: a typo would quantize nothing, or silently less."""
+    model = load_model(prepared.path, load_weights=False)
+    names = {n.name for n in model.graph.node}
+    unknown = [n for n in recipe.exclude_nodes if n not in names]
+    if unknown:
+        raise RqInputError(f"--exclude-nodes names node(s) the model does not have: {', '.join(unknown[:5])}")
+    if not any(n.op_type in recipe.op_types and n.name not in recipe.exclude_nodes for n in model.graph.node):
+        present = sorted({n.op_type for n in model.graph.node})
+        raise RqInputError(
+            f"no node of type {', '.join(recipe.op_types)} left to quantize; the model has: {', '.join(present)}"
         )
 
 
@@ -343,6 +359,11 @@ def publish_int8(
             f"the quantized model fails onnx.checker: {str(exc).splitlines()[0]}"
         ) from None
     ops = count_quantized(load_model(prepared.path), int8, recipe.op_types)
+    if ops.quantized == 0:
+        raise QuantizationFailed(
+            f"nothing was quantized: none of the {ops.candidates} {'/'.join(recipe.op_types)} node(s) of the "
+            "model was converted (check --op-types and --exclude-nodes)"
+        )
     onnx.save_model(int8, str(scratch))
     _smoke_test(scratch, prepared.signature.input_name, calibration.smoke_sample, prepared.path)
     atomic_save(int8, output)
@@ -390,7 +411,7 @@ def _inc_tune_report(outcome, tune: TuneRequest) -> TuneReport:
         report.steps.append(step)
         if accuracy is not None and (best is None or accuracy > best.top1):
             best = step
-    report.chosen = report.steps.index(best) if best is not None else 0
+    report.chosen = best.step if best is not None else (report.steps[0].step if report.steps else 0)
     report.notes.append("INC keeps only its best trial's model, so the speed of each trial was not measured")
     return report
 
@@ -448,6 +469,7 @@ def quantize_model(
         prepared = prepare_model(model, workdir)
         seconds["prepare"] = prepared.seconds
         check_spec_matches(prepared.signature, spec)
+        check_recipe_matches(prepared, recipe)
         stage("calibrate")
         calibration = run_calibration(
             prepared, dataset, recipe, spec, workdir, workers=workers, progress=progress

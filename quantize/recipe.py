@@ -71,6 +71,10 @@ class QuantRecipe:
             ),
             (0.0 < self.percentile <= 100.0, f"percentile must be in (0, 100], not {self.percentile}"),
             (self.num_bins is None or self.num_bins >= 128, f"num_bins must be ≥ 128, not {self.num_bins}"),
+            (
+                self.num_bins is None or self.calibration != "minmax",
+                "histogram bins apply to entropy and percentile calibration, not minmax",
+            ),
             (self.samples >= 1, f"samples must be ≥ 1, not {self.samples}"),
             (self.batch_size >= 1, f"batch size must be ≥ 1, not {self.batch_size}"),
             (bool(self.op_types), "op_types must name at least one operator type"),

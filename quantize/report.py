@@ -530,7 +530,12 @@ def _cpu_text(cpu: dict) -> tuple[str, bool]:
     for key, label in _FLAG_LABELS:
         if key in flags:
             parts.append(f"{label} {'yes' if flags[key] else 'no'}")
-    return f"{head}; ISA: {', '.join(parts)}", flags.get("vnni") is False
+    source = ""
+    if cpu.get("flags_source") not in (None, "proc"):
+        # RQ_CPU_FLAGS changes rq's decisions, not the instructions onnxruntime ran: say so beside the flags.
+        source = f" [flags from {cpu['flags_source']}, not read from the CPU]"
+    x86 = str(cpu.get("arch") or "").lower() in ("x86_64", "amd64", "x86", "i686")
+    return f"{head}; ISA: {', '.join(parts)}{source}", x86 and flags.get("vnni") is False
 
 
 def _run_blocks(data: dict) -> list[Block]:

@@ -72,7 +72,10 @@ def grid_recipes(name: str, base: QuantRecipe, cpu: CpuInfo) -> list[QuantRecipe
     keys = list(axes)
     recipes = []
     for values in itertools.product(*(axes[k] for k in keys)):
-        recipe = base.with_changes(**dict(zip(keys, values, strict=True)))
+        changes = dict(zip(keys, values, strict=True))
+        if changes.get("calibration") == "minmax":
+            changes["num_bins"] = None  # bins belong to the histogram methods only
+        recipe = base.with_changes(**changes)
         if recipe.reduce_range is None:
             recipe = recipe.with_changes(reduce_range=advise_int8(cpu).reduce_range)
         if recipe not in recipes:

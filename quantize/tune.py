@@ -21,11 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from calibration import BatchStream, PreprocessSpec, Sample
 from calibration.errors import RqInputError
-from quantize.evaluate import evaluate
+from quantize.evaluate import evaluate, open_session, run_model
 from quantize.inspection import sqnr_db
 from quantize.recipe import QuantRecipe
 
@@ -93,8 +92,14 @@ class TuneReport:
     seconds: float = 0.0
 
     @property
+    def chosen_step(self) -> TuneStep | None:
+        """The step whose model was published (`chosen` is a step number, as shown in the report)."""
+        return next((s for s in self.steps if s.step == self.chosen), None)
+
+    @property
     def fallback_nodes(self) -> list[str]:
-        return list(self.steps[self.chosen].fallback) if self.steps else []
+        step = self.chosen_step
+        return list(step.fallback) if step else []
 
     def to_dict(self) -> dict:
         return {
@@ -118,10 +123,7 @@ def _decode(samples: Sequence[Sample], spec: PreprocessSpec, count: int, workers
 
 
 def _logits(path: Path, input_name: str, images: np.ndarray) -> np.ndarray:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {input_name: images})[0]
+    return run_model(open_session(path), input_name, images)
 
 
 def candidate_nodes(prepared_path: Path, recipe: QuantRecipe) -> list[str]:
