@@ -163,8 +163,9 @@ def _validate_validation(val: dict) -> None:
     _field(val, "images", "int", "validation")
     _skipped(_field(val, "skipped", "list", "validation"), "validation.skipped")
     _field(val, "overlap_with_calibration", "int", "validation")
-    _field(val, "images_per_s", "number", "validation")
-    _field(val, "seconds", "number", "validation")
+    # null when this run validated nothing itself (a sweep served from its cache)
+    _field(val, "images_per_s", "number", "validation", nullable=True)
+    _field(val, "seconds", "number", "validation", nullable=True)
 
 
 _DROP_FIELDS = (

@@ -189,9 +189,12 @@ def run_sweep(
 
         fp32_cache = cache_dir / "fp32.npz"
         val_skipped: list[tuple[Path, str]] = []
+        skipped_cache = cache_dir / "fp32-skipped.json"
         if fp32_cache.is_file():
             data = np.load(fp32_cache)
             fp32_pred, fp32_top5, labels_arr = data["predictions"], data["top5"], data["labels"]
+            if skipped_cache.is_file():
+                val_skipped = [(Path(p), r) for p, r in json.loads(skipped_cache.read_text())]
         else:
             log("validate FP32")
             started = time.perf_counter()
@@ -281,8 +284,9 @@ def run_sweep(
         "images": len(labels_arr),
         "skipped": [[str(p), r] for p, r in val_skipped],
         "overlap_with_calibration": count_overlap(calibration_files, [s.path for s in val_set]),
-        "images_per_s": round(validated_images / validate_seconds, 2) if validate_seconds else 0.0,
-        "seconds": round(validate_seconds, 3),
+        # None when every recipe came from the cache: nothing was validated (or timed) in this run.
+        "images_per_s": round(validated_images / validate_seconds, 2) if validate_seconds else None,
+        "seconds": round(validate_seconds, 3) if validate_seconds else None,
     }
     return SweepResult(
         model=model,
