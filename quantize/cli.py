@@ -404,8 +404,15 @@ def quantize(
                 )
                 result.seconds["validate"] = validation.run.seconds
                 if max_drop is not None:
+                    tuning = result.tuning
+                    chosen = tuning.chosen_step if tuning else None
                     gate = Gate(
-                        max_drop, validation.drop.drop_pt, EXIT_GATE_FAILED, f"INT8 {result.recipe.label()}"
+                        max_drop,
+                        validation.drop.drop_pt,
+                        EXIT_GATE_FAILED,
+                        f"INT8 {result.recipe.label()}",
+                        tuning_goal_met=tuning.goal_met if tuning else None,
+                        tuning_best_drop_pt=chosen.drop_pt if chosen else None,
                     )
         if bench_batches:
             err.print("[dim]· bench (FP32 and INT8 interleaved)[/]", highlight=False)

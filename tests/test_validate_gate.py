@@ -117,10 +117,21 @@ def test_gate_fails_above_the_limit():
         "variant": "INT8 qdq-pt-minmax",
         "max_drop_pt": 0.5,
         "drop_pt": 0.51,
+        "tuning_goal_met": None,
         "passed": False,
         "exit_code": 3,
         "message": gate.message,
     }
+
+
+def test_gate_fails_when_tuning_missed_its_goal_even_if_held_out_images_pass():
+    # The tuner kept its best model (0.15 pt on the tuning images > 0.10): rq writes it but must not claim success.
+    gate = Gate(0.1, -0.31, EXIT_GATE_FAILED, tuning_goal_met=False, tuning_best_drop_pt=0.15)
+    assert not gate.passed
+    assert gate.to_dict()["exit_code"] == 3
+    assert gate.message.startswith("FAILED: tuning found no configuration within 0.10 pt")
+    assert "best 0.15 pt" in gate.message and "held-out drop -0.31 pt" in gate.message
+    assert Gate(0.1, 0.05, EXIT_GATE_FAILED, tuning_goal_met=True).passed
 
 
 # ---------------------------------------------------------------------------------------------------------
