@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import onnx
 from onnx import TensorProto
 
 from calibration.errors import RqInputError
+from quantize.files import atomic_output
 
 TARGET_OPSET = 13
 MIN_IR_VERSION = 7
@@ -301,15 +301,5 @@ def atomic_save(model: onnx.ModelProto, destination: Path) -> None:
         raise RqInputError(f"output folder does not exist: {directory}")
     if not os.access(directory, os.W_OK):
         raise RqInputError(f"output folder is not writable: {directory}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        onnx.save_model(model, tmp)
-        # mkstemp creates the file 0600; the published model is meant to be read like any other output
-        # (as quantize.fetch and quantize.report do).
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, destination)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_output(destination) as tmp:
+        onnx.save_model(model, str(tmp))

@@ -21,7 +21,6 @@ embedded as a base64 PNG) so it can be mailed or attached to a CI run as one fil
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import io
 import json
@@ -29,12 +28,12 @@ import math
 import numbers
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path, PurePath
 from typing import Any
 
 from calibration.errors import RqInputError
+from quantize.files import atomic_write_text
 from quantize.stats import pareto_front
 
 SCHEMA = "rq.report/1"
@@ -303,27 +302,6 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder + ``os.replace``.
-
-    A reader (or a crash midway) never sees a half-written report: the old file stays in place until the
-    new one is complete.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        # mkstemp creates the file 0600; a report is meant to be shared like any other output file.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _not_writable(directory: Path, exc: OSError) -> RqInputError:
     reason = exc.strerror or type(exc).__name__
     return RqInputError(f"report folder is not writable: {directory} ({reason})")
@@ -333,8 +311,8 @@ def _write_views(data: dict, directory: Path) -> dict[str, Path]:
     paths = {"md": directory / MD_NAME, "html": directory / HTML_NAME}
     md, page = render_markdown(data), render_html(data)
     try:
-        _atomic_write(paths["md"], md)
-        _atomic_write(paths["html"], page)
+        atomic_write_text(paths["md"], md)
+        atomic_write_text(paths["html"], page)
     except OSError as exc:
         raise _not_writable(directory, exc) from None
     return paths
@@ -356,7 +334,7 @@ def write_report(data: dict, directory: Path) -> dict[str, Path]:
     json_path = directory / JSON_NAME
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write(json_path, text)
+        atomic_write_text(json_path, text)
     except OSError as exc:
         raise _not_writable(directory, exc) from None
     # Render from the serialized form so the views show exactly what report.json holds (numpy scalars

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from quantize.bench import BenchResult, bench_models
 from quantize.cpu import CpuInfo, advise_int8, detect_cpu
 from quantize.evaluate import evaluate
 from quantize.fetch import sha256_file
+from quantize.files import atomic_output, atomic_write_text
 from quantize.ort_backend import QuantizedOps
 from quantize.pipeline import (
     CalibrationRun,
@@ -110,26 +110,9 @@ class SweepResult:
     seconds: dict[str, float]
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_output(path, suffix=".npz") as tmp:
         np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def run_sweep(
@@ -262,7 +245,7 @@ def run_sweep(
                 "seconds": timing,
                 "calibration": calib_summary,
             }
-            _atomic_write_bytes(summary_path, json.dumps(summary, indent=2).encode())
+            atomic_write_text(summary_path, json.dumps(summary, indent=2))
             entries.append(SweepEntry(recipe, onnx_path, ops.to_dict(), pred, top5, False, timing))
 
     bench = None
