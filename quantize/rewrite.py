@@ -1,0 +1,286 @@
+"""Preparation step: BatchNormalizations that no Conv absorbs become exact per-channel affines ORT can quantize.
+
+`quant_pre_process` folds a BatchNormalization into the Conv in front of it. A pre-activation network
+(ResNet v2) also has BatchNormalizations that read something else: the graph input, a residual Add, a pooling,
+or a Conv whose output has other consumers too. ONNX Runtime has no integer BatchNormalization, so every
+such node used to stay FP32, and the block ran DequantizeLinear → Add → BatchNormalization → Relu →
+QuantizeLinear in float. Here each one becomes
+
+- folded into the Conv in front of it, when that Conv's output feeds only this BatchNormalization and its
+  weights are constants used by nothing else (what `quant_pre_process`'s optimizer does when it runs), or
+- a depthwise 1×1 Conv (group = channels) with weight ``scale / sqrt(var + eps)`` and bias
+  ``B − mean · scale / sqrt(var + eps)``: the same per-channel affine, which the quantizer handles like any
+  Conv (per-channel int8 weights: one value per channel is represented exactly).
+
+The rewritten FP32 graph is run against the original on a seeded random batch before it is used; a mismatch
+keeps the original model and says so in the preparation warnings.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+if TYPE_CHECKING:
+    from quantize.prepare import PreparedModel
+
+#: Largest relative output difference (max |Δ| / max(1, max |original|)) accepted as "unchanged in FP32":
+#: reordered float arithmetic differs in the last bits; a wrong rewrite differs by O(1).
+TOLERANCE = 1e-4
+VERIFY_BATCH = 2
+VERIFY_SEED = 0
+
+
+@dataclass
+class RewriteResult:
+    """What :func:`rewrite_batchnorms` changed (the model is modified in place)."""
+
+    depthwise: list[str] = field(default_factory=list)  # BN nodes now a depthwise 1×1 Conv
+    folded: list[str] = field(default_factory=list)  # BN nodes folded into the Conv in front of them
+    skipped: list[str] = field(default_factory=list)  # "name: why" for BN nodes left as they are
+
+    @property
+    def changed(self) -> int:
+        return len(self.depthwise) + len(self.folded)
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+    ranks: dict[str, int] = {}
+    graph = model.graph
+    for vi in [*graph.input, *graph.value_info, *graph.output]:
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            ranks[vi.name] = len(t.shape.dim)
+    return ranks
+
+
+def _unique(base: str, taken: set[str]) -> str:
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    taken.add(name)
+    return name
+
+
+def rewrite_batchnorms(model: onnx.ModelProto) -> RewriteResult:
+    """Fold or rewrite every inference-mode BatchNormalization of `model` (in place); see the module doc."""
+    graph = model.graph
+    result = RewriteResult()
+    if not any(n.op_type == "BatchNormalization" for n in graph.node):
+        return result
+    if not any(n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx") for n in graph.node):
+        return result
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # shapes only decide the kernel rank; unknown ranks are skipped below
+        inferred = model
+    ranks = _ranks(inferred)
+    for vi in graph.input:
+        ranks.setdefault(vi.name, len(vi.type.tensor_type.shape.dim))
+    inits = {i.name: i for i in graph.initializer}
+    graph_outputs = {o.name for o in graph.output}
+    taken = set(inits) | {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+    taken |= {n.name for n in graph.node}
+    uses = Counter(name for n in graph.node for name in n.input)
+    producer = {o: n for n in graph.node for o in n.output}
+
+    out_nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+            out_nodes.append(node)
+            continue
+        label = node.name or node.output[0]
+        reason = _why_not(node, inits, uses, graph_outputs, ranks)
+        if reason:
+            result.skipped.append(f"{label}: {reason}")
+            out_nodes.append(node)
+            continue
+        x, y = node.input[0], node.output[0]
+        rank = ranks[x]
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in node.input[1:5])
+        eps = float(_attr(node, "epsilon", 1e-5))
+        scale = gamma / np.sqrt(var + eps)
+        shift = beta - mean * scale
+        channels = scale.shape[0]
+
+        conv = producer.get(x)
+        if _foldable(conv, x, channels, inits, uses, graph_outputs):
+            w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
+            has_bias = len(conv.input) >= 3 and bool(conv.input[2])
+            b = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if has_bias else 0.0
+            w_name = _unique(f"{conv.input[1]}_bnfold", taken)
+            b_name = _unique(f"{label}_bnfold_bias", taken)
+            folded_w = w * scale.reshape(-1, *[1] * (w.ndim - 1))
+            graph.initializer.append(numpy_helper.from_array(folded_w.astype(np.float32), w_name))
+            graph.initializer.append(numpy_helper.from_array((b * scale + shift).astype(np.float32), b_name))
+            inputs = [conv.input[0], w_name, b_name]
+            del conv.input[:]
+            conv.input.extend(inputs)
+            conv.output[0] = y  # the BN disappears; its consumers now read the Conv
+            result.folded.append(label)
+            continue
+
+        w_name = _unique(f"{label}_affine_W", taken)
+        b_name = _unique(f"{label}_affine_B", taken)
+        weight = scale.astype(np.float32).reshape(channels, 1, *[1] * (rank - 2))
+        graph.initializer.append(numpy_helper.from_array(weight, w_name))
+        graph.initializer.append(numpy_helper.from_array(shift.astype(np.float32), b_name))
+        out_nodes.append(
+            helper.make_node(
+                "Conv",
+                [x, w_name, b_name],
+                [y],
+                name=node.name or _unique(f"{y}_affine", taken),
+                group=channels,
+                kernel_shape=[1] * (rank - 2),
+            )
+        )
+        result.depthwise.append(label)
+    if result.changed:
+        del graph.node[:]
+        graph.node.extend(out_nodes)
+        _drop_unused_initializers(model)
+    return result
+
+
+def _why_not(node, inits, uses, graph_outputs, ranks) -> str | None:
+    """Why this BatchNormalization cannot become an affine (None: it can)."""
+    if _attr(node, "training_mode", 0):
+        return "training_mode=1"
+    if len(node.input) < 5 or any(name not in inits for name in node.input[1:5]):
+        return "its parameters are not constant initializers"
+    if any(o and (uses[o] or o in graph_outputs) for o in node.output[1:]):
+        return "its running statistics are used"
+    rank = ranks.get(node.input[0])
+    if rank is None or rank < 3:
+        return f"input rank {rank if rank is not None else 'unknown'} (needs [N, C, spatial…])"
+    if numpy_helper.to_array(inits[node.input[1]]).ndim != 1:
+        return "its scale is not one value per channel"
+    return None
+
+
+def _foldable(conv, x, channels, inits, uses, graph_outputs) -> bool:
+    """A Conv whose output only this BN reads, with constant weights (and bias) used by nothing else."""
+    if conv is None or conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx"):
+        return False
+    if uses[x] != 1 or x in graph_outputs or len(conv.input) < 2:
+        return False
+    weight = conv.input[1]
+    if weight not in inits or uses[weight] != 1 or inits[weight].dims[0] != channels:
+        return False
+    if len(conv.input) >= 3 and conv.input[2]:
+        return conv.input[2] in inits and uses[conv.input[2]] == 1
+    return True
+
+
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+    """Remove initializers nothing reads any more (the replaced BN parameters), and their graph inputs."""
+    used = {name for n in model.graph.node for name in n.input} | {o.name for o in model.graph.output}
+    dropped = {i.name for i in model.graph.initializer if i.name not in used}
+    if not dropped:
+        return
+    keep = [i for i in model.graph.initializer if i.name not in dropped]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    inputs = [i for i in model.graph.input if i.name not in dropped]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+
+
+def max_output_difference(
+    original: onnx.ModelProto, rewritten: onnx.ModelProto, batch: np.ndarray
+) -> tuple[float, float]:
+    """(max |Δ| over all outputs, max |original output|) of two FP32 models run by ORT on the same batch."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # Compare the graphs as written, not what ORT's optimizer makes of them.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sessions = [
+        ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        for m in (original, rewritten)
+    ]
+    name = sessions[0].get_inputs()[0].name
+    a, b = (s.run(None, {name: batch}) for s in sessions)
+    diff = max(float(np.max(np.abs(x.astype(np.float64) - y))) for x, y in zip(a, b, strict=True))
+    peak = max(float(np.max(np.abs(x))) for x in a)
+    return diff, peak
+
+
+def verification_batch(shape: list[int | str]) -> np.ndarray | None:
+    """A seeded N(0,1) batch for a [N, C, H, W…] input; None when a non-batch dimension is not fixed."""
+    dims = [d if isinstance(d, int) and d > 0 else None for d in shape]
+    if any(d is None for d in dims[1:]):
+        return None
+    batch = dims[0] or VERIFY_BATCH
+    return np.random.default_rng(VERIFY_SEED).standard_normal((batch, *dims[1:])).astype(np.float32)
+
+
+def rewrite_standalone_batchnorms(prepared: PreparedModel) -> None:
+    """The preparation hook: rewrite `prepared.path` in place when it has foldable/affine BNs, verified.
+
+    Appends what was done to `prepared.steps` (or why nothing was done to `prepared.warnings`).
+    """
+    from quantize.prepare import _save, load_model
+
+    path = Path(prepared.path)
+    model = load_model(path)
+    if not any(n.op_type == "BatchNormalization" for n in model.graph.node):
+        return
+    original = onnx.ModelProto()
+    original.CopyFrom(model)
+    result = rewrite_batchnorms(model)
+    left = f"; {len(result.skipped)} left as they are ({'; '.join(result.skipped)})" if result.skipped else ""
+    if not result.changed:
+        prepared.warnings.append(f"{len(result.skipped)} BatchNormalization node(s) stay FP32{left}")
+        return
+    what = (
+        f"{len(result.depthwise)} BatchNormalization node(s) without a Conv to fold into → depthwise 1×1 Conv"
+    )
+    if result.folded:
+        what += f", {len(result.folded)} folded into their Conv"
+    batch = verification_batch(prepared.signature.input_shape)
+    if batch is None:
+        prepared.warnings.append(
+            f"BatchNormalization rewrite not applied: cannot verify it (input shape {prepared.signature.input_shape} is not fixed){left}"
+        )
+        return
+    if original.ByteSize() > 1_800_000_000:
+        prepared.warnings.append(
+            f"BatchNormalization rewrite not applied: the model is too large to verify in memory{left}"
+        )
+        return
+    try:
+        diff, peak = max_output_difference(original, model, batch)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        prepared.warnings.append(
+            f"BatchNormalization rewrite not applied: verification failed to run ({reason})"
+        )
+        return
+    limit = TOLERANCE * max(1.0, peak)
+    if not diff <= limit:
+        prepared.warnings.append(
+            f"BatchNormalization rewrite not applied: FP32 outputs changed by max |Δ| {diff:.3g} "
+            f"(limit {limit:.3g}); the original graph is kept{left}"
+        )
+        return
+    _save(model, path)
+    prepared.steps.append(
+        f"{what} (exact per-channel affines ONNX Runtime can run in INT8; FP32 outputs checked on a random "
+        f"batch: max |Δ| {diff:.2g}){left}"
+    )
