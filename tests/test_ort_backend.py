@@ -116,21 +116,22 @@ def test_exclude_node_sharing_a_quantized_input(v2, tmp_path):
     """conv1 and conv_sc read the same tensor; with conv1 excluded, QDQ still feeds it through the shared
     DequantizeLinear, but its weights stay float: it must not be counted as quantized."""
     full = v2.quantize(tmp_path)[2]
-    assert (full.quantized, full.candidates) == (6, 6)
+    # 5 Convs + 4 pre-activation BNs prepared as depthwise 1×1 Convs + the Gemm
+    assert (full.quantized, full.candidates) == (10, 10)
     for fmt in ("qdq", "qoperator"):
         out, _, ops = v2.quantize(tmp_path, format=fmt, exclude_nodes=("conv1",))
-        assert ops.by_type["Conv"] == [4, 5], fmt
-        assert ops.quantized == 5
+        assert ops.by_type["Conv"] == [8, 9], fmt
+        assert ops.quantized == 9
         assert run(out, TEST).shape == (len(TEST), CLASSES)
 
 
 @pytest.mark.parametrize("fmt", ["qdq", "qoperator"])
 def test_v2_shaped_model_quantizes_and_runs(v2, tmp_path, fmt):
-    """Pre-activation BNs stay FP32 (not in op_types); every Conv and the Gemm are quantized."""
+    """Pre-activation BNs were prepared as depthwise 1×1 Convs; every Conv and the Gemm are quantized."""
     out, int8, ops = v2.quantize(tmp_path, format=fmt)
     onnx.checker.check_model(int8)
-    assert ops.by_type == {"Conv": [5, 5], "Gemm": [1, 1]}
-    assert "BatchNormalization" in {n.op_type for n in int8.graph.node}
+    assert ops.by_type == {"Conv": [9, 9], "Gemm": [1, 1]}
+    assert "BatchNormalization" not in {n.op_type for n in int8.graph.node}
     logits = run(out, TEST)
     assert cosine(logits, v2.reference).min() > 0.9
 

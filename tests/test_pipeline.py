@@ -97,7 +97,8 @@ def test_v2_model_is_upgraded_on_the_way(v2_model, calib_dir, tmp_path, avx2_cpu
     result = quantize(v2_model, calib_dir, tmp_path / "v2-int8.onnx", cpu=avx2_cpu)
     steps = " | ".join(result.prepared.steps)
     assert "opset 7 → 13" in steps
-    assert result.quantized_ops.by_type == {"Conv": [5, 5], "Gemm": [1, 1]}
+    # 5 convolutions + the 4 pre-activation BatchNormalizations rewritten as depthwise 1×1 Convs
+    assert result.quantized_ops.by_type == {"Conv": [9, 9], "Gemm": [1, 1]}
     assert onnx.load(str(result.output)).opset_import[0].version >= 13
 
 

@@ -79,7 +79,10 @@ def test_prepare_upgrades_v2_opset7(v2_model, tmp_path):
     initializers = {i.name for i in model.graph.initializer}
     assert not initializers & {i.name for i in model.graph.input}
     bns = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
-    assert bns, "pre-activation BNs after an Add cannot be folded and must survive"
+    assert not bns, (
+        "pre-activation BNs (no Conv to fold into) become depthwise 1×1 Convs (quantize/rewrite.py)"
+    )
+    assert any("depthwise 1×1 Conv" in s for s in prepared.steps)
     for node in model.graph.node:
         if node.op_type == "BatchNormalization":
             assert "spatial" not in {a.name for a in node.attribute}, node.name

@@ -1,0 +1,190 @@
+"""Preparation's BatchNormalization rewrite: every placement becomes an exact affine (or is folded), verified
+against the original FP32 graph; after quantization ORT runs the v2 blocks without float BN/Add."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from tiny_models import HW, SMALL_SPEC, random_inputs
+
+import quantize.rewrite as rewrite
+from quantize.pipeline import quantize_model
+from quantize.prepare import prepare_model
+from quantize.recipe import QuantRecipe
+from quantize.rewrite import rewrite_batchnorms
+
+#: Q/DQ on Add, Relu and pooling too (until the placement-from-the-graph recipe is the default).
+FULL_OPS = ("Conv", "Gemm", "MatMul", "Add", "Relu", "MaxPool", "GlobalAveragePool")
+
+
+def run(model: onnx.ModelProto | Path, x: np.ndarray, *, optimize: bool = False) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})
+
+
+def _bn(rng, name: str, x: str, c: int, inits: list) -> onnx.NodeProto:
+    params = {
+        "gamma": rng.uniform(0.5, 1.5, c),
+        "beta": rng.standard_normal(c) * 0.3,
+        "mean": rng.standard_normal(c) * 0.3,
+        "var": rng.uniform(0.2, 2.0, c),
+    }
+    names = []
+    for key, value in params.items():
+        inits.append(numpy_helper.from_array(value.astype(np.float32), f"{name}_{key}"))
+        names.append(f"{name}_{key}")
+    return helper.make_node("BatchNormalization", [x, *names], [f"{name}_out"], name=name, epsilon=1e-3)
+
+
+def _conv(rng, name: str, x: str, cout: int, cin: int, inits: list, *, bias: bool = True) -> onnx.NodeProto:
+    inits.append(
+        numpy_helper.from_array(
+            (rng.standard_normal((cout, cin, 3, 3)) * 0.3).astype(np.float32), f"{name}_W"
+        )
+    )
+    inputs = [x, f"{name}_W"]
+    if bias:
+        inits.append(
+            numpy_helper.from_array((rng.standard_normal(cout) * 0.1).astype(np.float32), f"{name}_B")
+        )
+        inputs.append(f"{name}_B")
+    return helper.make_node("Conv", inputs, [f"{name}_out"], name=name, pads=[1, 1, 1, 1])
+
+
+def every_placement() -> onnx.ModelProto:
+    """BN at the graph input; after a Conv with one consumer (foldable, no bias); after a Conv whose output has
+    two consumers; after an Add; a BN whose output feeds two consumers; a BN on a 2-D tensor (left alone)."""
+    rng = np.random.default_rng(7)
+    inits: list = []
+    nodes = [
+        _bn(rng, "bn_in", "x", 3, inits),  # graph input
+        _conv(rng, "c1", "bn_in_out", 8, 3, inits, bias=False),
+        _bn(rng, "bn_c1", "c1_out", 8, inits),  # after a Conv it may be folded into
+        _conv(rng, "c2", "bn_c1_out", 8, 8, inits),
+        _bn(rng, "bn_c2", "c2_out", 8, inits),  # c2_out also feeds the Add: not foldable
+        helper.make_node("Add", ["bn_c2_out", "c2_out"], ["add_out"], name="add"),
+        _bn(rng, "bn_add", "add_out", 8, inits),  # after an Add; feeds two consumers
+        helper.make_node("Relu", ["bn_add_out"], ["relu_out"], name="relu"),
+        helper.make_node("Add", ["relu_out", "bn_add_out"], ["add2_out"], name="add2"),
+        helper.make_node("GlobalAveragePool", ["add2_out"], ["gap_out"], name="gap"),
+        helper.make_node("Flatten", ["gap_out"], ["flat_out"], name="flatten"),
+        _bn(rng, "bn_flat", "flat_out", 8, inits),  # 2-D: no Conv form, left as it is
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "every_placement",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, HW, HW])],
+        [helper.make_tensor_value_info("bn_flat_out", TensorProto.FLOAT, ["N", 8])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_every_placement_is_rewritten_exactly():
+    original = every_placement()
+    model = onnx.ModelProto()
+    model.CopyFrom(original)
+    result = rewrite_batchnorms(model)
+    assert sorted(result.depthwise) == ["bn_add", "bn_c2", "bn_in"]
+    assert result.folded == ["bn_c1"]
+    assert [s.split(":")[0] for s in result.skipped] == ["bn_flat"]
+    onnx.checker.check_model(model, full_check=True)
+
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops["BatchNormalization"] == 1  # only the 2-D one
+    depthwise = {n.name: n for n in model.graph.node if n.op_type == "Conv" and n.name.startswith("bn_")}
+    assert set(depthwise) == {"bn_in", "bn_c2", "bn_add"}
+    for node in depthwise.values():
+        group = next(a.i for a in node.attribute if a.name == "group")
+        assert group in (3, 8)
+    # The replaced BN parameters are gone, nothing else is.
+    names = {i.name for i in model.graph.initializer}
+    assert not any(n.startswith("bn_in_") and n.endswith(("_gamma", "_var")) for n in names)
+
+    x = random_inputs(3, seed=5)
+    for a, b in zip(run(original, x), run(model, x), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_model_without_batchnorm_is_untouched(tiny_model):
+    model = onnx.load(str(tiny_model))
+    for node in model.graph.node:  # drop the BN: conv1 → relu1 directly
+        if node.op_type == "Relu" and node.input[0] == "bn1_out":
+            node.input[0] = "conv1_out"
+    keep = [n for n in model.graph.node if n.op_type != "BatchNormalization"]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    before = model.SerializeToString()
+    assert rewrite_batchnorms(model).changed == 0
+    assert model.SerializeToString() == before
+
+
+def test_prepare_rewrites_v2_and_keeps_outputs(v2_model, tmp_path):
+    prepared = prepare_model(v2_model, tmp_path)
+    step = next(s for s in prepared.steps if "depthwise 1×1 Conv" in s)
+    assert "FP32 outputs checked" in step
+    model = onnx.load(str(prepared.path))
+    assert not [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+    x = random_inputs(4, seed=11)
+    np.testing.assert_allclose(run(prepared.path, x)[0], run(v2_model, x)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_prepare_keeps_the_original_when_the_rewrite_changes_outputs(v2_model, tmp_path, monkeypatch):
+    real = rewrite.rewrite_batchnorms
+
+    def wrong(model):
+        result = real(model)
+        for init in model.graph.initializer:  # a bias twice too large: no longer the same function
+            if init.name.endswith("_affine_B"):
+                init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 2 + 1, init.name))
+        return result
+
+    monkeypatch.setattr(rewrite, "rewrite_batchnorms", wrong)
+    prepared = prepare_model(v2_model, tmp_path)
+    assert not any("depthwise" in s for s in prepared.steps)
+    assert any("rewrite not applied: FP32 outputs changed" in w for w in prepared.warnings)
+    model = onnx.load(str(prepared.path))
+    assert [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+
+
+def _optimized_ops(int8: Path, tmp_path: Path) -> list[onnx.NodeProto]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(int8), options, providers=["CPUExecutionProvider"])
+    return list(onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+
+
+@pytest.mark.parametrize("ops", [FULL_OPS])
+def test_int8_v2_runs_without_float_batchnorm_or_add(ops, v2_model, calib_dir, tmp_path, vnni_cpu):
+    output = tmp_path / "v2-int8.onnx"
+    recipe = QuantRecipe(samples=16, batch_size=4, op_types=ops)
+    quantize_model(
+        v2_model, calib_dir, output=output, recipe=recipe, spec=SMALL_SPEC, cpu=vnni_cpu, workers=2
+    )
+    nodes = _optimized_ops(output, tmp_path)
+    types = Counter(n.op_type for n in nodes)
+    assert types["BatchNormalization"] == 0
+    assert types["Add"] == 0, "a residual Add still runs in float"
+    assert types["QLinearAdd"] == 2
+    # Every convolution, the 4 rewritten BNs (bn_data, bn1, bn3, bn_final) included, runs as QLinearConv.
+    assert types["QLinearConv"] == 9
+    # No float arithmetic between the integer convolutions (Transpose/NhwcMaxPool are layout ops on uint8).
+    float_math = {"BatchNormalization", "Add", "Relu", "Conv", "FusedConv", "Mul", "Sum", "MaxPool"}
+    assert not float_math & set(types), types
+    x = random_inputs(2, seed=1)
+    assert np.isfinite(run(output, x, optimize=True)[0]).all()
