@@ -12,7 +12,6 @@ size, from a seeded generator, and shared by all models.
 from __future__ import annotations
 
 import gc
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,11 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from calibration.errors import RqInputError
+from quantize import runtimes as runtimes_mod
 from quantize.cpu import CpuInfo, detect_cpu, int8_speedup_note, physical_core_count
+from quantize.runtimes import first_line
 
 PROVIDER = "CPUExecutionProvider"
-
-_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*")
 
 
 @dataclass
@@ -41,8 +40,11 @@ class BenchRow:
     mean_ms: float
     min_ms: float
     images_per_s: float  # batch / median seconds
-    ratio_to_first: float  # first model's median / this median at the same batch: > 1 means faster
+    ratio_to_first: float  # first model's median / this median, same runtime and batch: > 1 means faster
     samples_ms: list[float] = field(default_factory=list)  # every timed run, in execution order
+    runtime: str = "ort"
+    precision: str = "f32"  # what the runtime computed in ("f32", "int8+f32", …)
+    ratio_to_ort_first: float | None = None  # ORT's median of the first model / this median (None: no ORT)
 
     def to_dict(self) -> dict:
         return {
@@ -57,6 +59,9 @@ class BenchRow:
             "images_per_s": self.images_per_s,
             "ratio_to_first": self.ratio_to_first,
             "samples_ms": list(self.samples_ms),
+            "runtime": self.runtime,
+            "precision": self.precision,
+            "ratio_to_ort_first": self.ratio_to_ort_first,
         }
 
 
@@ -79,13 +84,18 @@ class BenchResult:
     order: list[tuple[int, int]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     session_config: dict[str, str] = field(default_factory=dict)
+    runtimes: list[str] = field(default_factory=lambda: ["ort"])
+    runtime_versions: dict[str, str] = field(default_factory=dict)
+    # (model_index, runtime, one-line reason) of every model a runtime could not open or run: no rows for it.
+    errors: list[tuple[int, str, str]] = field(default_factory=list)
 
-    def row(self, model_index: int, batch: int) -> BenchRow:
-        """The row of one model at one batch size (KeyError if it was not run)."""
+    def row(self, model_index: int, batch: int, runtime: str | None = None) -> BenchRow:
+        """The row of one model at one batch size in `runtime` (default: the first) (KeyError if not run)."""
+        runtime = runtime or self.runtimes[0]
         for r in self.rows:
-            if r.model_index == model_index and r.batch == batch:
+            if r.model_index == model_index and r.batch == batch and r.runtime == runtime:
                 return r
-        raise KeyError((model_index, batch))
+        raise KeyError((model_index, batch, runtime))
 
     def to_dict(self) -> dict:
         return {
@@ -102,6 +112,9 @@ class BenchResult:
             "order": [[i, b] for i, b in self.order],
             "notes": list(self.notes),
             "session_config": dict(self.session_config),
+            "runtimes": list(self.runtimes),
+            "runtime_versions": dict(self.runtime_versions),
+            "errors": [[i, r, why] for i, r, why in self.errors],
         }
 
     def render_table(self):
@@ -118,15 +131,24 @@ class BenchResult:
             title_justify="left",
             caption_justify="left",
         )
+        multi = self.runtimes != ["ort"]
         table.add_column("#", justify="right", no_wrap=True)
         # File names are the one thing worth wrapping: an ellipsis would hide the INT8/FP32 suffix.
         table.add_column("model", overflow="fold", min_width=12)
-        for header in ("batch", "median", "p90", "mean", "min", "img/s", "vs #1"):
+        if multi:
+            table.add_column("runtime", no_wrap=True)
+            table.add_column("precision", no_wrap=True)
+        headers = ["batch", "median", "p90", "mean", "min", "img/s", "vs #1"]
+        with_ort = multi and "ort" in self.runtimes
+        if with_ort:
+            headers.append("vs #1 ort")
+        for header in headers:
             table.add_column(header, justify="right", no_wrap=True)
         for r in self.rows:
-            table.add_row(
-                str(r.model_index + 1),
-                Text(r.name),  # Text, not a str: a "[...]" in a file name is not rich markup
+            cells = [str(r.model_index + 1), Text(r.name)]  # Text: a "[...]" in a file name is not markup
+            if multi:
+                cells += [r.runtime, r.precision]
+            cells += [
                 str(r.batch),
                 f"{r.median_ms:.2f}",
                 f"{r.p90_ms:.2f}",
@@ -134,11 +156,23 @@ class BenchResult:
                 f"{r.min_ms:.2f}",
                 f"{r.images_per_s:.1f}",
                 f"{r.ratio_to_first:.2f}×",
-            )
+            ]
+            if with_ort:
+                cells.append("—" if r.ratio_to_ort_first is None else f"{r.ratio_to_ort_first:.2f}×")
+            table.add_row(*cells)
         caption = [
             f"CPU: {self.cpu.get('describe') or cpu.describe()}",
             f"onnxruntime {self.onnxruntime_version}, {self.provider}, {self.threads} intra-op thread(s)",
         ]
+        if multi:
+            caption.append(
+                "runtimes: "
+                + ", ".join(self.runtime_versions.get(rt, rt) for rt in self.runtimes)
+                + "; vs #1: against model #1 in the same runtime"
+                + ("; vs #1 ort: against model #1 in onnxruntime" if with_ort else "")
+            )
+        for i, runtime, why in self.errors:
+            caption.append(f"#{i + 1} in {runtime}: not measured, {why}")
         if not cpu.has_vnni:
             note = int8_speedup_note(cpu)
             if note:
@@ -148,71 +182,61 @@ class BenchResult:
         return table
 
 
-def _first_line(exc: BaseException) -> str:
-    """ORT's message without its ``[ONNXRuntimeError] : N :`` prefix, first non-empty line only."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    if not lines:
-        return type(exc).__name__
-    return _ORT_PREFIX.sub("", lines[0])
-
-
 def _fmt_shape(shape: Sequence[int | str | None]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
-def _load_session(path: Path, threads: int, allow_spinning: bool):
-    import onnxruntime as ort
-
+def _open(runtime, path: Path, threads: int, allow_spinning: bool):
     if not path.is_file():
-        raise RqInputError(f"cannot load {path} in onnxruntime: no such file")
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    # Each session owns a thread pool. With spinning on, the pool of the model that just ran keeps its
-    # workers busy-waiting while the *next* model in the round runs, stealing cores from it; interleaving
-    # makes that systematic, so spinning is off by default (it also matches no-spin production configs).
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
-    so.log_severity_level = 3  # ORT warnings (e.g. unused initializers) would interleave with our output
+        raise RqInputError(f"cannot load {path} in {runtime.label}: no such file")
     try:
-        sess = ort.InferenceSession(str(path), sess_options=so, providers=[PROVIDER])
-    except Exception as e:  # ORT raises its own pybind exception types, not one base class
-        raise RqInputError(f"cannot load {path} in onnxruntime: {_first_line(e)}") from e
-    return sess
+        return runtime.open(path, threads, allow_spinning=allow_spinning)
+    except RqInputError:
+        raise
+    except Exception as e:  # a runtime's own exception types
+        raise RqInputError(f"cannot load {path} in {runtime.label}: {first_line(e)}") from e
 
 
-def _check_input(path: Path, sess) -> tuple[str, list[int | str | None]]:
-    inputs = sess.get_inputs()
-    if len(inputs) != 1:
-        names = ", ".join(i.name for i in inputs)
+def _check_input(path: Path, sess) -> list[int | str | None]:
+    if sess.input_type != "tensor(float)":
         raise RqInputError(
-            f"{path} has {len(inputs)} inputs ({names}); rq benchmarks single-input image classifiers"
+            f"{path}: input {sess.input_name!r} is {sess.input_type}; rq benchmarks float32-input models"
         )
-    inp = inputs[0]
-    if inp.type != "tensor(float)":
-        raise RqInputError(f"{path}: input {inp.name!r} is {inp.type}; rq benchmarks float32-input models")
-    shape = list(inp.shape)
+    shape = list(sess.input_shape)
     if not shape:
-        raise RqInputError(f"{path}: input {inp.name!r} is a scalar; rq needs a batched tensor input")
+        raise RqInputError(f"{path}: input {sess.input_name!r} is a scalar; rq needs a batched tensor input")
     rest = shape[1:]
     if any(not isinstance(d, int) or d <= 0 for d in rest):
         raise RqInputError(
-            f"{path}: input {inp.name!r} has shape {_fmt_shape(shape)}; "
+            f"{path}: input {sess.input_name!r} has shape {_fmt_shape(shape)}; "
             "all dimensions but the batch must be fixed to benchmark it"
         )
-    return inp.name, shape
+    return shape
 
 
-def _run(sess, feed: dict, path: Path, batch: int) -> int:
+def _run(sess, x: np.ndarray, path: Path, batch: int, label: str) -> int:
     """One inference; returns its duration in ns. Runtime failures become one-line RqInputErrors."""
     try:
         t0 = time.perf_counter_ns()
-        sess.run(None, feed)
+        sess.run(x)
         t1 = time.perf_counter_ns()
+    except RqInputError:
+        raise
     except Exception as e:
-        raise RqInputError(f"{path} failed to run in onnxruntime at batch {batch}: {_first_line(e)}") from e
+        raise RqInputError(f"{path} failed to run in {label} at batch {batch}: {first_line(e)}") from e
     return t1 - t0
+
+
+@dataclass
+class _Unit:
+    """One model opened in one runtime."""
+
+    index: int
+    path: Path
+    runtime: str
+    label: str
+    session: object
+    shape: list
 
 
 def bench_models(
@@ -226,14 +250,18 @@ def bench_models(
     *,
     allow_spinning: bool = False,
     cpu: CpuInfo | None = None,
+    runtimes: Sequence[str] = ("ort",),
 ) -> BenchResult:
-    """Time every model at every batch size, interleaved, and return the statistics.
+    """Time every model at every batch size in every runtime, interleaved, and return the statistics.
 
-    Each model gets an onnxruntime CPU session (all graph optimizations, ``threads`` intra-op threads,
-    default: physical cores; one inter-op thread). All models must take one float32 input of the same
-    shape apart from the batch dim. Per batch size: ``warmup`` untimed runs per model, then ``runs``
-    rounds that run every model once in the given order. ``ratio_to_first`` compares each model with the
-    first one (> 1: faster than the first). ``cpu`` overrides host detection (for reports and tests).
+    Each model is opened in each runtime of ``runtimes`` (see quantize.runtimes; ORT: CPU provider, all graph
+    optimizations, ``threads`` intra-op threads — default: physical cores —, one inter-op thread, no
+    spinning). All models must take one float32 input of the same shape apart from the batch dim. Per batch
+    size: ``warmup`` untimed runs per model and runtime, then ``runs`` rounds that run every (runtime, model)
+    once in the given order. ``ratio_to_first`` compares each model with the first one *in the same
+    runtime*; ``ratio_to_ort_first`` with the first one in ORT (when ORT is among the runtimes). A runtime
+    that cannot open or run the first model is an error; one that cannot open or run a later model (and is
+    not ORT) gives no rows for it and a one-line reason in ``errors``. ``cpu`` overrides host detection.
     """
     paths = [Path(p) for p in model_paths]
     if not paths:
@@ -252,6 +280,9 @@ def bench_models(
         raise RqInputError("--warmup must be ≥ 0")
     if threads is not None and threads < 1:
         raise RqInputError("--threads must be ≥ 1")
+    runtime_names = runtimes_mod.parse(list(runtimes))
+    chosen = [runtimes_mod.get(name) for name in runtime_names]
+    versions = {rt.name: rt.version() for rt in chosen}  # a missing extra fails here, before any work
 
     import onnxruntime as ort
 
@@ -262,26 +293,32 @@ def bench_models(
     cpu = cpu or detect_cpu()
     n_threads = threads or physical_core_count(cpu)
 
-    sessions = []
-    input_names: list[str] = []
-    shapes: list[list[int | str | None]] = []
-    for p in paths:
-        say(f"loading {p.name}")
-        sess = _load_session(p, n_threads, allow_spinning)
-        name, shape = _check_input(p, sess)
-        if shapes and shape[1:] != shapes[0][1:]:
-            raise RqInputError(
-                f"input shapes differ: {paths[0]} takes {_fmt_shape(shapes[0])} but {p} takes "
-                f"{_fmt_shape(shape)} (the batch dimension is ignored)"
-            )
-        sessions.append(sess)
-        input_names.append(name)
-        shapes.append(shape)
+    units: list[_Unit] = []
+    errors: list[tuple[int, str, str]] = []
+    reference_shape: list | None = None
+    for rt in chosen:
+        for i, p in enumerate(paths):
+            say(f"loading {p.name} in {rt.label}")
+            try:
+                sess = _open(rt, p, n_threads, allow_spinning)
+            except RqInputError as exc:
+                if i == 0 or rt.name == "ort":
+                    raise
+                errors.append((i, rt.name, str(exc)))
+                continue
+            shape = _check_input(p, sess)
+            if reference_shape is not None and shape[1:] != reference_shape[1:]:
+                raise RqInputError(
+                    f"input shapes differ: {paths[0]} takes {_fmt_shape(reference_shape)} but {p} takes "
+                    f"{_fmt_shape(shape)} (the batch dimension is ignored)"
+                )
+            reference_shape = reference_shape or shape
+            units.append(_Unit(i, p, rt.name, rt.label, sess, shape))
 
     notes: list[str] = []
     plan: list[int] = []
     for b in batches:
-        fixed = [(paths[i], s[0]) for i, s in enumerate(shapes) if isinstance(s[0], int) and s[0] != b]
+        fixed = [(u.path, u.shape[0]) for u in units if isinstance(u.shape[0], int) and u.shape[0] != b]
         if fixed:
             p, d = fixed[0]
             notes.append(f"batch {b} skipped: {p.name} has a fixed batch dimension of {d}")
@@ -290,11 +327,12 @@ def bench_models(
     if not plan:
         raise RqInputError(f"no requested batch size can run: {'; '.join(notes)}")
 
-    rest = [int(d) for d in shapes[0][1:]]  # validated as positive ints by _check_input
+    rest = [int(d) for d in reference_shape[1:]]  # validated as positive ints by _check_input
+    ort_units = [u for u in units if u.runtime == "ort"]
     result = BenchResult(
         cpu=cpu.to_dict(),
         onnxruntime_version=ort.__version__,
-        provider=sessions[0].get_providers()[0],
+        provider=ort_units[0].session.device if ort_units else units[0].session.device,
         threads=n_threads,
         runs=runs,
         warmup=warmup,
@@ -303,48 +341,71 @@ def bench_models(
         batch_sizes=plan,
         notes=notes,
         session_config={"session.intra_op.allow_spinning": "1" if allow_spinning else "0"},
+        runtimes=runtime_names,
+        runtime_versions=versions,
+        errors=errors,
     )
+
+    def failed(unit: _Unit, exc: RqInputError) -> None:
+        if unit.index == 0 or unit.runtime == "ort":
+            raise exc
+        result.errors.append((unit.index, unit.runtime, str(exc)))
+        units.remove(unit)
 
     for b in plan:
         # The same seeded tensor for every model (and for every rerun), so differences are the models'.
         x = np.random.default_rng(seed).standard_normal((b, *rest), dtype=np.float32)
-        feeds = [{name: x} for name in input_names]
         say(f"batch {b}: warmup ({warmup} per model)")
-        for _ in range(warmup):
-            for i, sess in enumerate(sessions):
-                _run(sess, feeds[i], paths[i], b)
-        samples: list[list[int]] = [[] for _ in sessions]
+        for u in list(units):
+            try:  # at least one untimed run: an OpenVINO session compiles for the batch size on first use
+                for _ in range(max(warmup, 1 if u.runtime != "ort" else 0)):
+                    _run(u.session, x, u.path, b, u.label)
+            except RqInputError as exc:
+                failed(u, exc)
+        samples: dict[int, list[int]] = {id(u): [] for u in units}
         # A GC pass landing inside one model's call would charge that model for garbage made by all.
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
             for r in range(runs):
-                for i, sess in enumerate(sessions):
-                    samples[i].append(_run(sess, feeds[i], paths[i], b))
-                    result.order.append((i, b))
+                for u in list(units):
+                    try:
+                        samples[id(u)].append(_run(u.session, x, u.path, b, u.label))
+                    except RqInputError as exc:
+                        failed(u, exc)
+                        continue
+                    if u.runtime == runtime_names[0]:
+                        result.order.append((u.index, b))
                 say(f"batch {b}: round {r + 1}/{runs}")
         finally:
             if gc_was_enabled:
                 gc.enable()
 
-        medians: list[float] = []
-        for i, ns in enumerate(samples):
-            ms = np.asarray(ns, dtype=np.float64) / 1e6
-            median = float(np.percentile(ms, 50, method="linear"))
-            medians.append(median)
+        medians: dict[tuple[str, int], float] = {}
+        for u in units:
+            ms = np.asarray(samples[id(u)], dtype=np.float64) / 1e6
+            medians[(u.runtime, u.index)] = float(np.percentile(ms, 50, method="linear"))
+        for u in units:
+            ms = np.asarray(samples[id(u)], dtype=np.float64) / 1e6
+            median = medians[(u.runtime, u.index)]
+            first = medians.get((u.runtime, 0))
+            ort_first = medians.get(("ort", 0))
             result.rows.append(
                 BenchRow(
-                    model=str(paths[i]),
-                    name=paths[i].name,
-                    model_index=i,
+                    model=str(u.path),
+                    name=u.path.name,
+                    model_index=u.index,
                     batch=b,
                     median_ms=median,
                     p90_ms=float(np.percentile(ms, 90, method="linear")),
                     mean_ms=float(ms.mean()),
                     min_ms=float(ms.min()),
                     images_per_s=b / (median / 1e3) if median > 0 else float("inf"),
-                    ratio_to_first=medians[0] / median if median > 0 else float("inf"),
+                    ratio_to_first=first / median if first and median > 0 else float("inf"),
                     samples_ms=[float(v) for v in ms],
+                    runtime=u.runtime,
+                    precision=u.session.precision,
+                    ratio_to_ort_first=(ort_first / median if ort_first and median > 0 else None),
                 )
             )
     return result

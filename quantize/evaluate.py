@@ -128,14 +128,19 @@ def run_model(session: ort.InferenceSession, input_name: str, images: np.ndarray
     return np.concatenate(outputs)
 
 
-def _classes_and_offset(session: ort.InferenceSession, path: Path) -> tuple[str, int]:
-    inputs = session.get_inputs()
-    if len(inputs) != 1 or len(inputs[0].shape) != 4:
+def _classes_and_offset(session, path: Path) -> tuple[str, int]:
+    """(input name, label offset) of an ORT session or a quantize.runtimes session, or a one-line error."""
+    if hasattr(session, "get_inputs"):
+        inputs = [(i.name, i.shape) for i in session.get_inputs()]
+        output = session.get_outputs()[0]
+        out_name, shape = output.name, output.shape
+    else:
+        inputs = [(session.input_name, session.input_shape)]
+        out_name, shape = "output 0", session.output_shape
+    if len(inputs) != 1 or len(inputs[0][1]) != 4:
         raise RqInputError(f"{path.name}: expected one 4-D image input")
-    output = session.get_outputs()[0]
-    shape = output.shape
     if len(shape) != 2:
-        raise RqInputError(f"{path.name}: output '{output.name}' has shape {shape}, expected [N, classes]")
+        raise RqInputError(f"{path.name}: output '{out_name}' has shape {shape}, expected [N, classes]")
     classes = shape[1]
     # TF-slim style classifiers put a background class at index 0; ImageNet class k is output k+1.
     offset = 1 if classes == 1001 else 0
@@ -143,7 +148,34 @@ def _classes_and_offset(session: ort.InferenceSession, path: Path) -> tuple[str,
         raise RqInputError(
             f"{path.name}: {classes} output classes; rq evaluates ImageNet-1k classifiers (1000/1001)"
         )
-    return inputs[0].name, offset
+    return inputs[0][0], offset
+
+
+def _run_any(session, images: np.ndarray) -> np.ndarray:
+    """`run_model` for a quantize.runtimes session (fixed batch: full chunks, the last one padded)."""
+    first = session.input_shape[0] if session.input_shape else None
+    batch = first if isinstance(first, int) and first > 0 else None
+    if batch is None or len(images) == batch:
+        return session.run(images)
+    outputs = []
+    for start in range(0, len(images), batch):
+        chunk = images[start : start + batch]
+        count = len(chunk)
+        if count < batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - count, axis=0)])
+        outputs.append(session.run(chunk)[:count])
+    return np.concatenate(outputs)
+
+
+def open_in_runtime(path: Path, runtime: str = "ort", threads: int | None = None):
+    """A quantize.runtimes session for evaluation (`model not found` / one-line load errors)."""
+    from quantize import runtimes
+
+    path = Path(path)
+    rt = runtimes.get(runtime)
+    if not path.is_file():
+        raise RqInputError(f"model not found: {path}")
+    return rt.open(path, threads)
 
 
 def check_classifier_outputs(session: ort.InferenceSession, path: Path) -> None:
@@ -172,8 +204,9 @@ def evaluate(
     threads: int | None = None,
     workers: int | None = None,
     on_images: Callable[[int], None] | None = None,
+    runtime: str = "ort",
 ) -> EvalRun:
-    """Run every model on the same decoded batches; return per-image correctness for each."""
+    """Run every model on the same decoded batches in `runtime` (quantize.runtimes); per-image correctness."""
     if batch_size < 1:
         raise RqInputError("--batch must be ≥ 1")
     if not models:
@@ -182,7 +215,7 @@ def evaluate(
     if missing:
         # BatchStream labels them -1: they would silently count as wrong predictions.
         raise RqInputError(f"labels are missing for {missing} of {len(samples)} images")
-    sessions = [open_session(Path(m), threads) for m in models]
+    sessions = [open_in_runtime(Path(m), runtime, threads) for m in models]
     io = [_classes_and_offset(s, Path(m)) for s, m in zip(sessions, models, strict=True)]
     preds: list[list[np.ndarray]] = [[] for _ in models]
     top5: list[list[np.ndarray]] = [[] for _ in models]
@@ -195,13 +228,16 @@ def evaluate(
         for batch in stream:
             labels.append(batch.labels)
             paths.extend(batch.paths)
-            for i, (session, (input_name, offset)) in enumerate(zip(sessions, io, strict=True)):
+            for i, (session, (_name, offset)) in enumerate(zip(sessions, io, strict=True)):
                 t0 = time.perf_counter()
                 try:
-                    logits = run_model(session, input_name, batch.images)
+                    logits = _run_any(session, batch.images)
+                except RqInputError:
+                    raise
                 except Exception as exc:
+                    where = "onnxruntime" if runtime == "ort" else runtime
                     raise RqInputError(
-                        f"{Path(models[i]).name} failed in onnxruntime: {_first_line(exc)}"
+                        f"{Path(models[i]).name} failed in {where}: {_first_line(exc)}"
                     ) from None
                 infer_seconds[i] += time.perf_counter() - t0
                 logits = logits[:, offset:] if offset else logits

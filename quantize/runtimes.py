@@ -1,0 +1,323 @@
+"""The runtime seam: the same ONNX file opened in the runtime the user deploys with.
+
+A runtime turns a model path into a session-like object with one method, ``run(images) -> logits`` (the
+first output, float32), and a few facts the benchmark and the evaluator need (input name/shape, output
+shape, what it runs on, in which precision). Three are built in:
+
+- ``ort``: ONNX Runtime's CPU execution provider (rq's core dependency);
+- ``openvino``: the OpenVINO runtime reading the ONNX file directly (``pip install 'rq-quant[openvino]'``),
+  imported only when asked for. OpenVINO runs "FP32" in bf16 on CPUs with AVX512_BF16/AMX unless told
+  otherwise, so rq always compiles with ``INFERENCE_PRECISION_HINT=f32`` and reports the precision the
+  compiled model says it uses;
+- ``ort-openvino``: ONNX Runtime with the OpenVINO execution provider, available only when the installed
+  onnxruntime has that provider (the ``onnxruntime-openvino`` distribution, which replaces ``onnxruntime``).
+
+Tests register their own runtime with :func:`register`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from calibration.errors import RqInputError
+
+OPENVINO_INSTALL = "pip install 'rq-quant[openvino]'"
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*")
+_INT8_OPS = {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "ConvInteger",
+    "MatMulInteger",
+}
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first non-empty line, without ORT's ``[ONNXRuntimeError] : N :`` prefix."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return _ORT_PREFIX.sub("", lines[0]) if lines else type(exc).__name__
+
+
+class Session(Protocol):
+    """What rq needs from an opened model, whatever runs it."""
+
+    runtime: str  # the runtime's name ("ort", "openvino", …)
+    input_name: str
+    input_type: str  # "tensor(float)" for the float image input rq feeds
+    input_shape: list[int | str | None]  # symbolic dims as names (or None)
+    output_shape: list[int | str | None]
+    device: str  # what executes it, for tables ("CPUExecutionProvider", "OpenVINO CPU", …)
+    precision: str  # how it computes: "f32", "int8+f32", "int8+bf16", …
+
+    def run(self, images: np.ndarray) -> np.ndarray: ...
+
+
+class Runtime(Protocol):
+    name: str  # what --runtime takes
+    label: str  # for messages: "cannot load X in <label>: …"
+
+    def version(self) -> str: ...
+
+    def open(self, path: Path, threads: int | None = None, *, allow_spinning: bool = False) -> Session: ...
+
+
+def _has_int8(path: Path) -> bool:
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return False
+    return any(n.op_type in _INT8_OPS for n in model.graph.node)
+
+
+# -- ONNX Runtime ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class OrtSession:
+    session: object  # onnxruntime.InferenceSession
+    runtime: str
+    input_name: str
+    input_type: str
+    input_shape: list
+    output_shape: list
+    device: str
+    precision: str
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: images})[0]
+
+
+class OrtRuntime:
+    """ONNX Runtime, CPU execution provider (or another provider it was built with)."""
+
+    def __init__(
+        self,
+        name: str = "ort",
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        label: str = "onnxruntime",
+    ):
+        self.name = name
+        self.label = label
+        self.providers = tuple(providers)
+
+    def version(self) -> str:
+        import onnxruntime as ort
+
+        return f"onnxruntime {ort.__version__}"
+
+    def _check_available(self) -> None:
+        pass
+
+    def _provider_options(self, threads: int | None) -> list[dict] | None:
+        return None
+
+    def open(self, path: Path, threads: int | None = None, *, allow_spinning: bool = False) -> OrtSession:
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise RqInputError(f"model not found: {path}")
+        self._check_available()
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        if threads:
+            so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        # With spinning on, the thread pool of the session that just ran keeps busy-waiting while the next
+        # one runs (interleaved benchmarks, several models evaluated batch by batch): off unless asked.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+        so.log_severity_level = 3
+        try:
+            sess = ort.InferenceSession(
+                str(path),
+                sess_options=so,
+                providers=list(self.providers),
+                provider_options=self._provider_options(threads),
+            )
+        except Exception as exc:  # ORT raises its own pybind exception types
+            raise RqInputError(f"cannot load {path} in {self.label}: {first_line(exc)}") from None
+        inp, out = sess.get_inputs()[0], sess.get_outputs()[0]
+        return OrtSession(
+            session=sess,
+            runtime=self.name,
+            input_name=inp.name,
+            input_type=inp.type,
+            input_shape=list(inp.shape),
+            output_shape=list(out.shape),
+            device=sess.get_providers()[0],
+            precision="int8+f32" if _has_int8(path) else "f32",
+        )
+
+
+class OrtOpenVinoRuntime(OrtRuntime):
+    """ONNX Runtime's OpenVINO execution provider (the onnxruntime-openvino distribution)."""
+
+    PROVIDER = "OpenVINOExecutionProvider"
+
+    def __init__(self):
+        super().__init__("ort-openvino", (self.PROVIDER,), "onnxruntime-openvino")
+
+    def _check_available(self) -> None:
+        import onnxruntime as ort
+
+        if self.PROVIDER not in ort.get_available_providers():
+            raise RqInputError(
+                f"--runtime ort-openvino needs onnxruntime-openvino, which replaces onnxruntime "
+                f"(onnxruntime {ort.__version__} here has no {self.PROVIDER}); see the README"
+            )
+
+    def _provider_options(self, threads: int | None) -> list[dict]:
+        options = {"device_type": "CPU", "precision": "FP32"}
+        if threads:
+            options["num_of_threads"] = str(threads)
+        return [options]
+
+
+# -- OpenVINO -------------------------------------------------------------------------------------------
+
+
+def _ov_dims(partial_shape) -> list[int | str | None]:
+    return [d.get_length() if d.is_static else None for d in partial_shape]
+
+
+class OpenVinoSession:
+    """An OpenVINO CPU model; a dynamic batch is compiled static per batch size on first use."""
+
+    runtime = "openvino"
+
+    def __init__(self, core, model, path: Path, config: dict, int8: bool):
+        self._core = core
+        self._model = model
+        self._path = path
+        self._config = config
+        self._compiled: dict[int, object] = {}
+        inp, out = model.inputs[0], model.outputs[0]
+        self.input_name = inp.get_any_name()
+        self.input_type = (
+            "tensor(float)"
+            if inp.get_element_type().get_type_name() == "f32"
+            else str(inp.get_element_type())
+        )
+        self.input_shape = _ov_dims(inp.get_partial_shape())
+        self.output_shape = _ov_dims(out.get_partial_shape())
+        self.device = "OpenVINO CPU"
+        self._int8 = int8
+        self.precision = ("int8+" if int8 else "") + "f32"  # refined from the first compiled model
+
+    def _request(self, batch: int):
+        request = self._compiled.get(batch)
+        if request is None:
+            model = self._model
+            if self.input_shape and self.input_shape[0] is None:
+                model = model.clone()
+                model.reshape({self.input_name: [batch, *self.input_shape[1:]]})
+            try:
+                compiled = self._core.compile_model(model, "CPU", self._config)
+            except Exception as exc:
+                raise RqInputError(f"openvino cannot compile {self._path.name}: {first_line(exc)}") from None
+            hint = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+            self.precision = ("int8+" if self._int8 else "") + hint
+            request = compiled.create_infer_request()
+            self._compiled[batch] = request
+        return request
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        request = self._request(len(images))
+        request.infer({0: images})
+        return np.array(request.get_output_tensor(0).data, copy=True)
+
+
+class OpenVinoRuntime:
+    """OpenVINO reading the ONNX file (no conversion step): ``pip install 'rq-quant[openvino]'``."""
+
+    name = "openvino"
+    label = "openvino"
+
+    def _ov(self):
+        try:
+            import openvino
+        except ImportError:
+            raise RqInputError(f"--runtime openvino needs the openvino extra: {OPENVINO_INSTALL}") from None
+        return openvino
+
+    def version(self) -> str:
+        return f"openvino {self._ov().__version__}"
+
+    def open(
+        self, path: Path, threads: int | None = None, *, allow_spinning: bool = False
+    ) -> OpenVinoSession:
+        ov = self._ov()
+        path = Path(path)
+        if not path.is_file():
+            raise RqInputError(f"model not found: {path}")
+        core = ov.Core()
+        try:
+            model = core.read_model(str(path))
+        except Exception as exc:
+            raise RqInputError(f"openvino cannot read {path.name}: {first_line(exc)}") from None
+        config = {
+            # f32, not the bf16 OpenVINO silently picks on AVX512_BF16/AMX CPUs: the FP32 baseline must be FP32.
+            "INFERENCE_PRECISION_HINT": "f32",
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": "1",
+        }
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = str(threads)
+        return OpenVinoSession(core, model, path, config, _has_int8(path))
+
+
+# -- the registry -----------------------------------------------------------------------------------------
+
+_RUNTIMES: dict[str, Runtime] = {}
+
+
+def register(runtime: Runtime) -> None:
+    """Make `runtime` selectable by its name (``--runtime NAME``)."""
+    _RUNTIMES[runtime.name] = runtime
+
+
+def unregister(name: str) -> None:
+    _RUNTIMES.pop(name, None)
+
+
+def names() -> list[str]:
+    return list(_RUNTIMES)
+
+
+def get(name: str) -> Runtime:
+    runtime = _RUNTIMES.get(name)
+    if runtime is None:
+        raise RqInputError(f"unknown runtime {name!r}; choose from {', '.join(_RUNTIMES)}")
+    return runtime
+
+
+def parse(text: str | Sequence[str] | None) -> list[str]:
+    """``"ort,openvino"`` → ``["ort", "openvino"]`` (known names, no duplicates, at least one)."""
+    if text is None:
+        return ["ort"]
+    items = text.split(",") if isinstance(text, str) else list(text)
+    chosen: list[str] = []
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        get(item)
+        if item not in chosen:
+            chosen.append(item)
+    if not chosen:
+        raise RqInputError("--runtime needs at least one runtime")
+    return chosen
+
+
+register(OrtRuntime())
+register(OrtOpenVinoRuntime())
+register(OpenVinoRuntime())
