@@ -143,6 +143,13 @@ LabelsOpt = Annotated[
     Path | None, typer.Option(help="Labels file for a flat folder: Caffe val.txt or LOC_val_solution.csv.")
 ]
 WorkersOpt = Annotated[int | None, typer.Option(help="Image decoding threads (default: CPU count).")]
+RuntimeOpt = Annotated[
+    str,
+    typer.Option(
+        "--runtime",
+        help="Where to run the models: ort | openvino | ort-openvino, or several comma-separated (ort).",
+    ),
+]
 
 
 def _recipe_from_options(base: QuantRecipe, **options) -> QuantRecipe:
@@ -290,6 +297,7 @@ def quantize(
     ] = False,
     bench_batch: Annotated[str, typer.Option(help="Batch sizes for --bench.")] = "1,8",
     bench_runs: Annotated[int, typer.Option(help="Timed runs per model and batch for --bench.")] = 20,
+    runtime: RuntimeOpt = "ort",
     report_dir: Annotated[
         Path, typer.Option(help="Reports go to REPORT_DIR/<run-id>/ (report.json, report.md, report.html).")
     ] = Path("reports"),
@@ -302,6 +310,7 @@ def quantize(
     model and the report are still written.
     """
 
+    from quantize import runtimes
     from quantize.bench import bench_models
     from quantize.pipeline import Progress, quantize_model
     from quantize.report import write_report
@@ -350,6 +359,7 @@ def quantize(
         bench_batches = _parse_batches(bench_batch, "--bench-batch") if bench else []
         if bench and bench_runs < 1:
             raise RqInputError("--bench-runs must be ≥ 1")
+        chosen_runtimes = runtimes.parse(runtime)
         val_dataset = val_samples = None
         tune_request = None
         if val is not None:
@@ -388,46 +398,61 @@ def quantize(
                 log=lambda msg: err.print(f"[dim]  {escape(msg)}[/]", highlight=False),
             )
             validation = gate = bench_result = None
+            validations = {}
             if val_dataset is not None:
-                err.print("[dim]· validate (FP32 and INT8 on the same images)[/]", highlight=False)
-                vtask = bar.add_task("validating", total=len(val_samples))
-                validation = validate(
-                    model,
-                    result.output,
-                    val_dataset,
-                    val_samples,
-                    spec,
-                    batch_size=eval_batch,
-                    calibration_files=result.calibration_files,
-                    workers=workers,
-                    on_images=lambda n: bar.advance(vtask, n),
-                )
-                result.seconds["validate"] = validation.run.seconds
+                for rt in chosen_runtimes:
+                    where = "" if chosen_runtimes == ["ort"] else f" in {rt}"
+                    err.print(
+                        f"[dim]· validate (FP32 and INT8 on the same images{where})[/]", highlight=False
+                    )
+                    vtask = bar.add_task(f"validating{where}", total=len(val_samples))
+                    validations[rt] = validate(
+                        model,
+                        result.output,
+                        val_dataset,
+                        val_samples,
+                        spec,
+                        batch_size=eval_batch,
+                        calibration_files=result.calibration_files,
+                        workers=workers,
+                        on_images=lambda n, vtask=vtask: bar.advance(vtask, n),
+                        runtime=rt,
+                    )
+                validation = validations[chosen_runtimes[0]]
+                result.seconds["validate"] = sum(v.run.seconds for v in validations.values())
                 if max_drop is not None:
                     tuning = result.tuning
                     chosen = tuning.chosen_step if tuning else None
+                    # Integer arithmetic differs between runtimes: the gate holds in every one validated.
+                    worst_rt = max(validations, key=lambda rt: validations[rt].drop.drop_pt)
+                    gated = f"INT8 {result.recipe.label()}" + (
+                        "" if worst_rt == chosen_runtimes[0] else f" · {worst_rt}"
+                    )
                     gate = Gate(
                         max_drop,
-                        validation.drop.drop_pt,
+                        validations[worst_rt].drop.drop_pt,
                         EXIT_GATE_FAILED,
-                        f"INT8 {result.recipe.label()}",
+                        gated,
                         tuning_goal_met=tuning.goal_met if tuning else None,
                         tuning_best_drop_pt=chosen.drop_pt if chosen else None,
                     )
         if bench_batches:
             err.print("[dim]· bench (FP32 and INT8 interleaved)[/]", highlight=False)
             started = time.perf_counter()
-            bench_result = bench_models([model, result.output], batch_sizes=bench_batches, runs=bench_runs)
+            bench_result = bench_models(
+                [model, result.output], batch_sizes=bench_batches, runs=bench_runs, runtimes=chosen_runtimes
+            )
             result.seconds["bench"] = time.perf_counter() - started
-        run_report = _quantize_report(result, validation, gate, bench_result)
+        run_report = _quantize_report(result, validation, gate, bench_result, validations, chosen_runtimes)
         paths = write_report(run_report, report_dir / run_report["run_id"])
         if as_json:
             typer.echo(json.dumps(run_report, indent=2))
         else:
             console = out_console()
             console.print(_summary_table(result))
-            if validation is not None:
-                console.print(_validation_table(validation))
+            for validated in validations.values() or [validation]:
+                if validated is not None:
+                    console.print(_validation_table(validated))
             if bench_result is not None:
                 console.print(bench_result.render_table())
         if validation is not None and validation.overlap_with_calibration:
@@ -465,9 +490,10 @@ def ensure_writable_dir(directory: Path) -> None:
         raise RqInputError(f"report folder is not writable: {directory} ({exc.strerror or exc})") from None
 
 
-def _quantize_report(result, validation, gate, bench_result) -> dict:
+def _quantize_report(result, validation, gate, bench_result, validations=None, runtimes=("ort",)) -> dict:
     from quantize.report_data import accuracy_of, bench_by_batch, build_report, variant
 
+    validations = validations or {}
     variants = [
         variant(
             "FP32",
@@ -487,6 +513,32 @@ def _quantize_report(result, validation, gate, bench_result) -> dict:
             bench=bench_by_batch(bench_result, 1),
         ),
     ]
+    # One (FP32, INT8) pair per further runtime: the same files, validated and timed there.
+    for rt in list(runtimes)[1:]:
+        other = validations.get(rt)
+        variants += [
+            variant(
+                f"FP32 · {rt}",
+                "fp32",
+                result.prepared.source,
+                accuracy=accuracy_of(other, 0),
+                bench=bench_by_batch(bench_result, 0, rt),
+            ),
+            variant(
+                f"INT8 {result.recipe.label()} · {rt}",
+                "int8",
+                result.output,
+                recipe=result.recipe,
+                quantized_ops=result.quantized_ops,
+                accuracy=accuracy_of(other, 1),
+                drop=other.drop if other else None,
+                bench=bench_by_batch(bench_result, 1, rt),
+            ),
+        ]
+    for v, rt in zip(
+        variants, [runtimes[0], runtimes[0]] + [r for r in list(runtimes)[1:] for _ in (0, 1)], strict=True
+    ):
+        v["runtime"] = rt
     calibration = result.to_dict()["calibration"]
     notes = []
     if validation is not None and validation.overlap_with_calibration:
@@ -564,32 +616,45 @@ def eval_(
     crop: CropOpt = None,
     interpolation: InterpOpt = None,
     workers: WorkersOpt = None,
+    runtime: RuntimeOpt = "ort",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Top-1 and top-5 accuracy of ONNX classifiers on a labelled ImageNet folder."""
 
+    from quantize import runtimes
     from quantize.evaluate import evaluate
     from quantize.validate import validation_samples
 
     with user_errors():
         if batch < 1:
             raise RqInputError("--batch must be ≥ 1")
+        chosen = runtimes.parse(runtime)
         spec = build_spec(preset_name, mean, std, resize, crop, interpolation)
         dataset, samples = validation_samples(data, labels, limit, seed)
+        by_runtime = {}
         with progress_bar() as bar:
-            task = bar.add_task("evaluating", total=len(samples))
-            run = evaluate(
-                models,
-                samples,
-                spec,
-                batch_size=batch,
-                workers=workers,
-                on_images=lambda n: bar.advance(task, n),
-            )
+            for name in chosen:
+                task = bar.add_task(f"evaluating ({name})", total=len(samples))
+                by_runtime[name] = evaluate(
+                    models,
+                    samples,
+                    spec,
+                    batch_size=batch,
+                    workers=workers,
+                    on_images=lambda n, task=task: bar.advance(task, n),
+                    runtime=name,
+                )
+        run = by_runtime[chosen[0]]
         if as_json:
             payload = run.to_dict()
             payload.update(
-                {"folder": str(dataset.root), "layout": dataset.layout, "preprocess": spec.to_dict()}
+                {
+                    "folder": str(dataset.root),
+                    "layout": dataset.layout,
+                    "preprocess": spec.to_dict(),
+                    "runtime": chosen[0],
+                    "runtimes": {name: r.to_dict() for name, r in by_runtime.items()},
+                }
             )
             typer.echo(json.dumps(payload, indent=2))
             return
@@ -597,11 +662,12 @@ def eval_(
             title=f"{run.images} images of {dataset.root} (layout {dataset.layout}), batch {batch}",
             title_justify="left",
         )
-        for col in ("model", "top-1 %", "top-5 %", "model img/s"):
-            table.add_column(col, justify="left" if col == "model" else "right")
-        for m in run.models:
-            rate = run.images / m.inference_seconds if m.inference_seconds else 0.0
-            table.add_row(escape(str(m.path)), f"{m.top1:.2f}", f"{m.top5:.2f}", f"{rate:.1f}")
+        for col in ("model", "runtime", "top-1 %", "top-5 %", "model img/s"):
+            table.add_column(col, justify="left" if col in ("model", "runtime") else "right")
+        for name, r in by_runtime.items():
+            for m in r.models:
+                rate = r.images / m.inference_seconds if m.inference_seconds else 0.0
+                table.add_row(escape(str(m.path)), name, f"{m.top1:.2f}", f"{m.top5:.2f}", f"{rate:.1f}")
         notes = [f"pipeline: {run.images_per_s:.1f} images/s (decode in parallel + every model)"]
         if run.skipped:
             notes.append(
@@ -828,14 +894,19 @@ def bench(
     threads: Annotated[int | None, typer.Option(help="Intra-op threads (default: physical cores).")] = None,
     runs: Annotated[int, typer.Option(help="Timed runs per model and batch size.")] = 20,
     warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 3,
+    runtime: RuntimeOpt = "ort",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Latency and throughput of models, run interleaved (A B A B …) so drift hits all alike."""
+    from quantize import runtimes
     from quantize.bench import bench_models
 
     with user_errors():
         batches = _parse_batches(batch)
-        result = bench_models(models, batch_sizes=batches, threads=threads, runs=runs, warmup=warmup)
+        chosen = runtimes.parse(runtime)
+        result = bench_models(
+            models, batch_sizes=batches, threads=threads, runs=runs, warmup=warmup, runtimes=chosen
+        )
         if as_json:
             typer.echo(json.dumps(result.to_dict(), indent=2))
         else:

@@ -619,23 +619,32 @@ def _results_blocks(data: dict) -> list[Block]:
 def _bench_blocks(data: dict) -> list[Block]:
     blocks: list[Block] = [("h2", "Benchmark")]
     rows = []
+    multi = len(_runtimes_of(_variants(data))) > 1 or any(
+        v.get("runtime") not in (None, "ort") for v in _variants(data)
+    )
     for v in _variants(data):
         for b, f in sorted(_bench_of(v).items()):
-            rows.append(
-                [
-                    str(v.get("name", "?")),
-                    str(b),
-                    _num(f.get("median_ms")),
-                    _num(f.get("p90_ms")),
-                    _num(f.get("images_per_s"), 1),
-                    f"{_num(f.get('ratio_to_fp32'))}×",
-                ]
-            )
+            row = [
+                str(v.get("name", "?")),
+                str(b),
+                _num(f.get("median_ms")),
+                _num(f.get("p90_ms")),
+                _num(f.get("images_per_s"), 1),
+                f"{_num(f.get('ratio_to_fp32'))}×",
+            ]
+            if multi:
+                ort_ratio = f.get("ratio_to_ort_fp32")
+                row[1:1] = [str(f.get("runtime", v.get("runtime", "?"))), str(f.get("precision", "?"))]
+                row.append(f"{_num(ort_ratio)}×" if _is_number(ort_ratio) else "—")
+            rows.append(row)
     bench = data.get("bench")
     if not rows and not isinstance(bench, dict):
         return [*blocks, ("p", f"Latency: {NOT_MEASURED} (run with --bench).")]
     if rows:
         headers = ["Variant", "Batch", "Median ms", "p90 ms", "Images/s", "vs FP32"]
+        if multi:
+            headers = ["Variant", "Runtime", "Precision", "Batch", "Median ms", "p90 ms", "Images/s"]
+            headers += ["vs FP32 (same runtime)", "vs ORT FP32"]
         blocks.append(("table", headers, rows))
     if isinstance(bench, dict):
         context = []
@@ -643,6 +652,9 @@ def _bench_blocks(data: dict) -> list[Block]:
             context.append(f"onnxruntime {bench['onnxruntime_version']}")
         if bench.get("provider"):
             context.append(str(bench["provider"]))
+        versions = bench.get("runtime_versions")
+        if isinstance(versions, dict) and set(versions) - {"ort"}:
+            context.append("runtimes: " + ", ".join(str(x) for x in versions.values()))
         if bench.get("threads") is not None:
             context.append(f"{bench['threads']} intra-op thread(s)")
         if bench.get("runs") is not None:
@@ -1029,14 +1041,25 @@ def render_html(data: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _runtimes_of(variants: list[dict]) -> list[str]:
+    seen: list[str] = []
+    for v in variants:
+        rt = v.get("runtime")
+        if isinstance(rt, str) and rt not in seen:
+            seen.append(rt)
+    return seen
+
+
 def _plot_points(data: dict) -> tuple[int, list[tuple[str, str, float, float, bool]]] | None:
     """(batch, [(name, kind, speedup, top-1, on_front)]) for the plot, or None when there is nothing to show.
 
     The batch is the largest one at which some INT8 variant has both accuracy and a speed ratio. FP32 sits
     at x = 1 by definition. Pareto flags come from the report when it has them (so the plot agrees with
-    the table), else are computed here over the plotted points.
+    the table), else are computed here over the plotted points. With several runtimes, x is the speedup
+    against ONNX Runtime's FP32 (``ratio_to_ort_fp32``) when measured, so the runtimes share one axis.
     """
     variants = _variants(data)
+    key = "ratio_to_ort_fp32" if len(_runtimes_of(variants)) > 1 and "ort" in _runtimes_of(variants) else None
     candidates = [
         b
         for v in variants
@@ -1052,10 +1075,12 @@ def _plot_points(data: dict) -> tuple[int, list[tuple[str, str, float, float, bo
         top1 = _top1(v)
         if top1 is None:
             continue
-        if v.get("kind") == "fp32":
+        f = _bench_of(v).get(batch)
+        if key and f is not None and _is_number(f.get(key)):
+            x = float(f[key])
+        elif v.get("kind") == "fp32":
             x = 1.0
         else:
-            f = _bench_of(v).get(batch)
             if f is None or not _is_number(f.get("ratio_to_fp32")):
                 continue
             x = float(f["ratio_to_fp32"])
@@ -1123,13 +1148,40 @@ def plot_accuracy_vs_speed(data: dict) -> bytes | None:
             fontsize=8,
             color="#1d2330",
         )
+    # Several runtimes: each is its own series, its variants joined in a colour of its own.
+    runtimes = _runtimes_of(_variants(data))
+    series_handles = []
+    if len(runtimes) > 1:
+        by_name = {p[0]: p for p in points}
+        palette = ["#2471a3", "#27ae60", "#8e44ad", "#d35400"]
+        for i, rt in enumerate(runtimes):
+            members = [
+                by_name[str(v.get("name"))]
+                for v in _variants(data)
+                if v.get("runtime") == rt and str(v.get("name")) in by_name
+            ]
+            if not members:
+                continue
+            members.sort(key=lambda p: p[2])
+            color = palette[i % len(palette)]
+            ax.plot(
+                [p[2] for p in members],
+                [p[3] for p in members],
+                color=color,
+                linestyle="--",
+                linewidth=1,
+                zorder=2,
+            )
+            series_handles.append(Line2D([], [], color=color, linestyle="--", label=_mpl_text(rt)))
     # Proxy artists: one legend entry per meaning, not per point.
     handles = [
+        *series_handles,
         Line2D([], [], color="#c0392b", marker="o", markeredgecolor="black", label="Pareto front"),
         Line2D([], [], color="#7f8c8d", marker="o", linestyle="none", label="dominated"),
         Line2D([], [], color="#555555", marker="s", linestyle="none", label="FP32 (x = 1)"),
     ]
-    ax.set_xlabel(f"speedup vs FP32 at batch {batch} (×, FP32 median / variant median)")
+    versus = "ONNX Runtime FP32" if len(runtimes) > 1 and "ort" in runtimes else "FP32"
+    ax.set_xlabel(f"speedup vs {versus} at batch {batch} (×, FP32 median / variant median)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(_mpl_text(f"{_model_name(data)}: accuracy vs speed"), fontsize=10)
     ax.grid(True, alpha=0.3)

@@ -49,18 +49,26 @@ def cpu_section(cpu: CpuInfo) -> dict:
     return data
 
 
-def bench_by_batch(bench: BenchResult | None, model_index: int) -> dict | None:
+def bench_by_batch(bench: BenchResult | None, model_index: int, runtime: str | None = None) -> dict | None:
+    """A variant's figures per batch in `runtime` (default: the first benchmarked); ``ratio_to_fp32`` is
+    against FP32 in the same runtime, ``ratio_to_ort_fp32`` against FP32 in ONNX Runtime (when measured)."""
     if bench is None:
         return None
+    runtime = runtime or (bench.runtimes[0] if bench.runtimes else "ort")
     out = {}
     for row in bench.rows:
-        if row.model_index == model_index:
-            out[str(row.batch)] = {
+        if row.model_index == model_index and row.runtime == runtime:
+            figures = {
                 "median_ms": round(row.median_ms, 4),
                 "p90_ms": round(row.p90_ms, 4),
                 "images_per_s": round(row.images_per_s, 3),
                 "ratio_to_fp32": round(row.ratio_to_first, 4),
+                "runtime": row.runtime,
+                "precision": row.precision,
             }
+            if row.ratio_to_ort_first is not None:
+                figures["ratio_to_ort_fp32"] = round(row.ratio_to_ort_first, 4)
+            out[str(row.batch)] = figures
     return out or None
 
 

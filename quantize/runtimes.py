@@ -65,6 +65,8 @@ class Runtime(Protocol):
 
     def version(self) -> str: ...
 
+    def check(self) -> None: ...  # one-line RqInputError when the runtime is not installed
+
     def open(self, path: Path, threads: int | None = None, *, allow_spinning: bool = False) -> Session: ...
 
 
@@ -116,6 +118,10 @@ class OrtRuntime:
 
     def _check_available(self) -> None:
         pass
+
+    def check(self) -> None:
+        """Raise the one-line error `open` would raise for a missing runtime, before any work starts."""
+        self._check_available()
 
     def _provider_options(self, threads: int | None) -> list[dict] | None:
         return None
@@ -253,6 +259,9 @@ class OpenVinoRuntime:
     def version(self) -> str:
         return f"openvino {self._ov().__version__}"
 
+    def check(self) -> None:
+        self._ov()
+
     def open(
         self, path: Path, threads: int | None = None, *, allow_spinning: bool = False
     ) -> OpenVinoSession:
@@ -315,6 +324,8 @@ def parse(text: str | Sequence[str] | None) -> list[str]:
             chosen.append(item)
     if not chosen:
         raise RqInputError("--runtime needs at least one runtime")
+    for name in chosen:
+        get(name).check()
     return chosen
 
 

@@ -127,9 +127,19 @@ def validate(
     calibration_files: Sequence[Path] = (),
     workers: int | None = None,
     on_images: Callable[[int], None] | None = None,
+    runtime: str = "ort",
 ) -> Validation:
-    """Evaluate FP32 and INT8 on `samples` in one pass (see `validation_samples`) and compare them pair-wise."""
-    run = evaluate([fp32, int8], samples, spec, batch_size=batch_size, workers=workers, on_images=on_images)
+    """Evaluate FP32 and INT8 on `samples` in one pass (see `validation_samples`) and compare them pair-wise,
+    both run in `runtime` (quantize.runtimes)."""
+    run = evaluate(
+        [fp32, int8],
+        samples,
+        spec,
+        batch_size=batch_size,
+        workers=workers,
+        on_images=on_images,
+        runtime=runtime,
+    )
     a, b = run.models
     drop = paired_drop(
         a.correct_top1, b.correct_top1, disagreements=int((a.predictions != b.predictions).sum())
