@@ -231,7 +231,8 @@ class OpenVinoSession:
                 compiled = self._core.compile_model(model, "CPU", self._config)
             except Exception as exc:
                 raise RqInputError(f"openvino cannot compile {self._path.name}: {first_line(exc)}") from None
-            hint = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+            hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+            hint = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
             self.precision = ("int8+" if self._int8 else "") + hint
             request = compiled.create_infer_request()
             self._compiled[batch] = request
@@ -257,7 +258,7 @@ class OpenVinoRuntime:
         return openvino
 
     def version(self) -> str:
-        return f"openvino {self._ov().__version__}"
+        return f"openvino {self._ov().__version__.split('-')[0]}"
 
     def check(self) -> None:
         self._ov()

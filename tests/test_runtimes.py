@@ -1,0 +1,259 @@
+"""The runtime seam (quantize/runtimes.py) and --runtime on rq bench / eval / quantize.
+
+The second runtime here is real, not a stand-in for ONNX Runtime: ``onnx.reference.ReferenceEvaluator``
+(numpy), registered in the seam like any runtime. "picky" is the same runtime refusing quantized files, as
+OpenVINO refuses a model it cannot read. The real OpenVINO path is in test_openvino.py (CI's extra venv).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from calib_images import make_class_folders
+from onnx.reference import ReferenceEvaluator
+from test_cli_eval_bench_report import SMALL, K, invoke
+from test_cli_quantize import all_output, assert_one_line_error
+from test_evaluate import onehot_model, onehot_row, wnid
+from test_tune import sensitive_model
+from tiny_models import tiny_cnn
+
+from calibration.errors import RqInputError
+from quantize import runtimes
+from quantize.report import validate_report
+
+HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
+
+
+class ReferenceSession:
+    runtime = "reference"
+    device = "onnx.reference (numpy)"
+
+    def __init__(self, path: Path):
+        model = onnx.load(str(path))
+        if any(n.op_type == "DequantizeLinear" for n in model.graph.node):
+            # the reference implementation has DequantizeLinear from opset 19 on
+            model = onnx.version_converter.convert_version(model, 21)
+        self._evaluator = ReferenceEvaluator(model)
+        inp, out = model.graph.input[0], model.graph.output[0]
+
+        def dims(vi):
+            return [d.dim_value or d.dim_param or None for d in vi.type.tensor_type.shape.dim]
+
+        self.input_name = inp.name
+        self.input_type = "tensor(float)"
+        self.input_shape = dims(inp)
+        self.output_shape = dims(out)
+        self.precision = "int8+f32" if any(n.op_type == "QuantizeLinear" for n in model.graph.node) else "f32"
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        return np.asarray(self._evaluator.run(None, {self.input_name: images})[0], np.float32)
+
+
+class ReferenceRuntime:
+    name = "reference"
+    label = "onnx.reference"
+
+    def version(self) -> str:
+        return f"onnx.reference {onnx.__version__}"
+
+    def check(self) -> None:
+        pass
+
+    def open(
+        self, path: Path, threads: int | None = None, *, allow_spinning: bool = False
+    ) -> ReferenceSession:
+        return ReferenceSession(Path(path))
+
+
+class PickyRuntime(ReferenceRuntime):
+    """Refuses files with QuantizeLinear, or every file when `everything` is set."""
+
+    name = "picky"
+    label = "picky"
+
+    def __init__(self, everything: bool = False):
+        self.everything = everything
+
+    def open(
+        self, path: Path, threads: int | None = None, *, allow_spinning: bool = False
+    ) -> ReferenceSession:
+        session = super().open(path, threads)
+        if self.everything or session.precision != "f32":
+            raise RqInputError(f"picky cannot read {Path(path).name}: quantized models are not supported")
+        return session
+
+
+@pytest.fixture()
+def fake_runtimes():
+    runtimes.register(ReferenceRuntime())
+    runtimes.register(PickyRuntime())
+    yield
+    runtimes.unregister("reference")
+    runtimes.unregister("picky")
+
+
+@pytest.fixture()
+def cli(tmp_path, monkeypatch):
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return invoke
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny FP32 model and its INT8 version made by `rq quantize`."""
+    base = tmp_path_factory.mktemp("rt-models")
+    fp32 = tiny_cnn(base / "tiny.onnx")
+    calib = base / "calib"
+    make_class_folders(calib, {wnid(0): 4, wnid(1): 4}, size=(48, 40))
+    int8 = base / "tiny-int8.onnx"
+    result = invoke(
+        "quantize", fp32, "--calib", calib, "--samples", "8", "--workers", "2", "--out", int8,
+        "--report-dir", base / "reports", *SMALL,
+    )  # fmt: skip
+    assert result.exit_code == 0, all_output(result)
+    return fp32, int8
+
+
+def test_parse_names_and_unknown_runtime():
+    assert runtimes.parse(None) == ["ort"]
+    assert runtimes.parse("ort, ort") == ["ort"]
+    with pytest.raises(RqInputError, match="unknown runtime 'tensorrt'; choose from ort"):
+        runtimes.parse("ort,tensorrt")
+
+
+def test_bench_two_runtimes_rows_and_ratios(cli, fake_runtimes, tiny_pair):
+    fp32, int8 = tiny_pair
+    result = cli(
+        "bench",
+        fp32,
+        int8,
+        "--runtime",
+        "ort,reference",
+        "--runs",
+        "2",
+        "--batch",
+        "1,2",
+        "--warmup",
+        "1",
+        "--json",
+    )
+    assert result.exit_code == 0, all_output(result)
+    data = json.loads(result.stdout)
+    assert data["runtimes"] == ["ort", "reference"] and data["errors"] == []
+    assert data["runtime_versions"]["reference"].startswith("onnx.reference")
+    rows = {(r["runtime"], r["model_index"], r["batch"]): r for r in data["rows"]}
+    assert len(rows) == 8
+    for (rt, index, batch), row in rows.items():
+        same_fp32 = rows[(rt, 0, batch)]["median_ms"]
+        ort_fp32 = rows[("ort", 0, batch)]["median_ms"]
+        assert row["ratio_to_first"] == pytest.approx(same_fp32 / row["median_ms"])
+        assert row["ratio_to_ort_first"] == pytest.approx(ort_fp32 / row["median_ms"])
+        assert row["precision"] == ("f32" if index == 0 else "int8+f32")
+    # the table names the runtime and the precision of every row
+    table = cli(
+        "bench", fp32, int8, "--runtime", "ort,reference", "--runs", "1", "--batch", "1", "--warmup", "0"
+    )
+    assert table.exit_code == 0, all_output(table)
+    assert "reference" in table.stdout and "int8+f32" in table.stdout and "vs #1 ort" in table.stdout
+
+
+def test_bench_runtime_that_cannot_read_the_int8_model_still_reports_the_others(
+    cli, fake_runtimes, tiny_pair
+):
+    fp32, int8 = tiny_pair
+    result = cli("bench", fp32, int8, "--runtime", "ort,picky", "--runs", "1", "--batch", "1", "--json")
+    assert result.exit_code == 0, all_output(result)
+    data = json.loads(result.stdout)
+    assert {(r["runtime"], r["model_index"]) for r in data["rows"]} == {("ort", 0), ("ort", 1), ("picky", 0)}
+    ((index, rt, why),) = data["errors"]
+    assert (index, rt) == (1, "picky") and "quantized models are not supported" in why and "\n" not in why
+    table = cli("bench", fp32, int8, "--runtime", "ort,picky", "--runs", "1", "--batch", "1")
+    assert "#2 in picky: not measured, picky cannot read tiny-int8.onnx" in table.stdout.replace("\n", " ")
+
+
+def test_bench_runtime_that_cannot_run_the_fp32_model_is_exit_2(cli, tiny_pair, tmp_path):
+    runtimes.register(PickyRuntime(everything=True))
+    try:
+        out = tmp_path / "bench.json"
+        result = cli("bench", *tiny_pair, "--runtime", "ort,picky", "--runs", "1", "--batch", "1")
+        assert_one_line_error(result, "picky cannot read tiny.onnx")
+        assert not out.exists()
+    finally:
+        runtimes.unregister("picky")
+
+
+def test_eval_in_another_runtime_gives_the_same_top1(cli, fake_runtimes, tmp_path):
+    model = onehot_model(tmp_path / "k.onnx", onehot_row(1000, [K, 0]))
+    val = tmp_path / "val"
+    make_class_folders(val, {wnid(K): 3, wnid(0): 2}, size=(40, 36))
+    result = cli("eval", model, "--data", val, "--runtime", "ort,reference", "--json", *SMALL)
+    assert result.exit_code == 0, all_output(result)
+    data = json.loads(result.stdout)
+    assert data["runtime"] == "ort"
+    tops = {rt: run["models"][0]["top1"] for rt, run in data["runtimes"].items()}
+    assert tops == {"ort": 60.0, "reference": 60.0}
+
+
+@pytest.mark.parametrize("command", ["bench", "eval"])
+def test_unknown_runtime_is_one_line_exit_2(cli, tiny_pair, tmp_path, command):
+    extra = ["--data", tmp_path] if command == "eval" else []
+    assert_one_line_error(
+        cli(command, tiny_pair[0], *extra, "--runtime", "tensorrt"), "unknown runtime 'tensorrt'"
+    )
+
+
+@pytest.mark.skipif(HAS_OPENVINO, reason="openvino is installed here")
+@pytest.mark.parametrize("command", ["bench", "eval", "quantize"])
+def test_openvino_without_the_extra_names_the_install_command(cli, tiny_pair, tmp_path, command):
+    extra = {"bench": [], "eval": ["--data", tmp_path], "quantize": ["--calib", tmp_path]}[command]
+    result = cli(command, tiny_pair[0], *extra, "--runtime", "openvino")
+    line = assert_one_line_error(result, "pip install 'rq-quant[openvino]'")
+    assert "--runtime openvino needs the openvino extra" in line
+
+
+def test_ort_openvino_without_its_provider_is_one_line(cli, tiny_pair):
+    import onnxruntime as ort
+
+    if "OpenVINOExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the OpenVINO execution provider")
+    line = assert_one_line_error(
+        cli("bench", tiny_pair[0], "--runtime", "ort-openvino"), "onnxruntime-openvino"
+    )
+    assert "OpenVINOExecutionProvider" in line
+
+
+def test_quantize_validates_and_benches_in_every_runtime(cli, fake_runtimes, tmp_path):
+    model = sensitive_model(tmp_path / "tiny1000.onnx", n_sensitive=0)
+    calib = tmp_path / "calib"
+    make_class_folders(calib, {wnid(0): 4, wnid(1): 4}, size=(48, 40))
+    val = tmp_path / "val"
+    make_class_folders(val, {wnid(0): 3, wnid(1): 3}, size=(48, 40))
+    reports = tmp_path / "reports"
+    result = cli(
+        "quantize", model, "--calib", calib, "--val", val, "--max-drop", "100", "--bench", "--bench-runs", "1",
+        "--bench-batch", "1", "--samples", "8", "--workers", "2", "--out", tmp_path / "int8.onnx",
+        "--report-dir", reports, "--runtime", "ort,reference", *SMALL,
+    )  # fmt: skip
+    assert result.exit_code == 0, all_output(result)
+    (run,) = [p for p in reports.iterdir() if p.is_dir()]
+    data = json.loads((run / "report.json").read_text())
+    validate_report(data)
+    by_name = {v["name"]: v for v in data["variants"]}
+    label = next(n for n in by_name if n.startswith("INT8") and "·" not in n)
+    assert set(by_name) == {"FP32", label, "FP32 · reference", f"{label} · reference"}
+    assert [v["runtime"] for v in data["variants"]] == ["ort", "ort", "reference", "reference"]
+    for name, v in by_name.items():
+        assert v["accuracy"]["images"] == 6, name  # validated in its own runtime
+        figures = v["bench"]["1"]
+        assert figures["runtime"] == v["runtime"]
+        assert "ratio_to_ort_fp32" in figures and figures["precision"] in ("f32", "int8+f32")
+    assert by_name["FP32 · reference"]["bench"]["1"]["ratio_to_fp32"] == 1.0
+    html = (run / "report.html").read_text()
+    assert "vs ORT FP32" in html and "reference" in html
