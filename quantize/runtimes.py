@@ -192,6 +192,16 @@ class OrtOpenVinoRuntime(OrtRuntime):
 # -- OpenVINO -------------------------------------------------------------------------------------------
 
 
+_OV_NOISE = re.compile(r"^(Exception from |Check '.*' failed at |FrontEnd API failed|Summary:)|\bsrc/\S+:\d+")
+
+
+def ov_reason(exc: BaseException) -> str:
+    """OpenVINO's message without its source locations: the lines that say what is wrong, on one line."""
+    lines = [ln.strip(" -") for ln in str(exc).splitlines() if ln.strip(" -")]
+    useful = [ln for ln in lines if not _OV_NOISE.search(ln)]
+    return " ".join(useful) if useful else first_line(exc)
+
+
 def _ov_dims(partial_shape) -> list[int | str | None]:
     return [d.get_length() if d.is_static else None for d in partial_shape]
 
@@ -230,7 +240,7 @@ class OpenVinoSession:
             try:
                 compiled = self._core.compile_model(model, "CPU", self._config)
             except Exception as exc:
-                raise RqInputError(f"openvino cannot compile {self._path.name}: {first_line(exc)}") from None
+                raise RqInputError(f"openvino cannot compile {self._path.name}: {ov_reason(exc)}") from None
             hint = compiled.get_property("INFERENCE_PRECISION_HINT")
             hint = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
             self.precision = ("int8+" if self._int8 else "") + hint
@@ -274,7 +284,7 @@ class OpenVinoRuntime:
         try:
             model = core.read_model(str(path))
         except Exception as exc:
-            raise RqInputError(f"openvino cannot read {path.name}: {first_line(exc)}") from None
+            raise RqInputError(f"openvino cannot read {path.name}: {ov_reason(exc)}") from None
         config = {
             # f32, not the bf16 OpenVINO silently picks on AVX512_BF16/AMX CPUs: the FP32 baseline must be FP32.
             "INFERENCE_PRECISION_HINT": "f32",

@@ -1,0 +1,106 @@
+"""The real OpenVINO runtime (the `openvino` extra). Skipped in the main venv; CI runs it in .venv-openvino."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from calib_images import make_class_folders
+from onnx import helper
+from test_cli_eval_bench_report import SMALL, K
+from test_cli_quantize import all_output, assert_one_line_error
+from test_evaluate import onehot_model, onehot_row, wnid
+from test_runtimes import cli, tiny_pair  # noqa: F401  (fixtures)
+from tiny_models import random_inputs
+
+from quantize import runtimes
+
+pytest.importorskip("openvino")
+pytestmark = pytest.mark.openvino
+
+
+def test_fp32_runs_in_f32_and_matches_onnxruntime(tiny_pair):  # noqa: F811
+    fp32, int8 = tiny_pair
+    x = random_inputs(3, seed=2)
+    session = runtimes.get("openvino").open(fp32, threads=1)
+    got = session.run(x)
+    # Forced f32 even on CPUs with AVX512_BF16/AMX, where OpenVINO's default would be bf16.
+    assert session.precision == "f32"
+    reference = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    np.testing.assert_allclose(got, reference, rtol=1e-4, atol=1e-4)
+    int8_session = runtimes.get("openvino").open(int8, threads=1)
+    out = int8_session.run(x)
+    assert int8_session.precision == "int8+f32" and out.shape == reference.shape
+    # integer arithmetic differs between runtimes, but the INT8 model still tracks the FP32 one
+    assert (out.argmax(1) == reference.argmax(1)).mean() >= 2 / 3
+
+
+def test_bench_in_ort_and_openvino(cli, tiny_pair):  # noqa: F811
+    result = cli("bench", *tiny_pair, "--runtime", "ort,openvino", "--runs", "2", "--batch", "1,2", "--json")
+    assert result.exit_code == 0, all_output(result)
+    data = json.loads(result.stdout)
+    assert data["errors"] == [] and data["runtime_versions"]["openvino"].startswith("openvino 20")
+    rows = {(r["runtime"], r["model_index"], r["batch"]): r for r in data["rows"]}
+    assert len(rows) == 8
+    assert rows[("openvino", 0, 1)]["precision"] == "f32"
+    assert rows[("openvino", 1, 2)]["precision"] == "int8+f32"
+
+
+def test_eval_top1_in_openvino(cli, tmp_path):  # noqa: F811
+    model = onehot_model(tmp_path / "k.onnx", onehot_row(1000, [K, 0]))
+    val = tmp_path / "val"
+    make_class_folders(val, {wnid(K): 3, wnid(0): 2}, size=(40, 36))
+    result = cli("eval", model, "--data", val, "--runtime", "openvino", "--json", *SMALL)
+    assert result.exit_code == 0, all_output(result)
+    assert json.loads(result.stdout)["runtimes"]["openvino"]["models"][0]["top1"] == 60.0
+
+
+def test_model_openvino_cannot_read_keeps_the_ort_rows(cli, tiny_pair, tmp_path):  # noqa: F811
+    """com.microsoft.Inverse runs in ONNX Runtime but OpenVINO has no conversion rule for it."""
+    fp32, _ = tiny_pair
+    model = onnx.load(str(fp32))
+    last = model.graph.output[0].name
+    model.graph.node[-1].output[0] = "pre"
+    model.graph.node.extend(
+        [
+            helper.make_node("Unsqueeze", ["pre", "axes"], ["pre3"]),
+            helper.make_node("Mul", ["pre3", "zero"], ["zeroed"]),
+            helper.make_node("Inverse", ["eye"], ["inv"], domain="com.microsoft"),
+            helper.make_node("Add", ["zeroed", "inv"], ["sum3"]),
+            helper.make_node("ReduceSum", ["sum3", "axes"], [last], keepdims=0),
+        ]
+    )
+    model.graph.initializer.extend(
+        [
+            onnx.numpy_helper.from_array(np.array([2], np.int64), "axes"),
+            onnx.numpy_helper.from_array(np.zeros((1, 1, 1), np.float32), "zero"),
+            onnx.numpy_helper.from_array(np.eye(1, dtype=np.float32), "eye"),
+        ]
+    )
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    odd = tmp_path / "odd.onnx"
+    onnx.save(model, str(odd))
+    assert ort.InferenceSession(str(odd), providers=["CPUExecutionProvider"]).run(
+        None, {"input": random_inputs(1)}
+    )
+
+    result = cli("bench", fp32, odd, "--runtime", "ort,openvino", "--runs", "1", "--batch", "1", "--json")
+    assert result.exit_code == 0, all_output(result)
+    data = json.loads(result.stdout)
+    assert {(r["runtime"], r["model_index"]) for r in data["rows"]} == {
+        ("ort", 0),
+        ("ort", 1),
+        ("openvino", 0),
+    }
+    ((index, rt, why),) = data["errors"]
+    assert (index, rt) == (1, "openvino") and "openvino cannot read odd.onnx" in why
+    assert "com.microsoft.Inverse" in why and "\n" not in why and "src/" not in why
+
+    # as the first (FP32) model, nothing can be compared in OpenVINO: one line, exit 2
+    assert_one_line_error(
+        cli("bench", odd, fp32, "--runtime", "openvino", "--runs", "1", "--batch", "1"),
+        "openvino cannot read odd.onnx",
+    )
