@@ -1,0 +1,159 @@
+"""rq against the peer a user would otherwise pick: NNCF's post-training INT8 run in OpenVINO.
+
+NNCF (``nncf.quantize`` with its defaults) gets the same 100 calibration images rq uses (the same sample:
+``select_samples(calib, 100, seed 0)``, the same preprocessing); its model runs in OpenVINO. rq's artifact
+(an INT8 ONNX file made by ``rq quantize``) runs in ONNX Runtime and in OpenVINO. Every model is evaluated on
+the same validation images (top-1 and top-1 agreement with FP32 in the same runtime) and timed interleaved,
+in one process, round by round (FP32 and INT8 of both tools alternate, so drift hits all alike). The ratios
+printed compare rq's best (fastest INT8 runtime) with NNCF+OpenVINO at each batch size.
+
+OpenVINO runs with ``INFERENCE_PRECISION_HINT=f32`` for every model (the float parts of both INT8 models
+in f32, the FP32 baseline in f32, not bf16); NNCF's model is also timed with OpenVINO's *default* precision
+(bf16 on CPUs with AVX512_BF16/AMX), which is what a user who does not set the hint gets.
+
+Needs its own venv (nncf and openvino are never rq dependencies, and this never runs in the unit suite):
+
+    python3 -m venv .venv-nncf && .venv-nncf/bin/pip install -e '.[openvino]' nncf==3.4.0
+    .venv-nncf/bin/python benchmarks/compare_openvino_nncf.py ../shared/models/resnet50-v1-keras-opset7.onnx \\
+        resnet50-v1-int8.onnx --calib ../shared/imagenet/calib --val ../shared/imagenet/val --val-limit 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from calibration import BatchStream, PreprocessSpec, discover_dataset, select_samples
+from quantize import runtimes
+from quantize.evaluate import evaluate
+from quantize.validate import validation_samples
+
+
+def nncf_quantize(fp32: Path, calib: Path, spec: PreprocessSpec, samples: int, out_dir: Path) -> Path:
+    import nncf
+    import openvino as ov
+
+    dataset = discover_dataset(calib)
+    chosen = select_samples(dataset, samples, 0)
+    images = []
+    with BatchStream(chosen, spec, batch_size=1) as stream:
+        for batch in stream:
+            images.append(batch.images)
+    model = ov.Core().read_model(str(fp32))
+    name = model.inputs[0].get_any_name()
+    started = time.perf_counter()
+    quantized = nncf.quantize(model, nncf.Dataset(images, lambda x: {name: x}), subset_size=len(images))
+    print(f"nncf.quantize: {time.perf_counter() - started:.1f} s on {len(images)} images", file=sys.stderr)
+    out = out_dir / "nncf-int8.xml"
+    ov.save_model(quantized, str(out), compress_to_fp16=False)
+    return out
+
+
+def _open_default_precision(path: Path, threads: int):
+    """NNCF's model compiled the way OpenVINO does by default (no precision hint): bf16 where the CPU has it."""
+    session = runtimes.get("openvino").open(path, threads)
+    session._config = {k: v for k, v in session._config.items() if k != "INFERENCE_PRECISION_HINT"}
+    return session
+
+
+def time_interleaved(entries, batches, runs: int, warmup: int, shape):
+    """{(label, batch): median ms}; every round runs every entry once, in order."""
+    medians = {}
+    for b in batches:
+        x = np.random.default_rng(0).standard_normal((b, *shape), dtype=np.float32)
+        for _label, session in entries:
+            for _ in range(max(warmup, 1)):
+                session.run(x)
+        samples = {label: [] for label, _ in entries}
+        gc.disable()
+        try:
+            for _ in range(runs):
+                for label, session in entries:
+                    t0 = time.perf_counter_ns()
+                    session.run(x)
+                    samples[label].append((time.perf_counter_ns() - t0) / 1e6)
+        finally:
+            gc.enable()
+        for label, values in samples.items():
+            medians[(label, b)] = statistics.median(values)
+    return medians
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("fp32", type=Path)
+    parser.add_argument("rq_int8", type=Path, help="rq's INT8 ONNX artifact (rq quantize …)")
+    parser.add_argument("--calib", type=Path, required=True)
+    parser.add_argument("--val", type=Path, help="labelled images for accuracy (skip: speed only)")
+    parser.add_argument("--val-limit", type=int, default=None)
+    parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument("--batch", default="1,8")
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    spec = PreprocessSpec()
+    batches = [int(b) for b in args.batch.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        nncf_model = nncf_quantize(args.fp32, args.calib, spec, args.samples, Path(tmp))
+
+        if args.val is not None:
+            _, samples = validation_samples(args.val, None, args.val_limit)
+            accuracy = {}
+            for rt, models in (
+                ("ort", [args.fp32, args.rq_int8]),
+                ("openvino", [args.fp32, args.rq_int8, nncf_model]),
+            ):
+                run = evaluate(models, samples, spec, runtime=rt, threads=args.threads)
+                fp32_pred = run.models[0].predictions
+                for name, m in zip(["FP32", "rq INT8", "NNCF INT8"], run.models, strict=False):
+                    agree = 100.0 * float((m.predictions == fp32_pred).mean())
+                    accuracy[(name, rt)] = (m.top1, agree, run.images)
+            print(f"\naccuracy on {run.images} images of {args.val} (top-1 %, top-1 agreement with FP32 %):")
+            for (name, rt), (top1, agree, _n) in accuracy.items():
+                print(f"  {name:10} {rt:9} top-1 {top1:6.2f}   agreement {agree:6.2f}")
+
+        ort_rt, ov_rt = runtimes.get("ort"), runtimes.get("openvino")
+        entries = [
+            ("FP32 ort", ort_rt.open(args.fp32, args.threads)),
+            ("rq INT8 ort", ort_rt.open(args.rq_int8, args.threads)),
+            ("FP32 openvino f32", ov_rt.open(args.fp32, args.threads)),
+            ("rq INT8 openvino", ov_rt.open(args.rq_int8, args.threads)),
+            ("NNCF INT8 openvino", ov_rt.open(nncf_model, args.threads)),
+            ("NNCF INT8 openvino default-precision", _open_default_precision(nncf_model, args.threads)),
+        ]
+        shape = [int(d) for d in entries[0][1].input_shape[1:]]
+        medians = time_interleaved(entries, batches, args.runs, args.warmup, shape)
+        print(
+            f"\nlatency: median of {args.runs} interleaved rounds (+{args.warmup} warmup), {args.threads} threads, "
+            f"{runtimes.get('ort').version()}, {ov_rt.version()}"
+        )
+        print(f"  {'model':40} {'precision':>12} " + " ".join(f"{'b' + str(b) + ' ms':>10}" for b in batches))
+        for label, session in entries:
+            print(
+                f"  {label:40} {session.precision:>12} "
+                + " ".join(f"{medians[(label, b)]:10.2f}" for b in batches)
+            )
+        for b in batches:
+            rq_best = min(("rq INT8 ort", "rq INT8 openvino"), key=lambda k: medians[(k, b)])
+            nncf = medians[("NNCF INT8 openvino", b)]
+            print(
+                f"batch {b}: rq's best ({rq_best}) vs NNCF INT8 in OpenVINO: {nncf / medians[(rq_best, b)]:.2f}× "
+                f"(> 1: rq faster); vs NNCF at default precision: "
+                f"{medians[('NNCF INT8 openvino default-precision', b)] / medians[(rq_best, b)]:.2f}×; "
+                f"rq INT8/FP32 in ORT {medians[('FP32 ort', b)] / medians[('rq INT8 ort', b)]:.2f}×"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
