@@ -450,9 +450,8 @@ def quantize(
         else:
             console = out_console()
             console.print(_summary_table(result))
-            for validated in validations.values() or [validation]:
-                if validated is not None:
-                    console.print(_validation_table(validated))
+            for rt, validated in validations.items():
+                console.print(_validation_table(validated, None if chosen_runtimes == ["ort"] else rt))
             if bench_result is not None:
                 console.print(bench_result.render_table())
         if validation is not None and validation.overlap_with_calibration:
@@ -572,11 +571,12 @@ def _quantize_report(result, validation, gate, bench_result, validations=None, r
     return data
 
 
-def _validation_table(validation) -> Table:
+def _validation_table(validation, runtime: str | None = None) -> Table:
     """One row per model; the drop, its CI and the disagreements as rows too, so nothing wraps narrowly."""
     d = validation.drop
+    where = f" in {runtime}" if runtime else ""
     table = Table(
-        title=f"Validation: {validation.run.images} images of {validation.dataset.root} "
+        title=f"Validation{where}: {validation.run.images} images of {validation.dataset.root} "
         f"({validation.run.images_per_s:.1f} images/s, decode + both models)",
         title_justify="left",
         min_width=100,

@@ -242,6 +242,7 @@ def test_quantize_validates_and_benches_in_every_runtime(cli, fake_runtimes, tmp
         "--report-dir", reports, "--runtime", "ort,reference", *SMALL,
     )  # fmt: skip
     assert result.exit_code == 0, all_output(result)
+    assert "Validation in ort:" in result.stdout and "Validation in reference:" in result.stdout
     (run,) = [p for p in reports.iterdir() if p.is_dir()]
     data = json.loads((run / "report.json").read_text())
     validate_report(data)
