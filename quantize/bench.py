@@ -45,6 +45,9 @@ class BenchRow:
     runtime: str = "ort"
     precision: str = "f32"  # what the runtime computed in ("f32", "int8+f32", …)
     ratio_to_ort_first: float | None = None  # ORT's median of the first model / this median (None: no ORT)
+    # Median CPU time of the whole process per run (all threads): the work done, which — unlike wall time —
+    # does not grow when a shared machine preempts the run. Spinning threads count here too.
+    cpu_median_ms: float | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -62,6 +65,7 @@ class BenchRow:
             "runtime": self.runtime,
             "precision": self.precision,
             "ratio_to_ort_first": self.ratio_to_ort_first,
+            "cpu_median_ms": self.cpu_median_ms,
         }
 
 
@@ -138,7 +142,7 @@ class BenchResult:
         if multi:
             table.add_column("runtime", no_wrap=True)
             table.add_column("precision", no_wrap=True)
-        headers = ["batch", "median", "p90", "mean", "min", "img/s", "vs #1"]
+        headers = ["batch", "median", "p90", "mean", "min", "cpu", "img/s", "vs #1"]
         with_ort = multi and "ort" in self.runtimes
         if with_ort:
             headers.append("vs #1 ort")
@@ -154,6 +158,7 @@ class BenchResult:
                 f"{r.p90_ms:.2f}",
                 f"{r.mean_ms:.2f}",
                 f"{r.min_ms:.2f}",
+                "—" if r.cpu_median_ms is None else f"{r.cpu_median_ms:.1f}",
                 f"{r.images_per_s:.1f}",
                 f"{r.ratio_to_first:.2f}×",
             ]
@@ -161,6 +166,7 @@ class BenchResult:
                 cells.append("—" if r.ratio_to_ort_first is None else f"{r.ratio_to_ort_first:.2f}×")
             table.add_row(*cells)
         caption = [
+            "cpu = median CPU time of the process per run (all threads; not inflated by preemption)",
             f"CPU: {self.cpu.get('describe') or cpu.describe()}",
             f"onnxruntime {self.onnxruntime_version}, {self.provider}, {self.threads} intra-op thread(s)",
         ]
@@ -214,16 +220,21 @@ def _check_input(path: Path, sess) -> list[int | str | None]:
     return shape
 
 
-def _run(sess, x: np.ndarray, path: Path, batch: int, label: str) -> int:
-    """One inference; returns its duration in ns. Runtime failures become one-line RqInputErrors."""
+def _run(sess, x: np.ndarray, path: Path, batch: int, label: str, cpu: list[int] | None = None) -> int:
+    """One inference; returns its duration in ns (its process CPU time appended to `cpu`). Runtime failures
+    become one-line RqInputErrors."""
     try:
+        c0 = time.process_time_ns()
         t0 = time.perf_counter_ns()
         sess.run(x)
         t1 = time.perf_counter_ns()
+        c1 = time.process_time_ns()
     except RqInputError:
         raise
     except Exception as e:
         raise RqInputError(f"{path} failed to run in {label} at batch {batch}: {first_line(e)}") from e
+    if cpu is not None:
+        cpu.append(c1 - c0)
     return t1 - t0
 
 
@@ -363,6 +374,7 @@ def bench_models(
             except RqInputError as exc:
                 failed(u, exc)
         samples: dict[int, list[int]] = {id(u): [] for u in units}
+        cpu_ns: dict[int, list[int]] = {id(u): [] for u in units}
         # A GC pass landing inside one model's call would charge that model for garbage made by all.
         gc_was_enabled = gc.isenabled()
         gc.disable()
@@ -370,7 +382,7 @@ def bench_models(
             for r in range(runs):
                 for u in list(units):
                     try:
-                        samples[id(u)].append(_run(u.session, x, u.path, b, u.label))
+                        samples[id(u)].append(_run(u.session, x, u.path, b, u.label, cpu_ns[id(u)]))
                     except RqInputError as exc:
                         failed(u, exc)
                         continue
@@ -406,6 +418,7 @@ def bench_models(
                     runtime=u.runtime,
                     precision=u.session.precision,
                     ratio_to_ort_first=(ort_first / median if ort_first and median > 0 else None),
+                    cpu_median_ms=float(np.median(cpu_ns[id(u)])) / 1e6 if cpu_ns[id(u)] else None,
                 )
             )
     return result

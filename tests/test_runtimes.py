@@ -156,6 +156,7 @@ def test_bench_two_runtimes_rows_and_ratios(cli, fake_runtimes, tiny_pair):
         assert row["ratio_to_first"] == pytest.approx(same_fp32 / row["median_ms"])
         assert row["ratio_to_ort_first"] == pytest.approx(ort_fp32 / row["median_ms"])
         assert row["precision"] == ("f32" if index == 0 else "int8+f32")
+        assert row["cpu_median_ms"] > 0  # process CPU time per run, next to wall time
     # the table names the runtime and the precision of every row
     table = cli(
         "bench", fp32, int8, "--runtime", "ort,reference", "--runs", "1", "--batch", "1", "--warmup", "0"
