@@ -534,9 +534,8 @@ def _quantize_report(result, validation, gate, bench_result, validations=None, r
                 bench=bench_by_batch(bench_result, 1, rt),
             ),
         ]
-    for v, rt in zip(
-        variants, [runtimes[0], runtimes[0]] + [r for r in list(runtimes)[1:] for _ in (0, 1)], strict=True
-    ):
+    pair_runtimes = [rt for rt in runtimes for _ in ("fp32", "int8")]  # variants come in (FP32, INT8) pairs
+    for v, rt in zip(variants, pair_runtimes, strict=True):
         v["runtime"] = rt
     calibration = result.to_dict()["calibration"]
     notes = []
