@@ -143,6 +143,32 @@ LabelsOpt = Annotated[
     Path | None, typer.Option(help="Labels file for a flat folder: Caffe val.txt or LOC_val_solution.csv.")
 ]
 WorkersOpt = Annotated[int | None, typer.Option(help="Image decoding threads (default: CPU count).")]
+RayOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        metavar="auto|local|ADDRESS",
+        help="Validate on a Ray cluster (the ray extra): auto (RAY_ADDRESS, a `ray start` cluster on this "
+        "machine, else a local one), local (a new local Ray), or the head's HOST:PORT.",
+    ),
+]
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None):
+    """A connected `quantize.distributed.RayRunner` for `--ray`, or None; Ray is shut down afterwards."""
+    if address is None:
+        yield None
+        return
+    from quantize.distributed import RayRunner
+
+    runner = RayRunner(address)
+    try:
+        cluster = runner.connect()
+        err.print(f"[dim]· {escape(cluster.describe())}[/]", highlight=False)
+        yield runner
+    finally:
+        runner.close()
 
 
 def _recipe_from_options(base: QuantRecipe, **options) -> QuantRecipe:
@@ -285,6 +311,7 @@ def quantize(
         float, typer.Option(help="Share of --val images used to tune; the rest confirms the result.")
     ] = 0.5,
     eval_batch: Annotated[int, typer.Option(help="Batch size of the validation pass.")] = 32,
+    ray: RayOpt = None,
     bench: Annotated[
         bool, typer.Option("--bench", help="Benchmark FP32 vs INT8 (interleaved) afterwards.")
     ] = False,
@@ -308,7 +335,7 @@ def quantize(
     from quantize.tune import TuneRequest, split_for_tuning
     from quantize.validate import Gate, validate, validation_samples
 
-    with user_errors():
+    with user_errors(), contextlib.ExitStack() as stack:
         base = QuantRecipe()
         if recipe_file is not None:
             if not recipe_file.is_file():
@@ -350,6 +377,9 @@ def quantize(
         bench_batches = _parse_batches(bench_batch, "--bench-batch") if bench else []
         if bench and bench_runs < 1:
             raise RqInputError("--bench-runs must be ≥ 1")
+        if ray is not None and val is None:
+            raise RqInputError("--ray runs the validation on a Ray cluster: it needs --val")
+        runner = stack.enter_context(ray_session(ray))
         val_dataset = val_samples = None
         tune_request = None
         if val is not None:
@@ -360,7 +390,7 @@ def quantize(
                 # Tune on one part of the images, confirm (and gate) on the other: the drop reported is not
                 # the one the tuner optimized.
                 tune_samples, val_samples = split_for_tuning(val_samples, tune_fraction)
-                tune_request = TuneRequest(max_drop, tuple(tune_samples), max_trials=max_trials)
+                tune_request = TuneRequest(max_drop, tuple(tune_samples), max_trials=max_trials, ray=runner)
         ensure_writable_dir(report_dir)
         with progress_bar() as bar:
             task = {}
@@ -401,6 +431,7 @@ def quantize(
                     calibration_files=result.calibration_files,
                     workers=workers,
                     on_images=lambda n: bar.advance(vtask, n),
+                    ray=runner,
                 )
                 result.seconds["validate"] = validation.run.seconds
                 if max_drop is not None:
@@ -542,7 +573,19 @@ def _validation_table(validation) -> Table:
         f"top-1 drop {d.drop_pt:.2f} pt, 95% CI [{d.ci_low_pt:.2f}, {d.ci_high_pt:.2f}] ({d.method}, {verdict}); "
         f"predictions differ on {d.disagreements} images (FP32-only right {d.a_only}, INT8-only right {d.b_only})",
     )
+    if validation.run.cluster:
+        table.caption = f"ran on {cluster_text(validation.run.cluster)}"
+        table.caption_justify = "left"
     return table
+
+
+def cluster_text(cluster: dict) -> str:
+    """`Ray at ADDRESS: N nodes, C CPUs` from a run's cluster dict."""
+    nodes = cluster.get("nodes")
+    return (
+        f"Ray cluster at {cluster.get('address')}: {nodes} node{'s' if nodes != 1 else ''}, "
+        f"{cluster.get('cpus'):g} CPUs, {cluster.get('actors')} inference actors"
+    )
 
 
 @app.command("eval")
@@ -564,6 +607,7 @@ def eval_(
     crop: CropOpt = None,
     interpolation: InterpOpt = None,
     workers: WorkersOpt = None,
+    ray: RayOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Top-1 and top-5 accuracy of ONNX classifiers on a labelled ImageNet folder."""
@@ -576,7 +620,7 @@ def eval_(
             raise RqInputError("--batch must be ≥ 1")
         spec = build_spec(preset_name, mean, std, resize, crop, interpolation)
         dataset, samples = validation_samples(data, labels, limit, seed)
-        with progress_bar() as bar:
+        with ray_session(ray) as runner, progress_bar() as bar:
             task = bar.add_task("evaluating", total=len(samples))
             run = evaluate(
                 models,
@@ -585,6 +629,7 @@ def eval_(
                 batch_size=batch,
                 workers=workers,
                 on_images=lambda n: bar.advance(task, n),
+                ray=runner,
             )
         if as_json:
             payload = run.to_dict()
@@ -603,6 +648,8 @@ def eval_(
             rate = run.images / m.inference_seconds if m.inference_seconds else 0.0
             table.add_row(escape(str(m.path)), f"{m.top1:.2f}", f"{m.top5:.2f}", f"{rate:.1f}")
         notes = [f"pipeline: {run.images_per_s:.1f} images/s (decode in parallel + every model)"]
+        if run.cluster:
+            notes.append(f"ran on {cluster_text(run.cluster)}")
         if run.skipped:
             notes.append(
                 f"{len(run.skipped)} unreadable images skipped, e.g. {run.skipped[0][0]}: {run.skipped[0][1]}"
@@ -640,6 +687,7 @@ def sweep(
     crop: CropOpt = None,
     interpolation: InterpOpt = None,
     workers: WorkersOpt = None,
+    ray: RayOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
 ) -> None:
     """Quantize, validate and benchmark a grid of recipes; report the accuracy/speed Pareto front.
@@ -649,7 +697,7 @@ def sweep(
     from quantize.report import write_report
     from quantize.sweep import run_sweep, sweep_report
 
-    with user_errors():
+    with user_errors(), contextlib.ExitStack() as stack:
         spec = build_spec(preset_name, mean, std, resize, crop, interpolation)
         base = _recipe_from_options(QuantRecipe(), samples=samples, seed=seed)
         batches = (
@@ -660,6 +708,7 @@ def sweep(
         if eval_batch < 1:
             raise RqInputError("--eval-batch must be ≥ 1")
         ensure_writable_dir(report_dir)
+        runner = stack.enter_context(ray_session(ray))
         result = run_sweep(
             model,
             calib,
@@ -676,6 +725,7 @@ def sweep(
             eval_batch=eval_batch,
             workers=workers,
             log=lambda msg: err.print(f"[dim]· {escape(msg)}[/]", highlight=False),
+            ray=runner,
         )
         data = sweep_report(result, ["rq", *sys.argv[1:]], grid)
         paths = write_report(data, report_dir / data["run_id"])

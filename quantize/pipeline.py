@@ -488,7 +488,9 @@ def quantize_model(
                 scratch,
                 workdir,
                 eval_func=lambda path: (
-                    evaluate([path], list(tune.tune_samples), spec, workers=workers).models[0].top1
+                    evaluate([path], list(tune.tune_samples), spec, workers=workers, ray=tune.ray)
+                    .models[0]
+                    .top1
                 ),
                 tune=tune,
                 log=log,

@@ -165,6 +165,11 @@ def _validate_validation(val: dict) -> None:
     # null when this run validated nothing itself (a sweep served from its cache)
     _field(val, "images_per_s", "number", "validation", nullable=True)
     _field(val, "seconds", "number", "validation", nullable=True)
+    if "cluster" in val:  # only when the validation ran on a Ray cluster (--ray)
+        cluster = _field(val, "cluster", "dict", "validation")
+        _field(cluster, "address", "str", "validation.cluster")
+        _field(cluster, "nodes", "int", "validation.cluster")
+        _field(cluster, "cpus", "number", "validation.cluster")
 
 
 _DROP_FIELDS = (
@@ -736,6 +741,13 @@ def _dataset_blocks(data: dict, key: str, title: str) -> list[Block]:
         items += [f"Images: {section.get('images', '?')}", f"Overlap with calibration images: {overlap}"]
         if _is_number(section.get("images_per_s")):
             items.append(f"Evaluation throughput: {_num(section['images_per_s'], 1)} images/s")
+        cluster = section.get("cluster")
+        if isinstance(cluster, dict):
+            nodes = cluster.get("nodes")
+            items.append(
+                f"Ran on: Ray cluster at {cluster.get('address', '?')}, {nodes} node{'s' if nodes != 1 else ''}, "
+                f"{_num(cluster.get('cpus'), 0)} CPUs, {cluster.get('actors', '?')} inference actors"
+            )
     items.append(f"Time: {_seconds(section.get('seconds'))}")
     blocks.append(("list", items))
     if (

@@ -134,7 +134,11 @@ def run_sweep(
     cpu: CpuInfo | None = None,
     log: Callable[[str], None] = lambda _msg: None,
     progress: Progress | None = None,
+    ray=None,
 ) -> SweepResult:
+    """`ray`: a `quantize.distributed.RayRunner`: every validation pass runs on the cluster through Ray Data
+    and each uncached recipe's quantization is a Ray task (submitted together after the calibrations, which
+    run once per calibration key here and are shared); finished recipes are cached as without Ray."""
     model = Path(model)
     base = base or QuantRecipe()
     spec = spec or PreprocessSpec()
@@ -181,7 +185,7 @@ def run_sweep(
         else:
             log("validate FP32")
             started = time.perf_counter()
-            run = evaluate([model], val_set, spec, batch_size=eval_batch, workers=workers)
+            run = evaluate([model], val_set, spec, batch_size=eval_batch, workers=workers, ray=ray)
             seconds["validate FP32"] = time.perf_counter() - started
             fp32_pred, fp32_top5, labels_arr = (
                 run.models[0].predictions,
@@ -191,8 +195,26 @@ def run_sweep(
             _save_npz(fp32_cache, predictions=fp32_pred, top5=fp32_top5, labels=labels_arr)
 
         calibrations: dict[tuple, CalibrationRun] = {}
+        calibration_seconds: dict[tuple, float] = {}
         entries: list[SweepEntry] = []
         calib_summary: dict = {}
+        jobs = None
+        if ray is not None:
+            from quantize.distributed import QuantizeJobs
+
+            jobs = QuantizeJobs(ray, prepared)
+            for recipe in recipes:
+                digest = recipe.digest()
+                if all((cache_dir / f"{digest}{ext}").is_file() for ext in (".onnx", ".json", ".npz")):
+                    continue
+                key = calibration_key(recipe)
+                if key not in calibrations:
+                    started = time.perf_counter()
+                    calibrations[key] = run_calibration(
+                        prepared, calib_dataset, recipe, spec, workdir, workers=workers, progress=progress
+                    )
+                    calibration_seconds[key] = time.perf_counter() - started
+                jobs.submit(digest, calibrations[key], recipe, spec)
         for index, recipe in enumerate(recipes, 1):
             digest = recipe.digest()
             onnx_path = cache_dir / f"{digest}.onnx"
@@ -212,6 +234,8 @@ def run_sweep(
             log(f"[{index}/{len(recipes)}] {recipe.label()}")
             timing: dict[str, float] = {}
             key = calibration_key(recipe)
+            if key in calibration_seconds:
+                timing["calibrate"] = calibration_seconds.pop(key)
             if key not in calibrations:
                 started = time.perf_counter()
                 calibrations[key] = run_calibration(
@@ -228,10 +252,13 @@ def run_sweep(
                 "seconds": round(calibration.seconds, 3),
             }
             started = time.perf_counter()
-            ops: QuantizedOps = quantize_prepared(prepared, calibration, recipe, spec, onnx_path, workdir)
-            timing["quantize"] = time.perf_counter() - started
+            if jobs is not None and digest in jobs:
+                ops, timing["quantize"] = jobs.collect(digest, onnx_path)
+            else:
+                ops: QuantizedOps = quantize_prepared(prepared, calibration, recipe, spec, onnx_path, workdir)
+                timing["quantize"] = time.perf_counter() - started
             started = time.perf_counter()
-            run = evaluate([onnx_path], val_set, spec, batch_size=eval_batch, workers=workers)
+            run = evaluate([onnx_path], val_set, spec, batch_size=eval_batch, workers=workers, ray=ray)
             timing["validate"] = time.perf_counter() - started
             if not np.array_equal(run.labels, labels_arr):
                 raise RqInputError(
@@ -270,7 +297,7 @@ def run_sweep(
         # None when every recipe came from the cache: nothing was validated (or timed) in this run.
         "images_per_s": round(validated_images / validate_seconds, 2) if validate_seconds else None,
         "seconds": round(validate_seconds, 3) if validate_seconds else None,
-    }
+    } | ({"cluster": ray.connect().to_dict()} if ray is not None else {})
     return SweepResult(
         model=model,
         cpu=cpu,

@@ -38,6 +38,7 @@ class TuneRequest:
     max_trials: int = 12
     sensitivity_images: int = 16
     bench_runs: int = 10
+    ray: object = None  # a quantize.distributed.RayRunner: the tuning passes run on that Ray cluster
 
 
 def split_for_tuning(
@@ -183,7 +184,7 @@ def tune_fallback(
 
     started = time.perf_counter()
     tune = list(request.tune_samples)
-    fp32_run = evaluate([fp32_path], tune, spec, batch_size=eval_batch, workers=workers)
+    fp32_run = evaluate([fp32_path], tune, spec, batch_size=eval_batch, workers=workers, ray=request.ray)
     fp32_correct = fp32_run.models[0].correct_top1
     report = TuneReport(
         backend="ort",
@@ -198,7 +199,7 @@ def tune_fallback(
         path = workdir / f"tune-step{step}.onnx"
         step_recipe = recipe.with_changes(exclude_nodes=recipe.exclude_nodes + tuple(fallback))
         quantize_to(step_recipe, path)
-        run = evaluate([path], tune, spec, batch_size=eval_batch, workers=workers)
+        run = evaluate([path], tune, spec, batch_size=eval_batch, workers=workers, ray=request.ray)
         if not np.array_equal(run.labels, fp32_run.labels):
             raise RqInputError("tuning images changed while tuning")
         correct = run.models[0].correct_top1

@@ -41,7 +41,7 @@ class Validation:
             "seconds": round(self.run.seconds, 3),
             "batch_size": self.run.batch_size,
             "notes": list(self.dataset.notes) + list(self.run.notes),
-        }
+        } | ({"cluster": dict(self.run.cluster)} if self.run.cluster else {})
 
 
 @dataclass(frozen=True)
@@ -127,9 +127,12 @@ def validate(
     calibration_files: Sequence[Path] = (),
     workers: int | None = None,
     on_images: Callable[[int], None] | None = None,
+    ray=None,
 ) -> Validation:
     """Evaluate FP32 and INT8 on `samples` in one pass (see `validation_samples`) and compare them pair-wise."""
-    run = evaluate([fp32, int8], samples, spec, batch_size=batch_size, workers=workers, on_images=on_images)
+    run = evaluate(
+        [fp32, int8], samples, spec, batch_size=batch_size, workers=workers, on_images=on_images, ray=ray
+    )
     a, b = run.models
     drop = paired_drop(
         a.correct_top1, b.correct_top1, disagreements=int((a.predictions != b.predictions).sum())
