@@ -155,9 +155,6 @@ class RayRunner:
         """`ray.init` (on the main thread: Ray's driver does not start from another one)."""
         # A host that accepts TCP but is no Ray head would keep Ray's GCS client retrying for a minute.
         os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", str(int(CONNECT_TIMEOUT_S)))
-        # Ray's C++ core logs notices (e.g. on actor constructor arguments) to the terminal; rq's output is
-        # one progress bar and one table. Set RAY_BACKEND_LOG_LEVEL yourself to see them.
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
         try:
             ray.init(
                 address=address,
