@@ -249,6 +249,11 @@ def _processes_mentioning(*needles: str) -> list[int]:
     return found
 
 
+def _ray_start(args: list[str], env: dict) -> None:
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, f"{' '.join(args)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+
+
 def _stop_cluster(needles: tuple[str, ...]) -> None:
     """Kill exactly the processes of this cluster (never `ray stop`, which would stop every Ray here)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -275,7 +280,7 @@ def two_raylets():
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
     needles = (temp_dir, f"gcs-address={address}", f"gcs_address={address}", f"--address={address}")
     try:
-        subprocess.run(
+        _ray_start(
             [
                 ray_cli,
                 "start",
@@ -285,18 +290,13 @@ def two_raylets():
                 "--temp-dir",
                 temp_dir,
                 "--include-dashboard=false",
-                "--ray-client-server-port",
-                str(_free_port()),
                 "--dashboard-agent-listen-port",
                 str(_free_port()),
                 *common,
             ],
-            env=env,
-            check=True,
-            capture_output=True,
-            timeout=180,
+            env,
         )
-        subprocess.run(
+        _ray_start(
             [
                 ray_cli,
                 "start",
@@ -306,10 +306,7 @@ def two_raylets():
                 str(_free_port()),
                 *common,
             ],
-            env=env,
-            check=True,
-            capture_output=True,
-            timeout=180,
+            env,
         )
         yield {"address": address, "env": env}
     finally:
