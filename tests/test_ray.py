@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -311,6 +312,7 @@ def two_raylets():
         yield {"address": address, "env": env}
     finally:
         _stop_cluster(needles)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _rq(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
