@@ -407,3 +407,29 @@ def test_flat_ilsvrc_folder_with_val_txt_through_ray(local_ray, inputs, tmp_path
     local = evaluate([inputs["fp32"]], samples, SMALL_SPEC, batch_size=5)
     distributed = evaluate([inputs["fp32"]], samples, SMALL_SPEC, batch_size=5, ray=local_ray)
     _assert_same_run(distributed, local)
+
+
+def test_tuning_through_ray_takes_the_same_steps(local_ray, tmp_path, tmp_path_factory):
+    from test_tune import PER_TENSOR, _tune_split, center_fc_bias, colored_images, labelled_by_fp32
+    from test_tune import sensitive_model as tune_model
+
+    from quantize.tune import TuneRequest
+
+    base = tmp_path_factory.mktemp("ray-tune")
+    model = tune_model(base / "sensitive.onnx")
+    center_fc_bias(model, colored_images(base / "staging", 36))
+    labelled_by_fp32(model, base / "val", base / "staging")
+    calib = base / "calib"
+    colored_images(calib, 16, start=500)
+    tune, _confirm = _tune_split(base / "val")
+    results = []
+    for runner in (None, local_ray):
+        request = TuneRequest(max_drop_pt=0.0, tune_samples=tuple(tune), bench_runs=0, ray=runner)
+        out = tmp_path / f"tuned-{runner is not None}.onnx"
+        common = dict(recipe=PER_TENSOR, spec=SMALL_SPEC, cpu=x86_cpu("avx2"), workers=2)
+        results.append(quantize_model(model, calib, output=out, tune=request, **common))
+    local, distributed = (r.tuning for r in results)
+    assert [(s.fallback, s.top1, s.drop_pt) for s in distributed.steps] == [
+        (s.fallback, s.top1, s.drop_pt) for s in local.steps
+    ]
+    assert distributed.fallback_nodes == local.fallback_nodes == ["conv_sensitive"]
