@@ -649,7 +649,7 @@ def eval_(
             table.add_row(escape(str(m.path)), f"{m.top1:.2f}", f"{m.top5:.2f}", f"{rate:.1f}")
         notes = [f"pipeline: {run.images_per_s:.1f} images/s (decode in parallel + every model)"]
         if run.cluster:
-            notes.append(f"ran on {cluster_text(run.cluster)}")
+            notes.append(f"ran on {cluster_text(run.cluster)}; model img/s is per inference actor (one core)")
         if run.skipped:
             notes.append(
                 f"{len(run.skipped)} unreadable images skipped, e.g. {run.skipped[0][0]}: {run.skipped[0][1]}"

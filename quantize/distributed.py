@@ -99,6 +99,32 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
             f"cannot reach the Ray cluster at {address} ({reason}); start one with `ray start --head` "
             "or check the address"
         ) from None
+    _check_speaks_grpc(address, hp, timeout)
+
+
+def _check_speaks_grpc(address: str, hp: tuple[str, int], timeout: float) -> None:
+    """Ray's head (its GCS) is a gRPC server: it answers an HTTP/2 client preface with a SETTINGS frame at
+    once. Something else on that port would leave Ray's client retrying for minutes, so ask first."""
+    if os.environ.get("RAY_USE_TLS", "0").lower() not in ("0", "", "false"):
+        return  # a TLS cluster: a plain-text probe proves nothing
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    header = b""
+    try:
+        with socket.create_connection(hp, timeout=timeout) as conn:
+            conn.settimeout(timeout)
+            conn.sendall(preface)
+            while len(header) < 9:
+                chunk = conn.recv(9 - len(header))
+                if not chunk:
+                    break
+                header += chunk
+    except OSError:
+        pass
+    if len(header) < 9 or header[3] != 0x04:  # frame type 4: SETTINGS
+        raise RqInputError(
+            f"{address} accepts connections but does not answer like a Ray head within {timeout:.0f} s; "
+            "check the address (the head's GCS port, 6379 unless `ray start --head --port` said otherwise)"
+        )
 
 
 class RayRunner:

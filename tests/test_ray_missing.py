@@ -6,6 +6,7 @@ makes `import ray` raise ImportError, exactly what an environment without the ex
 
 from __future__ import annotations
 
+import socket
 import sys
 import time
 
@@ -95,3 +96,40 @@ def test_flat_50000_file_layout_with_val_txt(tmp_path):
     rows = "".join(f"ILSVRC2012_val_{i:08d},{wnids[labels[i - 1]]} 1 2 3 4\n" for i in range(1, 50_001))
     csv.write_text("ImageId,PredictionString\n" + rows)
     assert [s.label for s in discover_dataset(flat, csv).samples] == labels.tolist()
+
+
+def test_an_address_where_nothing_listens_fails_at_once():
+    from calibration.errors import RqInputError
+    from quantize.distributed import check_reachable
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(RqInputError, match=r"cannot reach the Ray cluster at 127\.0\.0\.1:\d+"):
+        check_reachable(f"127.0.0.1:{port}")
+    assert time.monotonic() - started < 10
+
+
+def test_a_port_that_is_not_a_ray_head_fails_within_seconds():
+    """A listener that accepts TCP but never speaks gRPC: Ray's own client would retry for minutes."""
+    from calibration.errors import RqInputError
+    from quantize.distributed import check_reachable
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        port = server.getsockname()[1]
+        started = time.monotonic()
+        with pytest.raises(RqInputError, match="does not answer like a Ray head"):
+            check_reachable(f"127.0.0.1:{port}", timeout=2.0)
+        assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("address", ["head", "head:port", "ray://"])
+def test_an_address_without_a_port_is_bad_input(address):
+    from calibration.errors import RqInputError
+    from quantize.distributed import check_reachable
+
+    with pytest.raises(RqInputError, match="expected auto, local or HOST:PORT"):
+        check_reachable(address)
