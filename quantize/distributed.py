@@ -220,6 +220,8 @@ class RayRunner:
 
         check_evaluation_inputs(models, samples, batch_size)
         io = [read_model_outputs(Path(m)) for m in models]  # one-line errors before anything is shipped
+        for m in models:
+            _check_self_contained(Path(m))
         cluster = self.connect()
         ray = self._ray
         started = time.perf_counter()
@@ -283,6 +285,18 @@ class RayRunner:
             seconds=seconds,
             batch_size=batch_size,
             cluster=cluster.to_dict(),
+        )
+
+
+def _check_self_contained(path: Path) -> None:
+    """Models travel to the workers as bytes: tensors in external data files would not come along."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        raise RqInputError(
+            f"{path.name} keeps its weights in external data files, which --ray does not ship to the workers; "
+            "save it as one file (onnx.save(model, path, save_as_external_data=False)) for --ray"
         )
 
 

@@ -133,3 +133,18 @@ def test_an_address_without_a_port_is_bad_input(address):
 
     with pytest.raises(RqInputError, match="expected auto, local or HOST:PORT"):
         check_reachable(address)
+
+
+def test_a_model_with_external_data_is_refused_before_anything_is_shipped(tmp_path):
+    import onnx
+
+    from calibration.errors import RqInputError
+    from quantize.distributed import _check_self_contained
+
+    model = onnx.load(str(onehot_model(tmp_path / "m.onnx", onehot_row(1000, [2]))))
+    onnx.save(
+        model, str(tmp_path / "ext.onnx"), save_as_external_data=True, size_threshold=0, location="w.bin"
+    )
+    with pytest.raises(RqInputError, match="external data files"):
+        _check_self_contained(tmp_path / "ext.onnx")
+    _check_self_contained(tmp_path / "m.onnx")  # one self-contained file: fine
