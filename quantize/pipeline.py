@@ -25,6 +25,8 @@ from quantize import __version__
 from quantize.calibrate import CalibrationRanges, calibrate
 from quantize.cpu import CpuInfo, IntegerKernelAdvice, advise_int8, detect_cpu
 from quantize.evaluate import evaluate
+from quantize.exits import QuantizerError
+from quantize.files import work_folder
 from quantize.ort_backend import QuantizedOps, count_quantized, quantize_with_ort
 from quantize.prepare import ModelError, PreparedModel, atomic_save, load_model, prepare_model
 from quantize.recipe import METADATA_KEY, QuantRecipe
@@ -33,8 +35,11 @@ from quantize.tune import TuneReport, TuneRequest, TuneStep, tune_fallback
 PREPROCESS_METADATA_KEY = "rq.preprocess"
 
 
-class QuantizationFailed(RqInputError):
-    """The quantized model did not pass rq's own checks; nothing was written."""
+class QuantizationFailed(QuantizerError):
+    """The quantizer crashed or the quantized model did not pass rq's own checks; nothing was written.
+
+    Not the user's input: its own exit code (4, quantize/exits.py), not 2.
+    """
 
 
 @dataclass
@@ -463,8 +468,7 @@ def quantize_model(
         if progress.stage:
             progress.stage(name)
 
-    with tempfile.TemporaryDirectory(prefix="rq-") as tmp:
-        workdir = Path(tmp)
+    with work_folder("rq-") as workdir:
         stage("prepare")
         prepared = prepare_model(model, workdir)
         seconds["prepare"] = prepared.seconds
