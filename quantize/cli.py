@@ -516,9 +516,15 @@ def quantize(
 
 def _write_report_after_model(write_report, data: dict, report_dir: Path, model: Path) -> dict:
     """The INT8 model is already published: a report that fails now must not say "nothing was written"."""
+    run_dir = report_dir / data["run_id"]
+    # The folders write_report would create, outermost first: removed again (when empty) if it fails.
+    created = [p for p in (*reversed(run_dir.parents), run_dir) if not p.exists()]
     try:
-        return write_report(data, report_dir / data["run_id"])
+        return write_report(data, run_dir)
     except (RqInputError, RqEnvironmentError, OSError) as exc:
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ReportFailed(
             f"the INT8 model was written to {model}, but the report could not be written: {reason}"
