@@ -25,7 +25,7 @@ from quantize import __version__
 from quantize.calibrate import CalibrationRanges, calibrate
 from quantize.cpu import CpuInfo, IntegerKernelAdvice, advise_int8, detect_cpu
 from quantize.evaluate import evaluate
-from quantize.exits import QuantizerError
+from quantize.exits import QuantizerError, is_environment_error
 from quantize.files import work_folder
 from quantize.ort_backend import QuantizedOps, count_quantized, quantize_with_ort
 from quantize.prepare import ModelError, PreparedModel, atomic_save, load_model, prepare_model
@@ -341,6 +341,8 @@ def produce_int8(
     except RqInputError:
         raise
     except Exception as exc:
+        if is_environment_error(exc):
+            raise  # a full disk under the quantizer is the machine's failure, not the quantizer's
         reason = str(exc).splitlines()[0] if str(exc) else ""
         raise QuantizationFailed(f"onnxruntime's quantizer failed: {type(exc).__name__}: {reason}") from None
     return None

@@ -429,6 +429,17 @@ def test_quantizer_crash_has_its_own_exit_code(inputs, place, monkeypatch):
     assert_clean(place)
 
 
+def test_full_disk_under_the_quantizer_is_an_environment_failure(inputs, place, monkeypatch):
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(quantize.pipeline, "quantize_with_ort", full)
+    code, text = invoke(*quantize_args(inputs, place))
+    assert code == EXIT_ENVIRONMENT, text
+    assert_one_line(text, "environment error", "no space left on device", f"{place['tmp']}/rq-")
+    assert_clean(place)
+
+
 def test_quantization_failed_is_not_an_input_error():
     assert issubclass(quantize.pipeline.QuantizationFailed, QuantizerError)
     assert not issubclass(quantize.pipeline.QuantizationFailed, RqInputError)
