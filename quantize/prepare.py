@@ -317,7 +317,7 @@ def _run_quant_pre_process(upgraded: Path, prepared: PreparedModel) -> None:
         description, kwargs = attempts.pop(0)
         try:
             # ORT's pre-processing logs and prints a lot; it is noise inside rq's own summary.
-            with _quiet(), inside(scratch):
+            with _quiet(), _muted("onnxruntime.quantization.shape_inference"), inside(scratch):
                 quant_pre_process(str(upgraded), str(output), **kwargs)
             prepared.steps.append(f"quant_pre_process: {description}")
             if errors:
@@ -337,6 +337,18 @@ def _run_quant_pre_process(upgraded: Path, prepared: PreparedModel) -> None:
                     [no_symbolic, neither] if _raised_in_symbolic_shape(exc) else [no_optimizer, neither]
                 )
     raise ModelError("quant_pre_process failed on this model: " + " | ".join(errors))
+
+
+@contextlib.contextmanager
+def _muted(name: str):
+    """Silence one library logger entirely (ORT logs an optimizer failure's traceback at ERROR level)."""
+    logger = logging.getLogger(name)
+    previous = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
 
 
 @contextlib.contextmanager
