@@ -26,9 +26,9 @@ from quantize.calibrate import CalibrationRanges, calibrate
 from quantize.cpu import CpuInfo, IntegerKernelAdvice, advise_int8, detect_cpu
 from quantize.evaluate import evaluate
 from quantize.exits import QuantizerError, is_environment_error
-from quantize.files import work_folder
+from quantize.files import atomic_output, work_folder
 from quantize.ort_backend import QuantizedOps, count_quantized, quantize_with_ort
-from quantize.prepare import ModelError, PreparedModel, atomic_save, load_model, prepare_model
+from quantize.prepare import ModelError, PreparedModel, load_model, prepare_model
 from quantize.recipe import METADATA_KEY, QuantRecipe
 from quantize.tune import TuneReport, TuneRequest, TuneStep, tune_fallback
 
@@ -373,7 +373,10 @@ def publish_int8(
         )
     onnx.save_model(int8, str(scratch))
     _smoke_test(scratch, prepared.signature.input_name, calibration.smoke_sample, prepared.path)
-    atomic_save(int8, output)
+    # Not atomic_save: its up-front folder checks would call a permission lost mid-run bad input (exit 2);
+    # check_output_path checked the folder before the work, so a failure now is the machine's (exit 5).
+    with atomic_output(output) as tmp:
+        onnx.save_model(int8, str(tmp))
     scratch.unlink()
     return ops
 

@@ -90,6 +90,7 @@ def run_rq(args: list, place: dict[str, Path], stage: str | None = None, signals
     """`rq ARGS` in a subprocess (its own signal handlers, its own stderr), optionally signalled at `stage`."""
     env = {**os.environ, **ENV, "TMPDIR": str(place["tmp"])}
     env.pop("RQ_DEBUG", None)
+    env.pop("ORT_DISABLE_TELEMETRY", None)  # rq itself must keep ORT's telemetry file out of $TMPDIR
     head = (
         [sys.executable, str(DRIVER), stage, signals, "--"]
         if stage
@@ -323,6 +324,25 @@ def test_full_report_folder_patched_write(inputs, place, monkeypatch):
         "report.json",
     )
     assert_clean(place, ("o.onnx",))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_output_folder_made_read_only_mid_run(inputs, place, monkeypatch):
+    real_quantize = quantize.pipeline.quantize_with_ort
+
+    def then_chmod(*args, **kwargs):
+        result = real_quantize(*args, **kwargs)
+        place["out"].chmod(0o500)  # after check_output_path, before the model is published
+        return result
+
+    monkeypatch.setattr(quantize.pipeline, "quantize_with_ort", then_chmod)
+    try:
+        code, text = invoke(*quantize_args(inputs, place))
+    finally:
+        place["out"].chmod(0o700)
+    assert code == EXIT_ENVIRONMENT, text
+    assert_one_line(text, "environment error", "permission denied", str(place["out"]))
+    assert_clean(place)
 
 
 def test_permission_lost_mid_run_names_the_path(inputs, place, monkeypatch):
