@@ -7,7 +7,7 @@ sends the signal(s) to its own process from inside it (no sleeps, no guessing). 
 the real `kill` system call and rq's real handlers. Stages:
 
 - ``prepare``   right after ORT's quant_pre_process returned, still inside the shape-inference scratch folder
-- ``calibrate`` when the calibrator asks for its second batch
+- ``calibrate`` when the calibrator asks for its first batch (its augmented model is in the work folder)
 - ``quantize``  right after ORT's quantizer wrote the INT8 model into the work folder
 - ``publish``   while the INT8 model is being written beside ``--out`` (half of its bytes written)
 - ``validate``  when FP32/INT8 validation starts (the model is published)
@@ -53,7 +53,7 @@ def install(stage: str, signals: list[int]) -> None:
         def calibrate(model_path, input_name, batches, recipe, workdir, **kwargs):
             def counted():
                 for i, batch in enumerate(batches):
-                    if i == 1:
+                    if i == 0:
                         _send(signals)
                     yield batch
 

@@ -199,6 +199,37 @@ def test_signal_at_each_stage_removes_work_folder_and_partial_files(
     assert_clean(place, _allowed(place, STAGES[stage]))
 
 
+def test_sigterm_during_a_sweep(inputs, place):
+    args = [
+        "sweep",
+        inputs["model"],
+        "--calib",
+        inputs["calib"],
+        "--val",
+        inputs["val"],
+        "--samples",
+        "8",
+        "--resize",
+        "36",
+        "--crop",
+        "32",
+        "--workers",
+        "2",
+        "--bench-batch",
+        "none",
+        "--report-dir",
+        place["out"] / "reports",
+    ]
+    rc, text = run_rq(args, place, "calibrate", "TERM")
+    assert rc == 143, text
+    assert_one_line(text, "terminated", "SIGTERM received")
+    # completed sweep cache entries (the FP32 evaluation ran before the signal) stay for a resume; nothing else
+    assert listing(place["cwd"]) == [] and listing(place["tmp"]) == []
+    files = [p for p in place["out"].rglob("*") if p.is_file()]
+    assert [p.name for p in files] == ["fp32.npz"], listing(place["out"])
+    assert files[0].parent.parent.name == ".sweep-cache"
+
+
 def test_without_a_signal_the_same_run_succeeds(inputs, place):
     """The control of the test above: the driver's wrappers alone change nothing."""
     extra = ["--val", inputs["val"], "--bench", "--bench-batch", "1", "--bench-runs", "2"]
