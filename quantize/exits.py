@@ -196,6 +196,8 @@ def handle_signals() -> Iterator[None]:
         return
     previous = {}
     for signum in HANDLED_SIGNALS:
+        if signal.getsignal(signum) == signal.SIG_IGN:
+            continue  # `nohup rq …` ignores SIGHUP, a background job SIGINT: keep it that way
         with contextlib.suppress(OSError, ValueError):
             previous[signum] = signal.signal(signum, _on_signal)
     _state.installed, _state.critical, _state.pending, _state.raised, _state.ignored = True, 0, None, False, 0

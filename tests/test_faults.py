@@ -249,6 +249,23 @@ def test_uninterruptible_block_defers_the_signal_to_its_end():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
+def test_an_ignored_signal_stays_ignored(inputs, place):
+    """`nohup rq …` must survive a hangup: rq does not replace a SIG_IGN disposition with its handler."""
+    args = [str(a) for a in quantize_args(inputs, place)]
+    code = (
+        "import signal, sys; signal.signal(signal.SIGHUP, signal.SIG_IGN); sys.argv = ['fault_driver.py', "
+        f"'calibrate', 'HUP', '--', *{args!r}]; sys.path.insert(0, {str(DRIVER.parent)!r}); "
+        "import fault_driver; fault_driver.main(sys.argv[1:])"
+    )
+    env = {**os.environ, **ENV, "TMPDIR": str(place["tmp"])}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=place["cwd"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert rq_lines(proc.stdout + proc.stderr) == []
+    assert listing(place["tmp"]) == [] and listing(place["cwd"]) == []
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Full file systems
 # ---------------------------------------------------------------------------------------------------------
