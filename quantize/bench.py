@@ -12,7 +12,6 @@ size, from a seeded generator, and shared by all models.
 from __future__ import annotations
 
 import gc
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,10 +21,9 @@ import numpy as np
 
 from calibration.errors import RqInputError
 from quantize.cpu import CpuInfo, detect_cpu, int8_speedup_note, physical_core_count
+from quantize.exits import ORT_LOG_SEVERITY, ort_reason
 
 PROVIDER = "CPUExecutionProvider"
-
-_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*")
 
 
 @dataclass
@@ -149,11 +147,8 @@ class BenchResult:
 
 
 def _first_line(exc: BaseException) -> str:
-    """ORT's message without its ``[ONNXRuntimeError] : N :`` prefix, first non-empty line only."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    if not lines:
-        return type(exc).__name__
-    return _ORT_PREFIX.sub("", lines[0])
+    """ORT's message on one plain line, without its ``[ONNXRuntimeError] : N : CODE :`` prefix."""
+    return ort_reason(exc)
 
 
 def _fmt_shape(shape: Sequence[int | str | None]) -> str:
@@ -165,6 +160,8 @@ def _load_session(path: Path, threads: int, allow_spinning: bool):
 
     if not path.is_file():
         raise RqInputError(f"cannot load {path} in onnxruntime: no such file")
+    if path.stat().st_size == 0:
+        raise RqInputError(f"{path} is an empty file (0 bytes), not an ONNX model")
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -174,7 +171,7 @@ def _load_session(path: Path, threads: int, allow_spinning: bool):
     # workers busy-waiting while the *next* model in the round runs, stealing cores from it; interleaving
     # makes that systematic, so spinning is off by default (it also matches no-spin production configs).
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
-    so.log_severity_level = 3  # ORT warnings (e.g. unused initializers) would interleave with our output
+    so.log_severity_level = ORT_LOG_SEVERITY  # ORT's log lines (warnings, coloured errors) would interleave
     try:
         sess = ort.InferenceSession(str(path), sess_options=so, providers=[PROVIDER])
     except Exception as e:  # ORT raises its own pybind exception types, not one base class

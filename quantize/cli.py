@@ -1,17 +1,14 @@
 """The `rq` command line: thin typer commands over the library.
 
-Exit codes (documented in the README):
-  0  success
-  1  an unexpected internal error (one line; RQ_DEBUG=1 shows the traceback)
-  2  bad input: a path, a folder, a labels file, a model, an option
-  3  the accuracy gate failed (--max-drop): the artifact and report are still written
-  130 interrupted (Ctrl-C): nothing half-written is left behind
+Exit codes: one contract, in quantize/exits.py (documented in the README): 0 success, 1 internal error,
+2 bad input (nothing written), 3 gate failed, 4 quantization failed, 5 environment failure (disk full,
+permission lost), 6 model written but report failed, 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import math
 import os
 import sys
 import tempfile
@@ -25,10 +22,35 @@ from rich.markup import escape
 from rich.table import Table
 
 from calibration import PRESETS, PreprocessSpec, preset
-from calibration.errors import RqInputError
+from calibration.errors import RqEnvironmentError, RqInputError
+from quantize.exits import (
+    EXIT_BAD_INPUT,
+    EXIT_ENVIRONMENT,
+    EXIT_GATE_FAILED,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_QUANTIZATION_FAILED,
+    EXIT_REPORT_FAILED,
+    ReportFailed,
+    classify,
+    handle_signals,
+    quiet_onnxruntime,
+)
+from quantize.files import json_text, work_folder
 from quantize.recipe import CALIBRATION_METHODS, DEFAULT_OP_TYPES, FORMATS, INT8_TYPES, QuantRecipe
 
-EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_ENVIRONMENT",
+    "EXIT_GATE_FAILED",
+    "EXIT_INTERNAL",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_QUANTIZATION_FAILED",
+    "EXIT_REPORT_FAILED",
+    "app",
+]
 
 app = typer.Typer(
     name="rq",
@@ -48,33 +70,46 @@ def out_console() -> Console:
 
 @contextlib.contextmanager
 def user_errors():
-    """Turn every failure into one line on stderr and a documented exit code; never a traceback."""
-    try:
-        yield
-    except typer.Exit:
-        raise
-    except RqInputError as exc:
-        err.print(f"[bold red]rq: error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
-    except KeyboardInterrupt:
-        # Outputs are written through temporary files: nothing is half-written, but files finished before
-        # the interrupt (an INT8 model before its validation, sweep cache entries) are kept.
-        err.print(
-            "[bold red]rq: interrupted[/]; no half-written file was left (files completed before stay)",
-            highlight=False,
-        )
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    except Exception as exc:
-        if os.environ.get("RQ_DEBUG"):
+    """Turn every failure into one line on stderr and its documented exit code (quantize/exits.py).
+
+    SIGTERM and SIGHUP are handled like Ctrl-C for the block: the work folder is removed, no half-written
+    file is left, and rq exits with 128 + the signal number.
+    """
+    with handle_signals():
+        try:
+            quiet_onnxruntime()
+            yield
+        except typer.Exit:
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        err.print(
-            f"[bold red]rq: internal error:[/] {escape(type(exc).__name__)}: {escape(first)} "
-            "(set RQ_DEBUG=1 for the traceback)",
-            highlight=False,
-            soft_wrap=True,
-        )
-        raise typer.Exit(EXIT_INTERNAL) from None
+        except BaseException as exc:
+            if not isinstance(exc, Exception | KeyboardInterrupt):
+                raise  # SystemExit, GeneratorExit
+            outcome = classify(exc)
+            if outcome.code == EXIT_INTERNAL and os.environ.get("RQ_DEBUG"):
+                raise
+            hint = " (set RQ_DEBUG=1 for the traceback)" if outcome.code == EXIT_INTERNAL else ""
+            err.print(
+                f"[bold red]rq: {outcome.label}:[/] {escape(outcome.message)}{hint}",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(outcome.code) from None
+
+
+def _json(data) -> str:
+    """`--json` output: strict JSON (a non-finite number is null, never a bare NaN)."""
+    return json_text(data, indent=2)
+
+
+def check_finite(value: float | None, option: str) -> None:
+    """Every float option must be a real number: `nan` and `inf` parse as floats and would pass range checks."""
+    if value is not None and not math.isfinite(value):
+        raise RqInputError(f"{option} must be a finite number, got {value}")
+
+
+def check_workers(workers: int | None) -> None:
+    if workers is not None and workers < 1:
+        raise RqInputError(f"--workers must be ≥ 1, got {workers}")
 
 
 def progress_bar():
@@ -100,6 +135,8 @@ def _floats3(text: str | None, option: str) -> tuple[float, float, float] | None
         raise RqInputError(f"{option} takes three comma-separated numbers, got {text!r}") from None
     if len(values) != 3:
         raise RqInputError(f"{option} takes three comma-separated numbers, got {text!r}")
+    if not all(math.isfinite(v) for v in values):
+        raise RqInputError(f"{option} takes three finite numbers, got {text!r}")
     return values  # type: ignore[return-value]
 
 
@@ -171,9 +208,34 @@ def ray_session(address: str | None):
         runner.close()
 
 
+# The recipe's own messages name its fields; when a value came from a flag, the message names the flag.
+# (field, how the recipe's messages start, the flag)
+_FLAG_MESSAGES = (
+    ("num_bins", "num_bins must", "--bins must"),
+    ("num_bins", "histogram bins apply", "--bins applies"),
+    ("samples", "samples must", "--samples must"),
+    ("seed", "recipe seed must", "--seed must"),
+    ("batch_size", "batch size must", "--batch-size must"),
+    ("percentile", "percentile must", "--percentile must"),
+    ("format", "format must", "--format must"),
+    ("backend", "backend must", "--backend must"),
+    ("calibration", "calibration must", "--calibration must"),
+    ("activation_type", "activation type must", "--activation-type must"),
+    ("weight_type", "weight type must", "--weight-type must"),
+    ("op_types", "op_types must", "--op-types must"),
+)
+
+
 def _recipe_from_options(base: QuantRecipe, **options) -> QuantRecipe:
     changes = {k: v for k, v in options.items() if v is not None}
-    return base.with_changes(**changes)
+    try:
+        return base.with_changes(**changes)
+    except RqInputError as exc:
+        message = str(exc)
+        for name, start, flag in _FLAG_MESSAGES:
+            if name in changes and message.startswith(start):
+                raise RqInputError(flag + message[len(start) :]) from None
+        raise
 
 
 def _summary_table(result) -> Table:
@@ -341,10 +403,18 @@ def quantize(
             if not recipe_file.is_file():
                 raise RqInputError(f"recipe file not found: {recipe_file}")
             try:
-                text = recipe_file.read_text(encoding="utf-8")
+                # utf-8-sig: a byte-order mark (Windows editors write one) is accepted, as in labels files.
+                text = recipe_file.read_text(encoding="utf-8-sig")
             except (OSError, UnicodeDecodeError) as exc:
                 raise RqInputError(f"cannot read recipe file {recipe_file}: {exc}") from None
-            base = QuantRecipe.from_json(text)
+            try:
+                base = QuantRecipe.from_json(text)
+            except RqInputError as exc:
+                raise RqInputError(f"recipe file {recipe_file}: {exc}") from None
+        check_finite(percentile, "--percentile")
+        check_finite(max_drop, "--max-drop")
+        check_finite(tune_fraction, "--tune-fraction")
+        check_workers(workers)
         recipe = _recipe_from_options(
             base,
             backend=backend,
@@ -451,9 +521,9 @@ def quantize(
             bench_result = bench_models([model, result.output], batch_sizes=bench_batches, runs=bench_runs)
             result.seconds["bench"] = time.perf_counter() - started
         run_report = _quantize_report(result, validation, gate, bench_result)
-        paths = write_report(run_report, report_dir / run_report["run_id"])
+        paths = _write_report_after_model(write_report, run_report, report_dir, result.output)
         if as_json:
-            typer.echo(json.dumps(run_report, indent=2))
+            typer.echo(_json(run_report))
         else:
             console = out_console()
             console.print(_summary_table(result))
@@ -473,6 +543,23 @@ def quantize(
             err.print(f"[{style}]{escape(gate.message)}[/]", highlight=False)
             if not gate.passed:
                 raise typer.Exit(EXIT_GATE_FAILED)
+
+
+def _write_report_after_model(write_report, data: dict, report_dir: Path, model: Path) -> dict:
+    """The INT8 model is already published: a report that fails now must not say "nothing was written"."""
+    run_dir = report_dir / data["run_id"]
+    # The folders write_report would create, outermost first: removed again (when empty) if it fails.
+    created = [p for p in (*reversed(run_dir.parents), run_dir) if not p.exists()]
+    try:
+        return write_report(data, run_dir)
+    except (RqInputError, RqEnvironmentError, OSError) as exc:
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ReportFailed(
+            f"the INT8 model was written to {model}, but the report could not be written: {reason}"
+        ) from None
 
 
 def check_evaluable(model: Path) -> None:
@@ -618,6 +705,7 @@ def eval_(
     with user_errors():
         if batch < 1:
             raise RqInputError("--batch must be ≥ 1")
+        check_workers(workers)
         spec = build_spec(preset_name, mean, std, resize, crop, interpolation)
         dataset, samples = validation_samples(data, labels, limit, seed)
         with ray_session(ray) as runner, progress_bar() as bar:
@@ -636,7 +724,7 @@ def eval_(
             payload.update(
                 {"folder": str(dataset.root), "layout": dataset.layout, "preprocess": spec.to_dict()}
             )
-            typer.echo(json.dumps(payload, indent=2))
+            typer.echo(_json(payload))
             return
         table = Table(
             title=f"{run.images} images of {dataset.root} (layout {dataset.layout}), batch {batch}",
@@ -698,6 +786,7 @@ def sweep(
     from quantize.sweep import run_sweep, sweep_report
 
     with user_errors(), contextlib.ExitStack() as stack:
+        check_workers(workers)
         spec = build_spec(preset_name, mean, std, resize, crop, interpolation)
         base = _recipe_from_options(QuantRecipe(), samples=samples, seed=seed)
         batches = (
@@ -730,7 +819,7 @@ def sweep(
         data = sweep_report(result, ["rq", *sys.argv[1:]], grid)
         paths = write_report(data, report_dir / data["run_id"])
         if as_json:
-            typer.echo(json.dumps(data, indent=2))
+            typer.echo(_json(data))
         else:
             out_console().print(_sweep_table(data))
         err.print(f"report: {paths['html']}", highlight=False, soft_wrap=True)
@@ -802,9 +891,9 @@ def inspect(
         dataset = discover_dataset(calib, labels)
         chosen = select_samples(dataset, samples, 0)
         ensure_writable_dir(report_dir)
-        with tempfile.TemporaryDirectory(prefix="rq-inspect-") as tmp:
+        with work_folder("rq-inspect-") as tmp:
             # The INT8 model was made from the prepared graph: compare against the same graph (same names).
-            prepared = prepare_model(fp32, Path(tmp))
+            prepared = prepare_model(fp32, tmp)
             with BatchStream(chosen, spec, batch_size=8) as stream:
                 nodes = inspect_models(prepared.path, int8, (b.images for b in stream))
                 used = stream.used
@@ -821,7 +910,7 @@ def inspect(
         data["inspection"] = {"images": used, "nodes": rows}
         paths = write_report(data, report_dir / data["run_id"])
         if as_json:
-            typer.echo(json.dumps(data["inspection"], indent=2))
+            typer.echo(_json(data["inspection"]))
         else:
             table = Table(
                 title=f"Per-node error on {used} images (worst activation SQNR first)", title_justify="left"
@@ -887,7 +976,7 @@ def bench(
         batches = _parse_batches(batch)
         result = bench_models(models, batch_sizes=batches, threads=threads, runs=runs, warmup=warmup)
         if as_json:
-            typer.echo(json.dumps(result.to_dict(), indent=2))
+            typer.echo(_json(result.to_dict()))
         else:
             out_console().print(result.render_table())
 

@@ -17,6 +17,7 @@ import onnxruntime as ort
 
 from calibration import BatchStream, ImageDataset, PreprocessSpec, Sample
 from calibration.errors import RqInputError
+from quantize.exits import ORT_LOG_SEVERITY, ort_reason
 
 
 @dataclass
@@ -93,15 +94,16 @@ def open_session(path: Path, threads: int | None = None) -> ort.InferenceSession
     path = Path(path)
     if not path.is_file():
         raise RqInputError(f"model not found: {path}")
+    if path.stat().st_size == 0:
+        raise RqInputError(f"{path} is an empty file (0 bytes), not an ONNX model")
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    options.log_severity_level = 3
+    options.log_severity_level = ORT_LOG_SEVERITY  # ORT's own coloured log line would precede rq's message
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        reason = _first_line(exc).replace("[ONNXRuntimeError] : ", "")
-        raise RqInputError(f"onnxruntime cannot load {path.name}: {reason}") from None
+        raise RqInputError(f"onnxruntime cannot load {path.name}: {ort_reason(exc)}") from None
 
 
 def fixed_batch(session: ort.InferenceSession) -> int | None:
@@ -265,7 +267,7 @@ def evaluate(
                     logits = run_model(session, input_name, batch.images)
                 except Exception as exc:
                     raise RqInputError(
-                        f"{Path(models[i]).name} failed in onnxruntime: {_first_line(exc)}"
+                        f"{Path(models[i]).name} failed in onnxruntime: {ort_reason(exc)}"
                     ) from None
                 infer_seconds[i] += time.perf_counter() - t0
                 top5[i].append(top5_indices(logits, offset))

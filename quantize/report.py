@@ -21,6 +21,7 @@ embedded as a base64 PNG) so it can be mailed or attached to a CI run as one fil
 from __future__ import annotations
 
 import base64
+import errno
 import html
 import io
 import json
@@ -33,7 +34,8 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from calibration.errors import RqInputError
-from quantize.files import atomic_write_text
+from quantize.exits import environment_error, is_environment_error
+from quantize.files import atomic_write_text, json_text
 from quantize.stats import pareto_front
 
 SCHEMA = "rq.report/1"
@@ -307,7 +309,9 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
-def _not_writable(directory: Path, exc: OSError) -> RqInputError:
+def _not_writable(directory: Path, exc: OSError) -> Exception:
+    if is_environment_error(exc) and exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return environment_error(exc, directory)  # a full disk is not the user's input
     reason = exc.strerror or type(exc).__name__
     return RqInputError(f"report folder is not writable: {directory} ({reason})")
 
@@ -333,7 +337,8 @@ def write_report(data: dict, directory: Path) -> dict[str, Path]:
     validate_report(data)
     directory = Path(directory)
     try:
-        text = json.dumps(data, indent=2, ensure_ascii=False, default=_json_default) + "\n"
+        # Strict JSON: a NaN/inf (an unmeasured figure) is written as null, never as a bare NaN.
+        text = json_text(data, indent=2, ensure_ascii=False, default=_json_default) + "\n"
     except (TypeError, ValueError) as exc:
         raise RqInputError(f"report cannot be written as JSON: {exc}") from None
     json_path = directory / JSON_NAME

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from quantize.bench import BenchResult, bench_models
 from quantize.cpu import CpuInfo, advise_int8, detect_cpu
 from quantize.evaluate import evaluate
 from quantize.fetch import sha256_file
-from quantize.files import atomic_output, atomic_write_text
+from quantize.files import atomic_output, atomic_write_text, work_folder
 from quantize.ort_backend import QuantizedOps
 from quantize.pipeline import (
     CalibrationRun,
@@ -166,8 +165,7 @@ def run_sweep(
     cache_dir = Path(report_dir) / ".sweep-cache" / hashlib.sha256(key_material.encode()).hexdigest()[:16]
     cache_dir.mkdir(parents=True, exist_ok=True)
 
-    with tempfile.TemporaryDirectory(prefix="rq-sweep-") as tmp:
-        workdir = Path(tmp)
+    with work_folder("rq-sweep-") as workdir:
         started = time.perf_counter()
         log("prepare")
         prepared = prepare_model(model, workdir)
