@@ -22,7 +22,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -181,6 +183,9 @@ class RayRunner:
         """`ray.init` (on the main thread: Ray's driver does not start from another one)."""
         # A host that accepts TCP but is no Ray head would keep Ray's GCS client retrying for a minute.
         os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", str(int(CONNECT_TIMEOUT_S)))
+        # ray.init replaces the SIGTERM handler with sys.exit; rq's own (quantize/exits.py) must stay.
+        on_main = threading.current_thread() is threading.main_thread()
+        previous = signal.getsignal(signal.SIGTERM) if on_main else None
         try:
             ray.init(
                 address=address,
@@ -191,6 +196,9 @@ class RayRunner:
         except Exception as exc:
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RqInputError(f"cannot connect to the Ray cluster at {address or 'auto'}: {text}") from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     def close(self) -> None:
         if self._owns and self._ray is not None and self._ray.is_initialized():

@@ -433,3 +433,27 @@ def test_tuning_through_ray_takes_the_same_steps(local_ray, tmp_path, tmp_path_f
         (s.fallback, s.top1, s.drop_pt) for s in local.steps
     ]
     assert distributed.fallback_nodes == local.fallback_nodes == ["conv_sensitive"]
+
+
+def test_connecting_keeps_the_callers_sigterm_handler():
+    """ray.init installs its own SIGTERM handler (sys.exit); rq's signal contract must survive a connection."""
+    code = (
+        "import signal, sys\n"
+        "from quantize.distributed import RayRunner\n"
+        "mine = lambda *a: None\n"
+        "signal.signal(signal.SIGTERM, mine)\n"
+        "r = RayRunner('local'); r.connect()\n"
+        "kept = signal.getsignal(signal.SIGTERM) is mine\n"
+        "r.close()\n"
+        "print('kept' if kept else 'replaced')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "kept"  # without the restore in RayRunner: "replaced"
