@@ -273,6 +273,21 @@ def quantize(
         float | None,
         typer.Option(help="Accuracy gate: fail (exit code 3) when INT8 loses more top-1 points than this."),
     ] = None,
+    gate_on: Annotated[
+        str,
+        typer.Option(
+            "--gate-on",
+            help="What --max-drop is compared with: point (the measured drop) or ci (the upper bound of its "
+            "95% interval: a pass then means these images show the goal is met).",
+        ),
+    ] = "point",
+    holdout_images: Annotated[
+        int,
+        typer.Option(
+            help="Without --val: measure INT8's agreement with FP32 (and logits SQNR, softmax KL) on this "
+            "many --calib images that calibration did not use; 0 skips it.",
+        ),
+    ] = 500,
     tune: Annotated[
         bool,
         typer.Option(
@@ -306,7 +321,7 @@ def quantize(
     from quantize.pipeline import Progress, quantize_model
     from quantize.report import write_report
     from quantize.tune import TuneRequest, split_for_tuning
-    from quantize.validate import Gate, validate, validation_samples
+    from quantize.validate import GATE_ON, Gate, validate, validation_samples
 
     with user_errors():
         base = QuantRecipe()
@@ -341,6 +356,10 @@ def quantize(
             raise RqInputError("--max-drop needs --val (the images to measure the drop on)")
         if max_drop is not None and max_drop < 0:
             raise RqInputError("--max-drop must be ≥ 0")
+        if gate_on not in GATE_ON:
+            raise RqInputError(f"--gate-on must be one of {', '.join(GATE_ON)}, not {gate_on!r}")
+        if holdout_images < 0:
+            raise RqInputError("--holdout-images must be ≥ 0")
         if tune and (val is None or max_drop is None):
             raise RqInputError("--tune needs --val (images to measure on) and --max-drop (the goal)")
         if max_trials < 1:
@@ -387,7 +406,7 @@ def quantize(
                 tune=tune_request,
                 log=lambda msg: err.print(f"[dim]  {escape(msg)}[/]", highlight=False),
             )
-            validation = gate = bench_result = None
+            validation = gate = bench_result = fidelity = None
             if val_dataset is not None:
                 err.print("[dim]· validate (FP32 and INT8 on the same images)[/]", highlight=False)
                 vtask = bar.add_task("validating", total=len(val_samples))
@@ -406,20 +425,23 @@ def quantize(
                 if max_drop is not None:
                     tuning = result.tuning
                     chosen = tuning.chosen_step if tuning else None
-                    gate = Gate(
+                    gate = Gate.from_drop(
                         max_drop,
-                        validation.drop.drop_pt,
+                        validation.drop,
                         EXIT_GATE_FAILED,
                         f"INT8 {result.recipe.label()}",
+                        gate_on=gate_on,
                         tuning_goal_met=tuning.goal_met if tuning else None,
                         tuning_best_drop_pt=chosen.drop_pt if chosen else None,
                     )
+            elif holdout_images:
+                fidelity = _holdout_fidelity(model, result, spec, holdout_images, eval_batch, workers, bar)
         if bench_batches:
             err.print("[dim]· bench (FP32 and INT8 interleaved)[/]", highlight=False)
             started = time.perf_counter()
             bench_result = bench_models([model, result.output], batch_sizes=bench_batches, runs=bench_runs)
             result.seconds["bench"] = time.perf_counter() - started
-        run_report = _quantize_report(result, validation, gate, bench_result)
+        run_report = _quantize_report(result, validation, gate, bench_result, fidelity)
         paths = write_report(run_report, report_dir / run_report["run_id"])
         if as_json:
             typer.echo(json.dumps(run_report, indent=2))
@@ -428,6 +450,8 @@ def quantize(
             console.print(_summary_table(result))
             if validation is not None:
                 console.print(_validation_table(validation))
+            if fidelity is not None:
+                console.print(_fidelity_table(fidelity))
             if bench_result is not None:
                 console.print(bench_result.render_table())
         if validation is not None and validation.overlap_with_calibration:
@@ -442,6 +466,53 @@ def quantize(
             err.print(f"[{style}]{escape(gate.message)}[/]", highlight=False)
             if not gate.passed:
                 raise typer.Exit(EXIT_GATE_FAILED)
+
+
+def _holdout_fidelity(model, result, spec, limit, batch_size, workers, bar):
+    """Agreement / SQNR / KL of INT8 vs FP32 on calibration images calibration did not read (no labels)."""
+    from quantize.fidelity import held_back_samples, measure_fidelity
+
+    held = held_back_samples(result.calibration_dataset, result.calibration_files, limit, result.recipe.seed)
+    if not held:
+        err.print(
+            "[yellow]note:[/] every --calib image was used for calibration: no held-back image is left to "
+            "check INT8's agreement with FP32 (use more calibration images than --samples, or --val)",
+            highlight=False,
+        )
+        return None
+    err.print(f"[dim]· fidelity (FP32 vs INT8 on {len(held)} held-back calibration images)[/]", highlight=False)
+    task = bar.add_task("fidelity", total=len(held))
+    fidelity = measure_fidelity(
+        model,
+        result.output,
+        held,
+        spec,
+        source=f"{len(held)} held-back calibration images (not used to calibrate; no labels needed)",
+        batch_size=batch_size,
+        workers=workers,
+        on_images=lambda n: bar.advance(task, n),
+    )
+    result.seconds["fidelity"] = fidelity.seconds
+    return fidelity
+
+
+def _fidelity_table(fidelity) -> Table:
+    table = Table(title="Fidelity to FP32 (label-free)", title_justify="left", show_header=False, min_width=100)
+    table.add_column("what", style="bold")
+    table.add_column("value", overflow="fold")
+    table.add_row("images", fidelity.source)
+    table.add_row(
+        "top-1 agreement",
+        f"{fidelity.agreement_pct:.2f}% (95% CI [{fidelity.agreement_ci_low_pct:.2f}, "
+        f"{fidelity.agreement_ci_high_pct:.2f}]); {fidelity.disagreements} of {fidelity.images} predictions differ",
+    )
+    table.add_row("logits SQNR", f"{fidelity.logits_sqnr_db:.1f} dB")
+    table.add_row("softmax KL", f"{fidelity.softmax_kl:.4f} nats (mean per image)")
+    table.caption = (
+        "A top-1 drop can never exceed the disagreement rate; with labels (--val) rq measures the drop itself."
+    )
+    table.caption_justify = "left"
+    return table
 
 
 def check_evaluable(model: Path) -> None:
@@ -465,7 +536,7 @@ def ensure_writable_dir(directory: Path) -> None:
         raise RqInputError(f"report folder is not writable: {directory} ({exc.strerror or exc})") from None
 
 
-def _quantize_report(result, validation, gate, bench_result) -> dict:
+def _quantize_report(result, validation, gate, bench_result, fidelity=None) -> dict:
     from quantize.report_data import accuracy_of, bench_by_batch, build_report, variant
 
     variants = [
@@ -517,6 +588,7 @@ def _quantize_report(result, validation, gate, bench_result) -> dict:
     )
     if result.tuning is not None:
         data["tuning"] = result.tuning.to_dict()
+    data["fidelity"] = fidelity.to_dict() if fidelity is not None else None
     return data
 
 
@@ -540,7 +612,8 @@ def _validation_table(validation) -> Table:
         f"{validation.int8.top1:.2f}",
         f"{validation.int8.top5:.2f}",
         f"top-1 drop {d.drop_pt:.2f} pt, 95% CI [{d.ci_low_pt:.2f}, {d.ci_high_pt:.2f}] ({d.method}, {verdict}); "
-        f"predictions differ on {d.disagreements} images (FP32-only right {d.a_only}, INT8-only right {d.b_only})",
+        f"top-1 agreement with FP32 {d.agreement_pct:.2f}%: predictions differ on {d.disagreements} images "
+        f"(FP32-only right {d.a_only}, INT8-only right {d.b_only})",
     )
     return table
 

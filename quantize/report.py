@@ -475,7 +475,11 @@ def _gate_blocks(data: dict) -> list[Block]:
     word = "PASSED" if passed else "FAILED"
     limit = gate.get("max_drop_pt")
     name, drop = _gated_drop(data, gate)
-    if drop is not None and _is_number(limit):
+    if gate.get("gate_on") == "ci" and _is_number(gate.get("ci_high_pt")) and _is_number(limit):
+        high = float(gate["ci_high_pt"])
+        sign = "≤" if high <= limit else ">"
+        text = f"{word}: upper bound of the INT8 top-1 drop's interval {_num(high)} pt {sign} {_num(limit)} pt"
+    elif drop is not None and _is_number(limit):
         sign = "≤" if drop <= limit else ">"
         text = f"{word}: INT8 top-1 drop {_num(drop)} pt {sign} {_num(limit)} pt"
     else:
@@ -545,6 +549,44 @@ def _method_text(drop: dict) -> str:
     return f"{method} interval"
 
 
+def _agreement_cell(drop: dict | None) -> str:
+    """Top-1 agreement with FP32 in percent: from ``agreement_pct``, or from the counts of older reports."""
+    if not isinstance(drop, dict):
+        return NOT_MEASURED
+    if _is_number(drop.get("agreement_pct")):
+        return _num(drop["agreement_pct"])
+    n, differ = drop.get("n"), drop.get("disagreements")
+    if _is_int(n) and _is_int(differ) and n > 0:
+        return _num(100.0 * (n - differ) / n)
+    return NOT_MEASURED
+
+
+def _fidelity_blocks(data: dict) -> list[Block]:
+    """Label-free fidelity on held-back calibration images (runs without --val)."""
+    fid = data.get("fidelity")
+    if not isinstance(fid, dict):
+        return []
+    rows = [
+        ["Images", str(fid.get("source", "?"))],
+        [
+            "Top-1 agreement with FP32",
+            f"{_num(fid.get('agreement_pct'))}% [{_num(fid.get('agreement_ci_low_pct'))}, "
+            f"{_num(fid.get('agreement_ci_high_pct'))}] ({fid.get('disagreements')} of {fid.get('images')} differ)",
+        ],
+        ["Logits SQNR", f"{_num(fid.get('logits_sqnr_db'), 1)} dB"],
+        ["Softmax KL (mean per image)", f"{_num(fid.get('softmax_kl'), 4)} nats"],
+    ]
+    return [
+        ("h2", "Fidelity to FP32 (label-free)"),
+        ("table", ["Measure", "Value"], rows),
+        (
+            "p",
+            "Measured on calibration images that calibration did not use; no labels needed. A top-1 drop can "
+            "never exceed the disagreement rate. With --val, rq measures the drop itself.",
+        ),
+    ]
+
+
 def _results_blocks(data: dict) -> list[Block]:
     variants = _variants(data)
     if not variants:
@@ -553,7 +595,7 @@ def _results_blocks(data: dict) -> list[Block]:
     drops = [v["drop"] for v in variants if isinstance(v.get("drop"), dict)]
     confs = {d.get("confidence") for d in drops}
     ci_label = f"{_pct(next(iter(confs)))}% CI" if len(confs) == 1 else "CI"
-    headers = ["Variant", "Kind", "Top-1 %", "Top-5 %", f"Drop pt [{ci_label}]", "Disagreements"]
+    headers = ["Variant", "Kind", "Top-1 %", "Top-5 %", f"Drop pt [{ci_label}]", "Agreement %", "Disagreements"]
     headers += [f"Speedup b{b}" for b in batches] or ["Speedup"]
     headers += ["Size MB", "Quantized ops", "Pareto"]
     rows = []
@@ -568,6 +610,7 @@ def _results_blocks(data: dict) -> list[Block]:
             _num(acc.get("top1")),
             _num(acc.get("top5")),
             "reference" if is_fp32 and drop is None else _drop_cell(drop),
+            "—" if is_fp32 and drop is None else _agreement_cell(drop),
             "—" if is_fp32 and drop is None else (str(drop.get("disagreements")) if drop else NOT_MEASURED),
         ]
         if not batches:
@@ -594,7 +637,8 @@ def _results_blocks(data: dict) -> list[Block]:
                 "p",
                 f"Drop = FP32 top-1 − variant top-1 in percentage points (positive: INT8 lost accuracy), on "
                 f"the same {d.get('n')} images; interval: {_method_text(d)} at {_pct(d.get('confidence'))}% "
-                "confidence. Disagreements = images where the two models predicted different classes. "
+                "confidence. Agreement = share of images where the variant predicts FP32's class; "
+                "Disagreements = images where the two models predicted different classes. "
                 "★ = on the accuracy/speed Pareto front.",
             )
         )
@@ -890,6 +934,7 @@ def _document(data: dict) -> list[Block]:
         *_gate_blocks(data),
         *_run_blocks(data),
         *_results_blocks(data),
+        *_fidelity_blocks(data),
         ("h2", "Accuracy vs speed"),
         ("plot",),
         *_bench_blocks(data),
