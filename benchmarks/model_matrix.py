@@ -124,11 +124,7 @@ def row_of(result: dict) -> list[str]:
     agree = drop.get("agreement_pct")
     if agree is None and n:
         agree = 100.0 * (n - differ) / n
-    ci = (
-        f"{drop['drop_pt']:.2f} [{drop['ci_low_pt']:.2f}, {drop['ci_high_pt']:.2f}]"
-        if drop
-        else "—"
-    )
+    ci = f"{drop['drop_pt']:.2f} [{drop['ci_low_pt']:.2f}, {drop['ci_high_pt']:.2f}]" if drop else "—"
     ops = int8.get("quantized_ops") or {}
     return [
         name,
@@ -216,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             sha, flags = entry
             if sha is not None and _sha256(model) != sha:
-                skipped.append(f"{model.name}: sha256 differs from the file the preprocessing was written for")
+                skipped.append(
+                    f"{model.name}: sha256 differs from the file the preprocessing was written for"
+                )
                 continue
             result = run_model(model, flags, args, tmp_path / "reports", tmp_path)
             results.append(result)
@@ -229,7 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_out:
         slim = [
             {k: v for k, v in r.items() if k != "report"}
-            | ({"variants": r["report"]["variants"], "stages": r["report"]["stages"]} if "report" in r else {})
+            | (
+                {"variants": r["report"]["variants"], "stages": r["report"]["stages"]}
+                if "report" in r
+                else {}
+            )
             for r in results
         ]
         args.json_out.write_text(json.dumps(slim, indent=2, default=str), encoding="utf-8")

@@ -480,7 +480,9 @@ def _holdout_fidelity(model, result, spec, limit, batch_size, workers, bar):
             highlight=False,
         )
         return None
-    err.print(f"[dim]· fidelity (FP32 vs INT8 on {len(held)} held-back calibration images)[/]", highlight=False)
+    err.print(
+        f"[dim]· fidelity (FP32 vs INT8 on {len(held)} held-back calibration images)[/]", highlight=False
+    )
     task = bar.add_task("fidelity", total=len(held))
     fidelity = measure_fidelity(
         model,
@@ -497,7 +499,9 @@ def _holdout_fidelity(model, result, spec, limit, batch_size, workers, bar):
 
 
 def _fidelity_table(fidelity) -> Table:
-    table = Table(title="Fidelity to FP32 (label-free)", title_justify="left", show_header=False, min_width=100)
+    table = Table(
+        title="Fidelity to FP32 (label-free)", title_justify="left", show_header=False, min_width=100
+    )
     table.add_column("what", style="bold")
     table.add_column("value", overflow="fold")
     table.add_row("images", fidelity.source)
@@ -508,9 +512,7 @@ def _fidelity_table(fidelity) -> Table:
     )
     table.add_row("logits SQNR", f"{fidelity.logits_sqnr_db:.1f} dB")
     table.add_row("softmax KL", f"{fidelity.softmax_kl:.4f} nats (mean per image)")
-    table.caption = (
-        "A top-1 drop can never exceed the disagreement rate; with labels (--val) rq measures the drop itself."
-    )
+    table.caption = "A top-1 drop can never exceed the disagreement rate; with labels (--val) rq measures the drop itself."
     table.caption_justify = "left"
     return table
 
@@ -760,12 +762,16 @@ def sweep(
 
 
 def _sweep_table(data: dict) -> Table:
-    table = Table(title="rq sweep (★ = on the accuracy/speed Pareto front)", title_justify="left")
+    table = Table(
+        title="rq sweep (★ = on the top-1/speed Pareto front, ◆ = on the agreement/speed front)",
+        title_justify="left",
+    )
     batches = sorted({int(b) for v in data["variants"] if v["bench"] for b in v["bench"]})
     for col in [
         "variant",
         "top-1 %",
         "drop pt [95% CI]",
+        "agree %",
         "differ",
         *[f"speed b{b}" for b in batches],
         "ops",
@@ -783,10 +789,11 @@ def _sweep_table(data: dict) -> Table:
             escape(v["name"]),
             f"{v['accuracy']['top1']:.2f}" if v["accuracy"] else "—",
             drop_text,
+            f"{drop['agreement_pct']:.2f}" if drop and drop.get("agreement_pct") is not None else "—",
             str(drop["disagreements"]) if drop else "—",
             *speeds,
             f"{ops['quantized']}/{ops['candidates']}" if ops else "—",
-            "★" if v.get("pareto") else "",
+            ("★" if v.get("pareto") else "") + ("◆" if v.get("pareto_agreement") else ""),
         )
     return table
 

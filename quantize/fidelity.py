@@ -46,7 +46,9 @@ def softmax_kl(reference: np.ndarray, approximation: np.ndarray) -> np.ndarray:
     ref = np.asarray(reference)
     approx = np.asarray(approximation)
     if ref.shape != approx.shape or ref.ndim != 2:
-        raise RqInputError(f"logits must be two [N, classes] arrays of one shape, got {ref.shape}, {approx.shape}")
+        raise RqInputError(
+            f"logits must be two [N, classes] arrays of one shape, got {ref.shape}, {approx.shape}"
+        )
     log_p = _log_softmax(ref)
     log_q = _log_softmax(approx)
     return np.maximum((np.exp(log_p) * (log_p - log_q)).sum(axis=1), 0.0)
@@ -124,7 +126,9 @@ class FidelityAccumulator:
         )
 
 
-def compare_logits(reference: np.ndarray, approximation: np.ndarray, source: str = "given logits") -> Fidelity:
+def compare_logits(
+    reference: np.ndarray, approximation: np.ndarray, source: str = "given logits"
+) -> Fidelity:
     """Fidelity of `approximation` to `reference`, two [N, classes] logits arrays (same images, same order)."""
     acc = FidelityAccumulator()
     acc.add(np.asarray(reference), np.asarray(approximation))

@@ -478,7 +478,9 @@ def _gate_blocks(data: dict) -> list[Block]:
     if gate.get("gate_on") == "ci" and _is_number(gate.get("ci_high_pt")) and _is_number(limit):
         high = float(gate["ci_high_pt"])
         sign = "≤" if high <= limit else ">"
-        text = f"{word}: upper bound of the INT8 top-1 drop's interval {_num(high)} pt {sign} {_num(limit)} pt"
+        text = (
+            f"{word}: upper bound of the INT8 top-1 drop's interval {_num(high)} pt {sign} {_num(limit)} pt"
+        )
     elif drop is not None and _is_number(limit):
         sign = "≤" if drop <= limit else ">"
         text = f"{word}: INT8 top-1 drop {_num(drop)} pt {sign} {_num(limit)} pt"
@@ -595,7 +597,15 @@ def _results_blocks(data: dict) -> list[Block]:
     drops = [v["drop"] for v in variants if isinstance(v.get("drop"), dict)]
     confs = {d.get("confidence") for d in drops}
     ci_label = f"{_pct(next(iter(confs)))}% CI" if len(confs) == 1 else "CI"
-    headers = ["Variant", "Kind", "Top-1 %", "Top-5 %", f"Drop pt [{ci_label}]", "Agreement %", "Disagreements"]
+    headers = [
+        "Variant",
+        "Kind",
+        "Top-1 %",
+        "Top-5 %",
+        f"Drop pt [{ci_label}]",
+        "Agreement %",
+        "Disagreements",
+    ]
     headers += [f"Speedup b{b}" for b in batches] or ["Speedup"]
     headers += ["Size MB", "Quantized ops", "Pareto"]
     rows = []
@@ -627,7 +637,11 @@ def _results_blocks(data: dict) -> list[Block]:
             ops_text = f"{ops.get('quantized')}/{ops.get('candidates')}"
         else:
             ops_text = "—" if is_fp32 else NOT_MEASURED
-        row += [_mb(v.get("size_bytes")), ops_text, "★" if v.get("pareto") else ""]
+        row += [
+            _mb(v.get("size_bytes")),
+            ops_text,
+            ("★" if v.get("pareto") else "") + ("◆" if v.get("pareto_agreement") else ""),
+        ]
         rows.append(row)
     blocks: list[Block] = [("h2", "Results"), ("table", headers, rows)]
     if drops:
@@ -639,7 +653,7 @@ def _results_blocks(data: dict) -> list[Block]:
                 f"the same {d.get('n')} images; interval: {_method_text(d)} at {_pct(d.get('confidence'))}% "
                 "confidence. Agreement = share of images where the variant predicts FP32's class; "
                 "Disagreements = images where the two models predicted different classes. "
-                "★ = on the accuracy/speed Pareto front.",
+                "★ = on the top-1/speed Pareto front; ◆ = on the agreement/speed Pareto front.",
             )
         )
         significant = [
