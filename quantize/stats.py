@@ -371,7 +371,7 @@ def images_to_confirm(
     low = max(1, int(normal) // 2)
     if fits(low):
         return max(10, -(-low // 10) * 10)
-    high = max(low + 1, int(math.ceil(normal)))
+    high = max(low + 1, math.ceil(normal))
     while not fits(high):
         low, high = high, high * 2
         if high > 10**9:
