@@ -282,12 +282,13 @@ def quantize(
         ),
     ] = "point",
     holdout_images: Annotated[
-        int,
+        int | None,
         typer.Option(
-            help="Without --val: measure INT8's agreement with FP32 (and logits SQNR, softmax KL) on this "
-            "many --calib images that calibration did not use; 0 skips it.",
+            help="Held-back calibration images (--calib images calibration did not read; no labels needed). "
+            "Without --val, INT8's agreement with FP32, logits SQNR and softmax KL are measured on this many "
+            "(500); with --tune, they join the tuning images in the tuner's fidelity objective (all). 0: none.",
         ),
-    ] = 500,
+    ] = None,
     tune: Annotated[
         bool,
         typer.Option(
@@ -318,6 +319,7 @@ def quantize(
     """
 
     from quantize.bench import bench_models
+    from quantize.fidelity import DEFAULT_HOLDOUT_IMAGES
     from quantize.pipeline import Progress, quantize_model
     from quantize.report import write_report
     from quantize.tune import TuneRequest, split_for_tuning
@@ -358,7 +360,7 @@ def quantize(
             raise RqInputError("--max-drop must be ≥ 0")
         if gate_on not in GATE_ON:
             raise RqInputError(f"--gate-on must be one of {', '.join(GATE_ON)}, not {gate_on!r}")
-        if holdout_images < 0:
+        if holdout_images is not None and holdout_images < 0:
             raise RqInputError("--holdout-images must be ≥ 0")
         if tune and (val is None or max_drop is None):
             raise RqInputError("--tune needs --val (images to measure on) and --max-drop (the goal)")
@@ -379,7 +381,12 @@ def quantize(
                 # Tune on one part of the images, confirm (and gate) on the other: the drop reported is not
                 # the one the tuner optimized.
                 tune_samples, val_samples = split_for_tuning(val_samples, tune_fraction)
-                tune_request = TuneRequest(max_drop, tuple(tune_samples), max_trials=max_trials)
+                tune_request = TuneRequest(
+                    max_drop,
+                    tuple(tune_samples),
+                    max_trials=max_trials,
+                    holdout_images=holdout_images if holdout_images is not None else 1_000_000,
+                )
         ensure_writable_dir(report_dir)
         with progress_bar() as bar:
             task = {}
@@ -434,8 +441,9 @@ def quantize(
                         tuning_goal_met=tuning.goal_met if tuning else None,
                         tuning_best_drop_pt=chosen.drop_pt if chosen else None,
                     )
-            elif holdout_images:
-                fidelity = _holdout_fidelity(model, result, spec, holdout_images, eval_batch, workers, bar)
+            elif holdout_images != 0:
+                limit = DEFAULT_HOLDOUT_IMAGES if holdout_images is None else holdout_images
+                fidelity = _holdout_fidelity(model, result, spec, limit, eval_batch, workers, bar)
         if bench_batches:
             err.print("[dim]· bench (FP32 and INT8 interleaved)[/]", highlight=False)
             started = time.perf_counter()

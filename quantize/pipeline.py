@@ -25,6 +25,7 @@ from quantize import __version__
 from quantize.calibrate import CalibrationRanges, calibrate
 from quantize.cpu import CpuInfo, IntegerKernelAdvice, advise_int8, detect_cpu
 from quantize.evaluate import evaluate
+from quantize.fidelity import held_back_samples
 from quantize.ort_backend import QuantizedOps, count_quantized, quantize_with_ort
 from quantize.prepare import ModelError, PreparedModel, atomic_save, load_model, prepare_model
 from quantize.recipe import METADATA_KEY, QuantRecipe
@@ -509,6 +510,9 @@ def quantize_model(
                 spec=spec,
                 request=tune,
                 sensitivity_samples=calibration.samples,
+                holdout_samples=held_back_samples(
+                    dataset, calibration.files(), tune.holdout_images, recipe.seed
+                ),
                 workdir=workdir,
                 workers=workers,
                 log=log,

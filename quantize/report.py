@@ -874,6 +874,18 @@ def _tuning_blocks(data: dict) -> list[Block]:
             f"{tuning.get('chosen_step', '?')}, {len(tuning.get('fallback_nodes') or [])} node(s) kept in FP32.",
         )
     )
+    if tuning.get("pool_images"):
+        blocks.append(
+            (
+                "p",
+                f"Objective: fidelity to FP32 on {tuning.get('pool_images')} images (the tuning images and "
+                f"{tuning.get('holdout_calibration_images', 0)} held-back calibration images, no labels needed); "
+                "the images held out for validation were not used to choose. A step meets the goal when the "
+                "drop on the tuning images and the drop predicted from the agreement (disagreement rate × "
+                f"{_num(tuning.get('loss_per_disagreement'), 3)}, the net loss per disagreement at step 0) "
+                "are both within the goal.",
+            )
+        )
     rows = []
     for step in tuning.get("steps") or []:
         speed = step.get("speed_ratio_to_fp32") or {}
@@ -882,21 +894,26 @@ def _tuning_blocks(data: dict) -> list[Block]:
                 str(step.get("step")),
                 str(len(step.get("fallback_nodes") or [])),
                 str(step.get("added") or "—"),
+                _num(step.get("agreement_pct")),
+                _num(step.get("softmax_kl"), 4),
                 _num(step.get("top1")),
                 _num(step.get("drop_pt")),
+                _num(step.get("predicted_drop_pt")),
                 ", ".join(f"b{b}: {_num(r)}×" for b, r in speed.items()) or NOT_MEASURED,
                 str(step.get("error") or ""),
             ]
         )
     if rows:
-        headers = ["Step", "FP32 nodes", "Fell back", "Top-1 %", "Drop pt", "Speed vs FP32", "Error"]
+        headers = ["Step", "FP32 nodes", "Fell back", "Agreement %", "Softmax KL", "Top-1 %", "Drop pt"]
+        headers += ["Predicted drop pt", "Speed vs FP32", "Error"]
         blocks.append(("table", headers, rows))
     sensitivity = tuning.get("sensitivity") or []
     if sensitivity:
         worst = ", ".join(
-            f"{s.get('node')} ({_num(s.get('logits_sqnr_db'), 1)} dB)" for s in sensitivity[:10]
+            f"{s.get('node')} ({_num(s.get('added_noise_sqnr_db', s.get('logits_sqnr_db')), 1)} dB)"
+            for s in sensitivity[:10]
         )
-        blocks.append(("p", f"Most sensitive nodes (logits SQNR when quantized alone): {worst}."))
+        blocks.append(("p", f"Most sensitive nodes (SQNR of the noise each adds, one pass): {worst}."))
     notes = [str(n) for n in tuning.get("notes") or []]
     if notes:
         blocks.append(("list", notes))
