@@ -404,7 +404,8 @@ def tune_fallback(
         images = _decode(sensitivity_samples, spec, request.sensitivity_images, workers)
         report.sensitivity = one_pass_sensitivity(prepared_path, step_models[0], nodes, images)
         fallback: list[str] = []
-        for node, _score in report.sensitivity[: request.max_trials]:
+        # At least one node stays quantized: falling back every node would publish an FP32 copy.
+        for node, _score in report.sensitivity[: min(request.max_trials, len(nodes) - 1)]:
             fallback.append(node)
             step = measure(len(report.steps), fallback, node)
             report.steps.append(step)
