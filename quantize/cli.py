@@ -187,11 +187,18 @@ def _summary_table(result) -> Table:
     if result.tuning is not None:
         t = result.tuning
         steps = "; ".join(
-            f"step {st.step}: {len(st.fallback)} FP32, drop {st.drop_pt:.2f} pt" for st in t.steps
+            f"step {st.step}: {len(st.fallback)} FP32, drop {st.drop_pt:.2f} pt"
+            + (f", agreement {st.agreement_pct:.2f}%" if st.agreement_pct is not None else "")
+            for st in t.steps
+        )
+        pool = (
+            f" (fidelity on {t.pool_images} images: these and {t.holdout_images} held-back calibration images)"
+            if t.pool_images
+            else ""
         )
         table.add_row(
             "tuning",
-            f"goal ≤ {t.max_drop_pt:.2f} pt on {t.tune_images} images {'met' if t.goal_met else 'NOT met'}; "
+            f"goal ≤ {t.max_drop_pt:.2f} pt on {t.tune_images} images{pool} {'met' if t.goal_met else 'NOT met'}; "
             f"chosen step {t.chosen} ({', '.join(t.fallback_nodes) or 'nothing'} in FP32). {steps}",
         )
     mb = 1_000_000  # decimal MB, as in the report
