@@ -659,6 +659,7 @@ def eval_(
     """Top-1 and top-5 accuracy of ONNX classifiers on a labelled ImageNet folder."""
 
     from quantize.evaluate import evaluate
+    from quantize.stats import paired_drop
     from quantize.validate import validation_samples
 
     with user_errors():
@@ -676,22 +677,48 @@ def eval_(
                 workers=workers,
                 on_images=lambda n: bar.advance(task, n),
             )
+        # With several models, each is compared with the first (typically FP32) on the same images.
+        drops = [None] + [
+            paired_drop(
+                run.models[0].correct_top1,
+                m.correct_top1,
+                disagreements=int((m.predictions != run.models[0].predictions).sum()),
+            )
+            if run.images
+            else None
+            for m in run.models[1:]
+        ]
         if as_json:
             payload = run.to_dict()
             payload.update(
                 {"folder": str(dataset.root), "layout": dataset.layout, "preprocess": spec.to_dict()}
             )
+            for entry, drop in zip(payload["models"], drops, strict=True):
+                entry["vs_first"] = drop.to_dict() if drop else None
             typer.echo(json.dumps(payload, indent=2))
             return
         table = Table(
             title=f"{run.images} images of {dataset.root} (layout {dataset.layout}), batch {batch}",
             title_justify="left",
         )
-        for col in ("model", "top-1 %", "top-5 %", "model img/s"):
+        columns = ["model", "top-1 %", "top-5 %", "model img/s"]
+        if len(run.models) > 1:
+            columns += ["drop vs first pt [95% CI]", "agreement with first %"]
+        for col in columns:
             table.add_column(col, justify="left" if col == "model" else "right")
-        for m in run.models:
+        for m, drop in zip(run.models, drops, strict=True):
             rate = run.images / m.inference_seconds if m.inference_seconds else 0.0
-            table.add_row(escape(str(m.path)), f"{m.top1:.2f}", f"{m.top5:.2f}", f"{rate:.1f}")
+            row = [escape(str(m.path)), f"{m.top1:.2f}", f"{m.top5:.2f}", f"{rate:.1f}"]
+            if len(run.models) > 1:
+                row += (
+                    [
+                        f"{drop.drop_pt:.2f} [{drop.ci_low_pt:.2f}, {drop.ci_high_pt:.2f}]",
+                        f"{drop.agreement_pct:.2f} ({drop.disagreements} differ)",
+                    ]
+                    if drop
+                    else ["—", "—"]
+                )
+            table.add_row(*row)
         notes = [f"pipeline: {run.images_per_s:.1f} images/s (decode in parallel + every model)"]
         if run.skipped:
             notes.append(

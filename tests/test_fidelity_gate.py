@@ -356,3 +356,32 @@ def test_holdout_images_zero_skips_fidelity_and_limit_is_honoured(mixed, tmp_pat
     result, reports = _quantize(mixed, tmp_path / "b", "--holdout-images", "3")
     assert result.exit_code == 0, all_output(result)
     assert _report(reports)["fidelity"]["images"] == 3
+
+
+# ---------------------------------------------------------------------------------------------------------
+# rq eval with several models: each compared with the first
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_eval_of_two_models_reports_agreement_with_the_first(tmp_path):
+    from calib_images import make_class_folders
+    from test_evaluate import onehot_model, onehot_row, wnid
+
+    val = tmp_path / "val"
+    make_class_folders(val, {wnid(3): 6, wnid(7): 2}, size=(40, 36))
+    first = onehot_model(tmp_path / "k.onnx", onehot_row(1000, [3]))
+    same = onehot_model(tmp_path / "k2.onnx", onehot_row(1000, [3, 7]))
+    other = onehot_model(tmp_path / "j.onnx", onehot_row(1000, [7]))
+    args = ["eval", first, same, other, "--data", val, "--resize", "36", "--crop", "32"]
+    result = invoke(*args, "--json")
+    assert result.exit_code == 0, all_output(result)
+    models = json.loads(result.stdout)["models"]
+    assert models[0]["vs_first"] is None
+    assert models[1]["vs_first"]["agreement_pct"] == 100.0 and models[1]["vs_first"]["disagreements"] == 0
+    vs = models[2]["vs_first"]
+    assert (vs["agreement_pct"], vs["disagreements"], vs["a_only"], vs["b_only"]) == (0.0, 8, 6, 2)
+    assert vs["drop_pt"] == 50.0
+    text = all_output(invoke(*args))
+    assert "agreement with first %" in text
+    row = next(line for line in text.splitlines() if "j.onnx" in line)
+    assert "0.00 (8 differ)" in row and "50.00 [" in row
