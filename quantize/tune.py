@@ -244,74 +244,128 @@ def _int8_name(name: str, int8_tensors: set[str]) -> str | None:
     return name if name in int8_tensors else None
 
 
+#: Element-wise activations that follow a Conv/Gemm: a node's noise is measured after them, where its consumers
+#: read it (a clipped pre-activation range costs only what survives the activation).
+ACTIVATIONS = frozenset({"Relu", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish", "Sigmoid", "Tanh"})
+
+
+def _node_models(fp32, nodes: Sequence[str], int8_tensors: set[str]) -> dict[str, tuple]:
+    """For each node: an FP32 model of the node alone (plus the activation it feeds, if that is its only
+    consumer), the name of its data input, the INT8 tensors holding that input and the chain's output, and
+    the FP32 name of the chain's output."""
+    from onnx import TensorProto, helper
+
+    by_name = {n.name: n for n in fp32.graph.node}
+    inits = {i.name: i for i in fp32.graph.initializer}
+    constants = {n.output[0]: n for n in fp32.graph.node if n.op_type == "Constant" and n.output}
+    consumers: dict[str, list] = {}
+    for n in fp32.graph.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    outputs = {o.name for o in fp32.graph.output}
+    built = {}
+    for name in nodes:
+        node = by_name.get(name)
+        if node is None or not node.input or not node.output:
+            continue
+        chain, end = [node], node.output[0]
+        after = consumers.get(end, [])
+        if len(after) == 1 and after[0].op_type in ACTIVATIONS and end not in outputs:
+            chain.append(after[0])
+            end = after[0].output[0]
+        data_in = node.input[0]
+        int8_in, int8_out = _int8_name(data_in, int8_tensors), _int8_name(end, int8_tensors)
+        if int8_in is None or int8_out is None:
+            continue
+        sub_inits, sub_consts, ok = {}, {}, True
+        internal = {data_in} | {t for n in chain[:-1] for t in n.output}
+        for n in chain:
+            for t in n.input:
+                if not t or t in internal:
+                    continue
+                if t in inits:
+                    sub_inits[t] = inits[t]
+                elif t in constants:
+                    sub_consts[t] = constants[t]
+                else:
+                    ok = False
+        if not ok:
+            continue
+        graph = helper.make_graph(
+            [*sub_consts.values(), *chain],
+            f"sensitivity-{name}",
+            [helper.make_tensor_value_info(data_in, TensorProto.FLOAT, None)],
+            [helper.make_tensor_value_info(end, TensorProto.FLOAT, None)],
+            initializer=list(sub_inits.values()),
+        )
+        model = helper.make_model(graph, opset_imports=list(fp32.opset_import))
+        model.ir_version = fp32.ir_version
+        built[name] = (model.SerializeToString(), data_in, int8_in, int8_out, end)
+    return built
+
+
 def one_pass_sensitivity(
     prepared_path: Path,
     int8_path: Path,
     nodes: Sequence[str],
     images: np.ndarray,
 ) -> list[tuple[str, float]]:
-    """Nodes ordered from most to least sensitive, from ONE run of the FP32 and ONE of the INT8 model.
+    """Nodes ordered from most to least sensitive, from ONE run of the FP32 and ONE of the INT8 model (no
+    re-quantization, no run of either whole model per node).
 
-    Every candidate node's data input and output are exposed as graph outputs in both models. A node's score
-    is the relative error power it *adds*: ``e(out) − e(in)`` with ``e(t) = Σ(fp32 − int8)² / Σ fp32²``,
-    reported in dB as ``−10·log10(added)`` (low = sensitive; a node that adds no noise gets 200 dB). The
-    output error includes the node's own weight and output quantization; subtracting the input's error keeps
-    a node from being blamed for damage done upstream.
+    Both models run once (a few images at a time) with every candidate node's data input and output
+    exposed. Each node's own quantization noise is then isolated: its FP32 computation (the node alone, with
+    its FP32 weights, plus the activation it feeds) is applied to the very input the INT8 model gave it, and
+    compared with what the INT8 model passed on to its consumers, relative to the FP32 model's own signal
+    there (not to the node's output on damaged inputs, which can be degenerate)::
+
+        noise = Σ (int8_out − fp32_node(int8_in))² / Σ fp32_out²
+
+    so upstream damage, which both sides share, does not count against the node, while its weight rounding,
+    its output range (a pre-activation range stretched over values the activation discards) and the
+    re-quantization of the activated output do. Reported in dB as −10·log10(noise) (low = sensitive; a node
+    whose tensors could not be matched gets 200 dB and is ranked last).
     """
     from quantize.prepare import load_model
 
     fp32 = load_model(prepared_path)
     int8 = load_model(int8_path)
-    by_name = {n.name: n for n in fp32.graph.node}
     int8_tensors = {t for n in int8.graph.node for t in n.output} | {i.name for i in int8.graph.input}
-    pairs: dict[str, tuple[tuple[str, str] | None, tuple[str, str] | None]] = {}
-    for name in nodes:
-        node = by_name.get(name)
-        if node is None or not node.input or not node.output:
-            continue
-        pin = (node.input[0], _int8_name(node.input[0], int8_tensors))
-        pout = (node.output[0], _int8_name(node.output[0], int8_tensors))
-        pairs[name] = (pin if pin[1] else None, pout if pout[1] else None)
+    built = _node_models(fp32, nodes, int8_tensors)
     input_name = next(
-        i.name for i in fp32.graph.input if i.name not in {x.name for x in fp32.graph.initializer}
+        i.name for i in int8.graph.input if i.name not in {x.name for x in int8.graph.initializer}
     )
-    # The graph input is fed, not exposed: it is its own reference.
-    wanted_fp32 = sorted({p[0] for io in pairs.values() for p in io if p} - {input_name})
-    wanted_int8 = sorted({p[1] for io in pairs.values() for p in io if p} - {input_name})
-    fp32_session = _session(_with_outputs(fp32, wanted_fp32))
-    int8_session = _session(_with_outputs(int8, wanted_int8))
+    wanted = sorted({t for entry in built.values() for t in entry[2:4]} - {input_name})
+    int8_session = _session(_with_outputs(int8, wanted))
+    fp32_session = _session(_with_outputs(fp32, sorted({entry[4] for entry in built.values()})))
     del fp32, int8
-    # Streamed a few images at a time: with every candidate exposed, one batch's activations are large.
-    fp32_names = [o.name for o in fp32_session.get_outputs()]
+    node_sessions = {name: _session(entry[0]) for name, entry in built.items()}
     int8_names = [o.name for o in int8_session.get_outputs()]
-    err2: dict[tuple[str, str], float] = {}
-    ref2: dict[tuple[str, str], float] = {}
-    tensor_pairs = {p for io in pairs.values() for p in io if p}
+    fp32_names = [o.name for o in fp32_session.get_outputs()]
+    err2 = dict.fromkeys(built, 0.0)
+    ref2 = dict.fromkeys(built, 0.0)
+    # A few images at a time: with every candidate exposed, one batch's activations are large.
     for start in range(0, len(images), 4):
         chunk = images[start : start + 4]
-        ref = dict(zip(fp32_names, _run_all(fp32_session, input_name, chunk), strict=True))
         approx = dict(zip(int8_names, _run_all(int8_session, input_name, chunk), strict=True))
-        ref[input_name] = approx[input_name] = chunk
-        for pair in tensor_pairs:
-            a = ref[pair[0]].astype(np.float64).ravel()
-            d = a - approx[pair[1]].astype(np.float64).ravel()
-            err2[pair] = err2.get(pair, 0.0) + float(d @ d)
-            ref2[pair] = ref2.get(pair, 0.0) + float(a @ a)
-        del ref, approx
-
-    def rel_error(pair) -> float:
-        if pair is None:
-            return 0.0
-        return err2[pair] / max(ref2[pair], np.finfo(np.float64).tiny)
-
+        approx[input_name] = chunk
+        truth = dict(zip(fp32_names, _run_all(fp32_session, input_name, chunk), strict=True))
+        for name, (_model, data_in, int8_in, int8_out, end) in built.items():
+            reference = (
+                node_sessions[name].run(None, {data_in: approx[int8_in]})[0].astype(np.float64).ravel()
+            )
+            diff = approx[int8_out].astype(np.float64).ravel() - reference
+            err2[name] += float(diff @ diff)
+            signal = truth[end].astype(np.float64).ravel()
+            ref2[name] += float(signal @ signal)
+        del approx, truth
     scores = []
     for name in nodes:
-        if name not in pairs:
+        if name not in built:
             scores.append((name, 200.0))
             continue
-        pin, pout = pairs[name]
-        added = rel_error(pout) - rel_error(pin)
-        scores.append((name, 200.0 if added <= 1e-20 else min(200.0, -10.0 * math.log10(added))))
+        noise = err2[name] / max(ref2[name], np.finfo(np.float64).tiny)
+        scores.append((name, 200.0 if noise <= 1e-20 else min(200.0, -10.0 * math.log10(noise))))
     scores.sort(key=lambda item: item[1])
     return scores
 
