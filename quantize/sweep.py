@@ -102,6 +102,18 @@ def supported_axes(name: str, base: QuantRecipe) -> dict[str, tuple]:
     return axes
 
 
+def unsupported_values(name: str, base: QuantRecipe) -> str:
+    """The grid's axis values `supported_axes` leaves out, in words ("" when none)."""
+    if name not in GRIDS:
+        return ""
+    parts = []
+    for key, values in GRIDS[name].items():
+        missing = [v for v in values if not _accepts(base, key, v)]
+        if missing:
+            parts.append(f"{key} = {', '.join('graph placement' if v is None else str(v) for v in missing)}")
+    return "; ".join(parts)
+
+
 def grid_recipes(name: str, base: QuantRecipe, cpu: CpuInfo) -> list[QuantRecipe]:
     axes = supported_axes(name, base)
     keys = list(axes)
@@ -373,6 +385,9 @@ def sweep_report(result: SweepResult, command: list[str], grid: str) -> dict:
         item["cached"] = entry.cached
         variants.append(item)
     notes = [f"grid {grid!r}: {len(result.entries)} recipes; cache {result.cache_dir}"]
+    dropped = unsupported_values(grid, result.entries[0].recipe if result.entries else QuantRecipe())
+    if dropped:
+        notes.append(f"left out of the grid (this rq's recipe does not support them): {dropped}")
     cached = sum(e.cached for e in result.entries)
     if cached:
         notes.append(f"{cached} recipe(s) reused from the cache of an earlier (interrupted) sweep")

@@ -11,7 +11,7 @@ from conftest import x86_cpu
 
 from calibration.errors import RqInputError
 from quantize.recipe import QuantRecipe
-from quantize.sweep import GRIDS, LEGACY_OP_TYPES, grid_recipes, supported_axes
+from quantize.sweep import GRIDS, LEGACY_OP_TYPES, grid_recipes, supported_axes, unsupported_values
 
 CPU = x86_cpu("avx512_vnni")
 NEW_METHODS = ("minmax", "entropy", "percentile", "mean-minmax", "mse")
@@ -96,3 +96,36 @@ def test_full_grid_adds_the_weight_axes():
 def test_unknown_grid_is_an_input_error():
     with pytest.raises(RqInputError, match="unknown grid 'nope'"):
         grid_recipes("nope", QuantRecipe(), CPU)
+
+
+def test_pareto_fronts_on_top1_and_on_agreement():
+    from quantize.report_data import mark_pareto
+
+    def v(name, kind, top1, speed, agreement=None):
+        drop = None if agreement is None else {"agreement_pct": agreement}
+        return {
+            "name": name,
+            "kind": kind,
+            "accuracy": {"top1": top1},
+            "bench": {"8": {"ratio_to_fp32": speed}},
+            "drop": drop,
+            "pareto": None,
+        }
+
+    variants = [
+        v("FP32", "fp32", 80.0, 1.0),
+        v("a", "int8", 80.1, 2.0, agreement=96.0),  # best top-1 of the INT8 ones (lucky flips)
+        v("b", "int8", 79.9, 2.0, agreement=98.5),  # same speed, more faithful
+        v("c", "int8", 79.0, 2.5, agreement=95.0),
+    ]
+    mark_pareto(variants)
+    assert [x["pareto"] for x in variants] == [False, True, False, True]
+    assert [x["pareto_agreement"] for x in variants] == [True, False, True, True]
+
+
+def test_unsupported_values_are_named():
+    assert unsupported_values("default", PlacementRecipe(reduce_range=False)) == ""
+    text = unsupported_values("ranges", PlacementRecipe(calibration="minmax"))
+    assert text == ""
+    if "mse" not in supported_axes("ranges", QuantRecipe()).get("calibration", ()):
+        assert "mse" in unsupported_values("default", QuantRecipe())
