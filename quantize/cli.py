@@ -393,6 +393,7 @@ def quantize(
                     tuple(tune_samples),
                     max_trials=max_trials,
                     holdout_images=holdout_images if holdout_images is not None else 1_000_000,
+                    never_use=tuple(s.path for s in val_samples),
                 )
         ensure_writable_dir(report_dir)
         with progress_bar() as bar:

@@ -52,6 +52,9 @@ class TuneRequest:
     bench_runs: int = 10
     # Held-back calibration images added to the fidelity pool (no labels needed); 0: the tuning images only.
     holdout_images: int = 1000
+    # Images that must never join the pool: the confirmation images (when --calib and --val share images,
+    # a held-back calibration image could be one of them).
+    never_use: tuple[Path, ...] = ()
 
 
 def split_for_tuning(
@@ -389,11 +392,18 @@ def tune_fallback(
     """Run the fallback loop; return the recipe to publish (its exclude_nodes = the chosen fallbacks).
 
     Reads only `request.tune_samples`, `holdout_samples` (held-back calibration images, labels ignored) and
-    `sensitivity_samples` (calibration images): the confirmation images are not an input of this function.
+    `sensitivity_samples` (calibration images), less any of `request.never_use` (the confirmation images,
+    which are named only to be left out: --calib and --val may share images).
     """
     from quantize.bench import bench_models
+    from quantize.validate import _identity
 
     started = time.perf_counter()
+    forbidden = {_identity(Path(p)) for p in request.never_use}
+    holdout_samples = [s for s in holdout_samples if _identity(Path(s.path)) not in forbidden]
+    sensitivity_samples = [
+        s for s in sensitivity_samples if _identity(Path(s.path)) not in forbidden
+    ] or list(request.tune_samples)
     pool = pool_samples(request.tune_samples, holdout_samples)
     fp32_run = run_pool(fp32_path, pool, spec, eval_batch, workers)
     labelled = fp32_run.labels >= 0

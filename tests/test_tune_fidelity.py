@@ -195,3 +195,28 @@ def test_holdout_images_zero_tunes_on_the_tuning_images_alone(setup, tmp_path):
         tune=TuneRequest(max_drop_pt=0.0, tune_samples=tuple(setup["tune"]), bench_runs=0, holdout_images=0),
     )
     assert result.tuning.holdout_images == 0 and result.tuning.pool_images == len(setup["tune"])
+
+
+def test_confirmation_images_stay_out_when_calib_and_val_share_images(setup, tmp_path, monkeypatch):
+    """--calib pointing at the --val folder: calibration reads some of its images, but the tuner (pool and
+    sensitivity ranking) must still read none of the confirmation images."""
+    recorder = Recorder(monkeypatch)
+    args = [
+        "quantize",
+        setup["model"],
+        "--calib",
+        setup["val"],
+        "--val",
+        setup["val"],
+        "--out",
+        tmp_path / "t.onnx",
+    ]
+    args += ["--report-dir", tmp_path / "reports", *TUNE_ARGS]
+    args[args.index("--samples") + 1] = "6"
+    result = CliRunner().invoke(app, [str(a) for a in args], env=ENV)
+    assert result.exit_code in (0, 3), all_output(result)
+    confirm = {s.path.resolve() for s in setup["confirm"]}
+    assert recorder.paths and not recorder.paths & confirm
+    data = json.loads(result.stdout)
+    # the pool holds the tuning images only: every other image of the folder is a confirmation image
+    assert data["tuning"]["holdout_calibration_images"] == 0
