@@ -126,13 +126,11 @@ class Gate:
 
     def _caveat(self) -> str:
         """The words for an interval reaching past the limit: these images cannot confirm the goal."""
-        if self.confirmed is not False:
-            return ""
+        if self.confirmed is not False or self.drop_pt > self.max_drop_pt:
+            return ""  # confirmed, or plainly missed: nothing for more images to settle
         pct = f"{100 * self.confidence:g}%"
         on = f"these {self.images} images" if self.images else "these images"
         text = f"the {pct} interval reaches {self.ci_high_pt:.2f} pt, so {on} cannot confirm the goal"
-        if self.drop_pt >= self.max_drop_pt:
-            return text + " (the measured drop itself exceeds it: more images of this kind would not help)"
         if self.images_needed is not None:
             text += f"; about {self.images_needed} images would, at the disagreement rate seen here"
         if self.gate_on == "point":
@@ -151,6 +149,12 @@ class Gate:
                 )
             return f"PASSED: INT8 top-1 drop {self.drop_pt:.2f} pt ≤ {self.max_drop_pt:.2f} pt{tail}"
         if self.gated_value > self.max_drop_pt:
+            if self.gate_on == "ci" and not caveat:
+                return (
+                    f"FAILED (--gate-on ci): INT8 top-1 drop {self.drop_pt:.2f} pt and the upper bound of its "
+                    f"{100 * self.confidence:g}% interval {self.ci_high_pt:.2f} pt both exceed "
+                    f"{self.max_drop_pt:.2f} pt (exit code {self.exit_code})"
+                )
             if self.gate_on == "ci":
                 return (
                     f"FAILED (--gate-on ci): INT8 top-1 drop {self.drop_pt:.2f} pt; {caveat} "

@@ -151,11 +151,16 @@ def test_confirmed_point_gate_says_nothing_more():
     assert gate.confirmed and gate.message == "PASSED: INT8 top-1 drop 0.08 pt ≤ 1.00 pt"
 
 
-def test_drop_above_the_gate_says_more_images_would_not_help():
-    drop = _drop(30, 10, 1000)
+def test_drop_above_the_gate_is_a_plain_failure():
+    drop = _drop(30, 10, 1000)  # 2 pt: no number of images of this kind would bring the bound under 1 pt
     gate = Gate.from_drop(1.0, drop, EXIT_GATE_FAILED)
     assert not gate.passed and gate.images_needed is None
-    assert "more images of this kind would not help" in gate.message
+    assert gate.message == "FAILED: INT8 top-1 drop 2.00 pt > 1.00 pt (exit code 3)"
+    ci = Gate.from_drop(1.0, drop, EXIT_GATE_FAILED, gate_on="ci")
+    assert ci.message == (
+        f"FAILED (--gate-on ci): INT8 top-1 drop 2.00 pt and the upper bound of its 95% interval "
+        f"{drop.ci_high_pt:.2f} pt both exceed 1.00 pt (exit code 3)"
+    )
 
 
 def test_unknown_gate_on_is_an_input_error():
