@@ -275,11 +275,18 @@ def _summary_table(result) -> Table:
     if result.tuning is not None:
         t = result.tuning
         steps = "; ".join(
-            f"step {st.step}: {len(st.fallback)} FP32, drop {st.drop_pt:.2f} pt" for st in t.steps
+            f"step {st.step}: {len(st.fallback)} FP32, drop {st.drop_pt:.2f} pt"
+            + (f", agreement {st.agreement_pct:.2f}%" if st.agreement_pct is not None else "")
+            for st in t.steps
+        )
+        pool = (
+            f" (fidelity on {t.pool_images} images: these and {t.holdout_images} held-back calibration images)"
+            if t.pool_images
+            else ""
         )
         table.add_row(
             "tuning",
-            f"goal ≤ {t.max_drop_pt:.2f} pt on {t.tune_images} images {'met' if t.goal_met else 'NOT met'}; "
+            f"goal ≤ {t.max_drop_pt:.2f} pt on {t.tune_images} images{pool} {'met' if t.goal_met else 'NOT met'}; "
             f"chosen step {t.chosen} ({', '.join(t.fallback_nodes) or 'nothing'} in FP32). {steps}",
         )
     mb = 1_000_000  # decimal MB, as in the report
@@ -361,6 +368,22 @@ def quantize(
         float | None,
         typer.Option(help="Accuracy gate: fail (exit code 3) when INT8 loses more top-1 points than this."),
     ] = None,
+    gate_on: Annotated[
+        str,
+        typer.Option(
+            "--gate-on",
+            help="What --max-drop is compared with: point (the measured drop) or ci (the upper bound of its "
+            "95% interval: a pass then means these images show the goal is met).",
+        ),
+    ] = "point",
+    holdout_images: Annotated[
+        int | None,
+        typer.Option(
+            help="Held-back calibration images (--calib images calibration did not read; no labels needed). "
+            "Without --val, INT8's agreement with FP32, logits SQNR and softmax KL are measured on this many "
+            "(500); with --tune, they join the tuning images in the tuner's fidelity objective (all). 0: none.",
+        ),
+    ] = None,
     tune: Annotated[
         bool,
         typer.Option(
@@ -392,10 +415,11 @@ def quantize(
     """
 
     from quantize.bench import bench_models
+    from quantize.fidelity import DEFAULT_HOLDOUT_IMAGES
     from quantize.pipeline import Progress, quantize_model
     from quantize.report import write_report
     from quantize.tune import TuneRequest, split_for_tuning
-    from quantize.validate import Gate, validate, validation_samples
+    from quantize.validate import GATE_ON, Gate, validate, validation_samples
 
     with user_errors(), contextlib.ExitStack() as stack:
         base = QuantRecipe()
@@ -438,6 +462,10 @@ def quantize(
             raise RqInputError("--max-drop needs --val (the images to measure the drop on)")
         if max_drop is not None and max_drop < 0:
             raise RqInputError("--max-drop must be ≥ 0")
+        if gate_on not in GATE_ON:
+            raise RqInputError(f"--gate-on must be one of {', '.join(GATE_ON)}, not {gate_on!r}")
+        if holdout_images is not None and holdout_images < 0:
+            raise RqInputError("--holdout-images must be ≥ 0")
         if tune and (val is None or max_drop is None):
             raise RqInputError("--tune needs --val (images to measure on) and --max-drop (the goal)")
         if max_trials < 1:
@@ -460,7 +488,14 @@ def quantize(
                 # Tune on one part of the images, confirm (and gate) on the other: the drop reported is not
                 # the one the tuner optimized.
                 tune_samples, val_samples = split_for_tuning(val_samples, tune_fraction)
-                tune_request = TuneRequest(max_drop, tuple(tune_samples), max_trials=max_trials, ray=runner)
+                tune_request = TuneRequest(
+                    max_drop,
+                    tuple(tune_samples),
+                    max_trials=max_trials,
+                    holdout_images=holdout_images if holdout_images is not None else 1_000_000,
+                    never_use=tuple(s.path for s in val_samples),
+                    ray=runner,
+                )
         ensure_writable_dir(report_dir)
         with progress_bar() as bar:
             task = {}
@@ -487,7 +522,7 @@ def quantize(
                 tune=tune_request,
                 log=lambda msg: err.print(f"[dim]  {escape(msg)}[/]", highlight=False),
             )
-            validation = gate = bench_result = None
+            validation = gate = bench_result = fidelity = None
             if val_dataset is not None:
                 err.print("[dim]· validate (FP32 and INT8 on the same images)[/]", highlight=False)
                 vtask = bar.add_task("validating", total=len(val_samples))
@@ -507,20 +542,24 @@ def quantize(
                 if max_drop is not None:
                     tuning = result.tuning
                     chosen = tuning.chosen_step if tuning else None
-                    gate = Gate(
+                    gate = Gate.from_drop(
                         max_drop,
-                        validation.drop.drop_pt,
+                        validation.drop,
                         EXIT_GATE_FAILED,
                         f"INT8 {result.recipe.label()}",
+                        gate_on=gate_on,
                         tuning_goal_met=tuning.goal_met if tuning else None,
                         tuning_best_drop_pt=chosen.drop_pt if chosen else None,
                     )
+            elif holdout_images != 0:
+                limit = DEFAULT_HOLDOUT_IMAGES if holdout_images is None else holdout_images
+                fidelity = _holdout_fidelity(model, result, spec, limit, eval_batch, workers, bar)
         if bench_batches:
             err.print("[dim]· bench (FP32 and INT8 interleaved)[/]", highlight=False)
             started = time.perf_counter()
             bench_result = bench_models([model, result.output], batch_sizes=bench_batches, runs=bench_runs)
             result.seconds["bench"] = time.perf_counter() - started
-        run_report = _quantize_report(result, validation, gate, bench_result)
+        run_report = _quantize_report(result, validation, gate, bench_result, fidelity)
         paths = _write_report_after_model(write_report, run_report, report_dir, result.output)
         if as_json:
             typer.echo(_json(run_report))
@@ -529,6 +568,8 @@ def quantize(
             console.print(_summary_table(result))
             if validation is not None:
                 console.print(_validation_table(validation))
+            if fidelity is not None:
+                console.print(_fidelity_table(fidelity))
             if bench_result is not None:
                 console.print(bench_result.render_table())
         if validation is not None and validation.overlap_with_calibration:
@@ -562,6 +603,55 @@ def _write_report_after_model(write_report, data: dict, report_dir: Path, model:
         ) from None
 
 
+def _holdout_fidelity(model, result, spec, limit, batch_size, workers, bar):
+    """Agreement / SQNR / KL of INT8 vs FP32 on calibration images calibration did not read (no labels)."""
+    from quantize.fidelity import held_back_samples, measure_fidelity
+
+    held = held_back_samples(result.calibration_dataset, result.calibration_files, limit, result.recipe.seed)
+    if not held:
+        err.print(
+            "[yellow]note:[/] every --calib image was used for calibration: no held-back image is left to "
+            "check INT8's agreement with FP32 (use more calibration images than --samples, or --val)",
+            highlight=False,
+        )
+        return None
+    err.print(
+        f"[dim]· fidelity (FP32 vs INT8 on {len(held)} held-back calibration images)[/]", highlight=False
+    )
+    task = bar.add_task("fidelity", total=len(held))
+    fidelity = measure_fidelity(
+        model,
+        result.output,
+        held,
+        spec,
+        source=f"{len(held)} held-back calibration images (not used to calibrate; no labels needed)",
+        batch_size=batch_size,
+        workers=workers,
+        on_images=lambda n: bar.advance(task, n),
+    )
+    result.seconds["fidelity"] = fidelity.seconds
+    return fidelity
+
+
+def _fidelity_table(fidelity) -> Table:
+    table = Table(
+        title="Fidelity to FP32 (label-free)", title_justify="left", show_header=False, min_width=100
+    )
+    table.add_column("what", style="bold")
+    table.add_column("value", overflow="fold")
+    table.add_row("images", fidelity.source)
+    table.add_row(
+        "top-1 agreement",
+        f"{fidelity.agreement_pct:.2f}% (95% CI [{fidelity.agreement_ci_low_pct:.2f}, "
+        f"{fidelity.agreement_ci_high_pct:.2f}]); {fidelity.disagreements} of {fidelity.images} predictions differ",
+    )
+    table.add_row("logits SQNR", f"{fidelity.logits_sqnr_db:.1f} dB")
+    table.add_row("softmax KL", f"{fidelity.softmax_kl:.4f} nats (mean per image)")
+    table.caption = "A top-1 drop can never exceed the disagreement rate; with labels (--val) rq measures the drop itself."
+    table.caption_justify = "left"
+    return table
+
+
 def check_evaluable(model: Path) -> None:
     from quantize.evaluate import check_classifier_outputs, open_session
 
@@ -583,7 +673,7 @@ def ensure_writable_dir(directory: Path) -> None:
         raise RqInputError(f"report folder is not writable: {directory} ({exc.strerror or exc})") from None
 
 
-def _quantize_report(result, validation, gate, bench_result) -> dict:
+def _quantize_report(result, validation, gate, bench_result, fidelity=None) -> dict:
     from quantize.report_data import accuracy_of, bench_by_batch, build_report, variant
 
     variants = [
@@ -635,6 +725,7 @@ def _quantize_report(result, validation, gate, bench_result) -> dict:
     )
     if result.tuning is not None:
         data["tuning"] = result.tuning.to_dict()
+    data["fidelity"] = fidelity.to_dict() if fidelity is not None else None
     return data
 
 
@@ -658,7 +749,8 @@ def _validation_table(validation) -> Table:
         f"{validation.int8.top1:.2f}",
         f"{validation.int8.top5:.2f}",
         f"top-1 drop {d.drop_pt:.2f} pt, 95% CI [{d.ci_low_pt:.2f}, {d.ci_high_pt:.2f}] ({d.method}, {verdict}); "
-        f"predictions differ on {d.disagreements} images (FP32-only right {d.a_only}, INT8-only right {d.b_only})",
+        f"top-1 agreement with FP32 {d.agreement_pct:.2f}%: predictions differ on {d.disagreements} images "
+        f"(FP32-only right {d.a_only}, INT8-only right {d.b_only})",
     )
     if validation.run.cluster:
         table.caption = f"ran on {cluster_text(validation.run.cluster)}"
@@ -700,6 +792,7 @@ def eval_(
     """Top-1 and top-5 accuracy of ONNX classifiers on a labelled ImageNet folder."""
 
     from quantize.evaluate import evaluate
+    from quantize.stats import paired_drop
     from quantize.validate import validation_samples
 
     with user_errors():
@@ -719,22 +812,48 @@ def eval_(
                 on_images=lambda n: bar.advance(task, n),
                 ray=runner,
             )
+        # With several models, each is compared with the first (typically FP32) on the same images.
+        drops = [None] + [
+            paired_drop(
+                run.models[0].correct_top1,
+                m.correct_top1,
+                disagreements=int((m.predictions != run.models[0].predictions).sum()),
+            )
+            if run.images
+            else None
+            for m in run.models[1:]
+        ]
         if as_json:
             payload = run.to_dict()
             payload.update(
                 {"folder": str(dataset.root), "layout": dataset.layout, "preprocess": spec.to_dict()}
             )
+            for entry, drop in zip(payload["models"], drops, strict=True):
+                entry["vs_first"] = drop.to_dict() if drop else None
             typer.echo(_json(payload))
             return
         table = Table(
             title=f"{run.images} images of {dataset.root} (layout {dataset.layout}), batch {batch}",
             title_justify="left",
         )
-        for col in ("model", "top-1 %", "top-5 %", "model img/s"):
+        columns = ["model", "top-1 %", "top-5 %", "model img/s"]
+        if len(run.models) > 1:
+            columns += ["drop vs first pt [95% CI]", "agreement with first %"]
+        for col in columns:
             table.add_column(col, justify="left" if col == "model" else "right")
-        for m in run.models:
+        for m, drop in zip(run.models, drops, strict=True):
             rate = run.images / m.inference_seconds if m.inference_seconds else 0.0
-            table.add_row(escape(str(m.path)), f"{m.top1:.2f}", f"{m.top5:.2f}", f"{rate:.1f}")
+            row = [escape(str(m.path)), f"{m.top1:.2f}", f"{m.top5:.2f}", f"{rate:.1f}"]
+            if len(run.models) > 1:
+                row += (
+                    [
+                        f"{drop.drop_pt:.2f} [{drop.ci_low_pt:.2f}, {drop.ci_high_pt:.2f}]",
+                        f"{drop.agreement_pct:.2f} ({drop.disagreements} differ)",
+                    ]
+                    if drop
+                    else ["—", "—"]
+                )
+            table.add_row(*row)
         notes = [f"pipeline: {run.images_per_s:.1f} images/s (decode in parallel + every model)"]
         if run.cluster:
             notes.append(f"ran on {cluster_text(run.cluster)}; model img/s is per inference actor (one core)")
@@ -826,12 +945,16 @@ def sweep(
 
 
 def _sweep_table(data: dict) -> Table:
-    table = Table(title="rq sweep (★ = on the accuracy/speed Pareto front)", title_justify="left")
+    table = Table(
+        title="rq sweep (★ = on the top-1/speed Pareto front, ◆ = on the agreement/speed front)",
+        title_justify="left",
+    )
     batches = sorted({int(b) for v in data["variants"] if v["bench"] for b in v["bench"]})
     for col in [
         "variant",
         "top-1 %",
         "drop pt [95% CI]",
+        "agree %",
         "differ",
         *[f"speed b{b}" for b in batches],
         "ops",
@@ -849,10 +972,11 @@ def _sweep_table(data: dict) -> Table:
             escape(v["name"]),
             f"{v['accuracy']['top1']:.2f}" if v["accuracy"] else "—",
             drop_text,
+            f"{drop['agreement_pct']:.2f}" if drop and drop.get("agreement_pct") is not None else "—",
             str(drop["disagreements"]) if drop else "—",
             *speeds,
             f"{ops['quantized']}/{ops['candidates']}" if ops else "—",
-            "★" if v.get("pareto") else "",
+            ("★" if v.get("pareto") else "") + ("◆" if v.get("pareto_agreement") else ""),
         )
     return table
 

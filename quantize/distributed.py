@@ -224,7 +224,32 @@ class RayRunner:
         on_images: Callable[[int], None] | None = None,
     ):
         """The same `EvalRun` `quantize.evaluate.evaluate` returns, computed on the cluster."""
-        from quantize.evaluate import check_evaluation_inputs, evaluation_result, read_model_outputs
+        from quantize.evaluate import evaluation_result
+
+        run = self._run(models, samples, spec, batch_size=batch_size, on_images=on_images, keep_logits=False)
+        return evaluation_result(
+            models,
+            [t[run.kept] for t in run.top5],
+            labels=run.labels,
+            paths=run.paths,
+            skipped=run.skipped,
+            offsets=run.offsets,
+            infer_seconds=run.infer_seconds,
+            seconds=run.seconds,
+            batch_size=batch_size,
+            cluster=run.cluster.to_dict(),
+        )
+
+    def logits(
+        self, model: Path, samples: Sequence[Sample], spec: PreprocessSpec, *, batch_size: int = 32
+    ) -> tuple[np.ndarray, np.ndarray, list[Path]]:
+        """One model's whole logits on the readable images, with their labels (-1 where unknown) and paths:
+        what tuning's fidelity measures (SQNR, KL) need. Unreadable images are left out, as locally."""
+        run = self._run([model], samples, spec, batch_size=batch_size, on_images=None, keep_logits=True)
+        return run.logits[0][run.kept], run.labels, run.paths
+
+    def _run(self, models, samples, spec, *, batch_size, on_images, keep_logits) -> _ClusterRun:
+        from quantize.evaluate import check_evaluation_inputs, read_model_outputs
 
         check_evaluation_inputs(models, samples, batch_size)
         io = [read_model_outputs(Path(m)) for m in models]  # one-line errors before anything is shipped
@@ -250,6 +275,7 @@ class RayRunner:
                 "model_refs": refs,
                 "offsets": [o for _, o in io],
                 "threads": self.threads,
+                "keep_logits": keep_logits,
             },
             batch_size=batch_size,
             batch_format="numpy",
@@ -261,6 +287,7 @@ class RayRunner:
         count = len(samples)
         seen = np.zeros(count, np.int64)
         top5 = [np.full((count, 5), -1, np.int64) for _ in models]
+        chunks: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in models]
         errors: list[str] = [""] * count
         infer_seconds = [0.0 for _ in models]
         for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -269,6 +296,8 @@ class RayRunner:
             for i in range(len(models)):
                 top5[i][idx] = out[f"top5_{i}"]
                 infer_seconds[i] += float(np.sum(out[f"seconds_{i}"]))
+                if keep_logits:
+                    chunks[i].append((idx, np.asarray(out[f"logits_{i}"], np.float32)))
             for k, e in zip(idx.tolist(), out["error"].tolist(), strict=True):
                 errors[k] = str(e)
             if on_images is not None:
@@ -282,18 +311,46 @@ class RayRunner:
         if not kept.any():
             path, reason = skipped[0]
             raise RqInputError(f"none of the {count} images could be decoded (e.g. {path}: {reason})")
-        return evaluation_result(
-            models,
-            [t[kept] for t in top5],
-            labels=np.array([s.label for s, k in zip(samples, kept, strict=True) if k], np.int64),
+        logits: list[np.ndarray | None] = [None for _ in models]
+        for i, parts in enumerate(chunks):
+            if parts:
+                # A batch whose every image failed to decode carries a placeholder width: its rows are skipped.
+                width = max(p.shape[1] for _, p in parts)
+                logits[i] = np.zeros((count, width), np.float32)
+                for idx, part in parts:
+                    if part.shape[1] == width:
+                        logits[i][idx] = part
+        return _ClusterRun(
+            kept=kept,
+            top5=top5,
+            logits=logits,
+            labels=np.array(
+                [-1 if s.label is None else s.label for s, k in zip(samples, kept, strict=True) if k],
+                np.int64,
+            ),
             paths=[Path(s.path) for s, k in zip(samples, kept, strict=True) if k],
             skipped=skipped,
             offsets=[o for _, o in io],
             infer_seconds=infer_seconds,
             seconds=seconds,
-            batch_size=batch_size,
-            cluster=cluster.to_dict(),
+            cluster=cluster,
         )
+
+
+@dataclass
+class _ClusterRun:
+    """What came back from the cluster, indexed like the samples (`kept`: the images that decoded)."""
+
+    kept: np.ndarray
+    top5: list[np.ndarray]
+    logits: list[np.ndarray | None]
+    labels: np.ndarray
+    paths: list[Path]
+    skipped: list[tuple[Path, str]]
+    offsets: list[int]
+    infer_seconds: list[float]
+    seconds: float
+    cluster: ClusterInfo
 
 
 def _check_self_contained(path: Path) -> None:
@@ -347,7 +404,7 @@ def _decode_batch(batch: dict, spec: dict) -> dict:
 class InferenceActor:
     """A Ray Data actor holding one ORT session per model, built from model bytes in the object store."""
 
-    def __init__(self, model_refs: list, offsets: list[int], threads: int = 1):
+    def __init__(self, model_refs: list, offsets: list[int], threads: int = 1, keep_logits: bool = False):
         import onnxruntime as ort
         import ray
 
@@ -361,6 +418,7 @@ class InferenceActor:
             self.sessions.append(ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"]))
         self.inputs = [s.get_inputs()[0].name for s in self.sessions]
         self.offsets = offsets
+        self.keep_logits = keep_logits
 
     def __call__(self, batch: dict) -> dict:
         from quantize.evaluate import run_model, top5_indices
@@ -374,11 +432,17 @@ class InferenceActor:
         ):
             top5 = np.full((n, 5), -1, np.int64)
             seconds = 0.0
+            logits = None
             if ok.any():
                 t0 = time.perf_counter()
                 logits = run_model(session, name, images)
                 seconds = time.perf_counter() - t0
                 top5[ok] = top5_indices(logits, offset)
+            if self.keep_logits:
+                full = np.zeros((n, logits.shape[1] if logits is not None else 1), np.float32)
+                if logits is not None:
+                    full[ok] = logits
+                out[f"logits_{i}"] = full
             out[f"top5_{i}"] = top5
             out[f"seconds_{i}"] = np.full(n, seconds / n)
         return out

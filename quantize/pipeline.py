@@ -26,6 +26,7 @@ from quantize.calibrate import CalibrationRanges, calibrate
 from quantize.cpu import CpuInfo, IntegerKernelAdvice, advise_int8, detect_cpu
 from quantize.evaluate import evaluate
 from quantize.exits import QuantizerError, is_environment_error
+from quantize.fidelity import held_back_samples
 from quantize.files import atomic_output, work_folder
 from quantize.ort_backend import QuantizedOps, count_quantized, quantize_with_ort
 from quantize.prepare import ModelError, PreparedModel, load_model, prepare_model
@@ -520,6 +521,9 @@ def quantize_model(
                 spec=spec,
                 request=tune,
                 sensitivity_samples=calibration.samples,
+                holdout_samples=held_back_samples(
+                    dataset, calibration.files(), tune.holdout_images, recipe.seed
+                ),
                 workdir=workdir,
                 workers=workers,
                 log=log,

@@ -429,8 +429,8 @@ def test_tuning_through_ray_takes_the_same_steps(local_ray, tmp_path, tmp_path_f
         common = dict(recipe=PER_TENSOR, spec=SMALL_SPEC, cpu=x86_cpu("avx2"), workers=2)
         results.append(quantize_model(model, calib, output=out, tune=request, **common))
     local, distributed = (r.tuning for r in results)
-    assert [(s.fallback, s.top1, s.drop_pt) for s in distributed.steps] == [
-        (s.fallback, s.top1, s.drop_pt) for s in local.steps
+    assert [(s.fallback, s.top1, s.drop_pt, s.agreement_pct) for s in distributed.steps] == [
+        (s.fallback, s.top1, s.drop_pt, s.agreement_pct) for s in local.steps
     ]
     assert distributed.fallback_nodes == local.fallback_nodes == ["conv_sensitive"]
 
