@@ -195,6 +195,8 @@ def _fmt_shape(shape: Sequence[int | str | None]) -> str:
 def _open(runtime, path: Path, threads: int, allow_spinning: bool):
     if not path.is_file():
         raise RqInputError(f"cannot load {path} in {runtime.label}: no such file")
+    if path.stat().st_size == 0:
+        raise RqInputError(f"{path} is an empty file (0 bytes), not an ONNX model")
     try:
         return runtime.open(path, threads, allow_spinning=allow_spinning)
     except RqInputError:

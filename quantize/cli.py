@@ -1,17 +1,14 @@
 """The `rq` command line: thin typer commands over the library.
 
-Exit codes (documented in the README):
-  0  success
-  1  an unexpected internal error (one line; RQ_DEBUG=1 shows the traceback)
-  2  bad input: a path, a folder, a labels file, a model, an option
-  3  the accuracy gate failed (--max-drop): the artifact and report are still written
-  130 interrupted (Ctrl-C): nothing half-written is left behind
+Exit codes: one contract, in quantize/exits.py (documented in the README): 0 success, 1 internal error,
+2 bad input (nothing written), 3 gate failed, 4 quantization failed, 5 environment failure (disk full,
+permission lost), 6 model written but report failed, 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import math
 import os
 import sys
 import tempfile
@@ -25,10 +22,35 @@ from rich.markup import escape
 from rich.table import Table
 
 from calibration import PRESETS, PreprocessSpec, preset
-from calibration.errors import RqInputError
+from calibration.errors import RqEnvironmentError, RqInputError
+from quantize.exits import (
+    EXIT_BAD_INPUT,
+    EXIT_ENVIRONMENT,
+    EXIT_GATE_FAILED,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_QUANTIZATION_FAILED,
+    EXIT_REPORT_FAILED,
+    ReportFailed,
+    classify,
+    handle_signals,
+    quiet_onnxruntime,
+)
+from quantize.files import json_text, work_folder
 from quantize.recipe import CALIBRATION_METHODS, DEFAULT_OP_TYPES, FORMATS, INT8_TYPES, QuantRecipe
 
-EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_ENVIRONMENT",
+    "EXIT_GATE_FAILED",
+    "EXIT_INTERNAL",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_QUANTIZATION_FAILED",
+    "EXIT_REPORT_FAILED",
+    "app",
+]
 
 app = typer.Typer(
     name="rq",
@@ -48,33 +70,46 @@ def out_console() -> Console:
 
 @contextlib.contextmanager
 def user_errors():
-    """Turn every failure into one line on stderr and a documented exit code; never a traceback."""
-    try:
-        yield
-    except typer.Exit:
-        raise
-    except RqInputError as exc:
-        err.print(f"[bold red]rq: error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
-    except KeyboardInterrupt:
-        # Outputs are written through temporary files: nothing is half-written, but files finished before
-        # the interrupt (an INT8 model before its validation, sweep cache entries) are kept.
-        err.print(
-            "[bold red]rq: interrupted[/]; no half-written file was left (files completed before stay)",
-            highlight=False,
-        )
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    except Exception as exc:
-        if os.environ.get("RQ_DEBUG"):
+    """Turn every failure into one line on stderr and its documented exit code (quantize/exits.py).
+
+    SIGTERM and SIGHUP are handled like Ctrl-C for the block: the work folder is removed, no half-written
+    file is left, and rq exits with 128 + the signal number.
+    """
+    with handle_signals():
+        try:
+            quiet_onnxruntime()
+            yield
+        except typer.Exit:
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        err.print(
-            f"[bold red]rq: internal error:[/] {escape(type(exc).__name__)}: {escape(first)} "
-            "(set RQ_DEBUG=1 for the traceback)",
-            highlight=False,
-            soft_wrap=True,
-        )
-        raise typer.Exit(EXIT_INTERNAL) from None
+        except BaseException as exc:
+            if not isinstance(exc, Exception | KeyboardInterrupt):
+                raise  # SystemExit, GeneratorExit
+            outcome = classify(exc)
+            if outcome.code == EXIT_INTERNAL and os.environ.get("RQ_DEBUG"):
+                raise
+            hint = " (set RQ_DEBUG=1 for the traceback)" if outcome.code == EXIT_INTERNAL else ""
+            err.print(
+                f"[bold red]rq: {outcome.label}:[/] {escape(outcome.message)}{hint}",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(outcome.code) from None
+
+
+def _json(data) -> str:
+    """`--json` output: strict JSON (a non-finite number is null, never a bare NaN)."""
+    return json_text(data, indent=2)
+
+
+def check_finite(value: float | None, option: str) -> None:
+    """Every float option must be a real number: `nan` and `inf` parse as floats and would pass range checks."""
+    if value is not None and not math.isfinite(value):
+        raise RqInputError(f"{option} must be a finite number, got {value}")
+
+
+def check_workers(workers: int | None) -> None:
+    if workers is not None and workers < 1:
+        raise RqInputError(f"--workers must be ≥ 1, got {workers}")
 
 
 def progress_bar():
@@ -100,6 +135,8 @@ def _floats3(text: str | None, option: str) -> tuple[float, float, float] | None
         raise RqInputError(f"{option} takes three comma-separated numbers, got {text!r}") from None
     if len(values) != 3:
         raise RqInputError(f"{option} takes three comma-separated numbers, got {text!r}")
+    if not all(math.isfinite(v) for v in values):
+        raise RqInputError(f"{option} takes three finite numbers, got {text!r}")
     return values  # type: ignore[return-value]
 
 
@@ -150,11 +187,62 @@ RuntimeOpt = Annotated[
         help="Where to run the models: ort | openvino | ort-openvino, or several comma-separated (ort).",
     ),
 ]
+RayOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        metavar="auto|local|ADDRESS",
+        help="Validate on a Ray cluster (the ray extra): auto (RAY_ADDRESS, a `ray start` cluster on this "
+        "machine, else a local one), local (a new local Ray), or the head's HOST:PORT.",
+    ),
+]
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None):
+    """A connected `quantize.distributed.RayRunner` for `--ray`, or None; Ray is shut down afterwards."""
+    if address is None:
+        yield None
+        return
+    from quantize.distributed import RayRunner
+
+    runner = RayRunner(address)
+    try:
+        cluster = runner.connect()
+        err.print(f"[dim]· {escape(cluster.describe())}[/]", highlight=False)
+        yield runner
+    finally:
+        runner.close()
+
+
+# The recipe's own messages name its fields; when a value came from a flag, the message names the flag.
+# (field, how the recipe's messages start, the flag)
+_FLAG_MESSAGES = (
+    ("num_bins", "num_bins must", "--bins must"),
+    ("num_bins", "histogram bins apply", "--bins applies"),
+    ("samples", "samples must", "--samples must"),
+    ("seed", "recipe seed must", "--seed must"),
+    ("batch_size", "batch size must", "--batch-size must"),
+    ("percentile", "percentile must", "--percentile must"),
+    ("format", "format must", "--format must"),
+    ("backend", "backend must", "--backend must"),
+    ("calibration", "calibration must", "--calibration must"),
+    ("activation_type", "activation type must", "--activation-type must"),
+    ("weight_type", "weight type must", "--weight-type must"),
+    ("op_types", "op_types must", "--op-types must"),
+)
 
 
 def _recipe_from_options(base: QuantRecipe, **options) -> QuantRecipe:
     changes = {k: v for k, v in options.items() if v is not None}
-    return base.with_changes(**changes)
+    try:
+        return base.with_changes(**changes)
+    except RqInputError as exc:
+        message = str(exc)
+        for name, start, flag in _FLAG_MESSAGES:
+            if name in changes and message.startswith(start):
+                raise RqInputError(flag + message[len(start) :]) from None
+        raise
 
 
 def _summary_table(result) -> Table:
@@ -194,11 +282,18 @@ def _summary_table(result) -> Table:
     if result.tuning is not None:
         t = result.tuning
         steps = "; ".join(
-            f"step {st.step}: {len(st.fallback)} FP32, drop {st.drop_pt:.2f} pt" for st in t.steps
+            f"step {st.step}: {len(st.fallback)} FP32, drop {st.drop_pt:.2f} pt"
+            + (f", agreement {st.agreement_pct:.2f}%" if st.agreement_pct is not None else "")
+            for st in t.steps
+        )
+        pool = (
+            f" (fidelity on {t.pool_images} images: these and {t.holdout_images} held-back calibration images)"
+            if t.pool_images
+            else ""
         )
         table.add_row(
             "tuning",
-            f"goal ≤ {t.max_drop_pt:.2f} pt on {t.tune_images} images {'met' if t.goal_met else 'NOT met'}; "
+            f"goal ≤ {t.max_drop_pt:.2f} pt on {t.tune_images} images{pool} {'met' if t.goal_met else 'NOT met'}; "
             f"chosen step {t.chosen} ({', '.join(t.fallback_nodes) or 'nothing'} in FP32). {steps}",
         )
     mb = 1_000_000  # decimal MB, as in the report
@@ -280,6 +375,22 @@ def quantize(
         float | None,
         typer.Option(help="Accuracy gate: fail (exit code 3) when INT8 loses more top-1 points than this."),
     ] = None,
+    gate_on: Annotated[
+        str,
+        typer.Option(
+            "--gate-on",
+            help="What --max-drop is compared with: point (the measured drop) or ci (the upper bound of its "
+            "95% interval: a pass then means these images show the goal is met).",
+        ),
+    ] = "point",
+    holdout_images: Annotated[
+        int | None,
+        typer.Option(
+            help="Held-back calibration images (--calib images calibration did not read; no labels needed). "
+            "Without --val, INT8's agreement with FP32, logits SQNR and softmax KL are measured on this many "
+            "(500); with --tune, they join the tuning images in the tuner's fidelity objective (all). 0: none.",
+        ),
+    ] = None,
     tune: Annotated[
         bool,
         typer.Option(
@@ -292,6 +403,7 @@ def quantize(
         float, typer.Option(help="Share of --val images used to tune; the rest confirms the result.")
     ] = 0.5,
     eval_batch: Annotated[int, typer.Option(help="Batch size of the validation pass.")] = 32,
+    ray: RayOpt = None,
     bench: Annotated[
         bool, typer.Option("--bench", help="Benchmark FP32 vs INT8 (interleaved) afterwards.")
     ] = False,
@@ -312,21 +424,30 @@ def quantize(
 
     from quantize import runtimes
     from quantize.bench import bench_models
+    from quantize.fidelity import DEFAULT_HOLDOUT_IMAGES
     from quantize.pipeline import Progress, quantize_model
     from quantize.report import write_report
     from quantize.tune import TuneRequest, split_for_tuning
-    from quantize.validate import Gate, validate, validation_samples
+    from quantize.validate import GATE_ON, Gate, validate, validation_samples
 
-    with user_errors():
+    with user_errors(), contextlib.ExitStack() as stack:
         base = QuantRecipe()
         if recipe_file is not None:
             if not recipe_file.is_file():
                 raise RqInputError(f"recipe file not found: {recipe_file}")
             try:
-                text = recipe_file.read_text(encoding="utf-8")
+                # utf-8-sig: a byte-order mark (Windows editors write one) is accepted, as in labels files.
+                text = recipe_file.read_text(encoding="utf-8-sig")
             except (OSError, UnicodeDecodeError) as exc:
                 raise RqInputError(f"cannot read recipe file {recipe_file}: {exc}") from None
-            base = QuantRecipe.from_json(text)
+            try:
+                base = QuantRecipe.from_json(text)
+            except RqInputError as exc:
+                raise RqInputError(f"recipe file {recipe_file}: {exc}") from None
+        check_finite(percentile, "--percentile")
+        check_finite(max_drop, "--max-drop")
+        check_finite(tune_fraction, "--tune-fraction")
+        check_workers(workers)
         recipe = _recipe_from_options(
             base,
             backend=backend,
@@ -350,6 +471,10 @@ def quantize(
             raise RqInputError("--max-drop needs --val (the images to measure the drop on)")
         if max_drop is not None and max_drop < 0:
             raise RqInputError("--max-drop must be ≥ 0")
+        if gate_on not in GATE_ON:
+            raise RqInputError(f"--gate-on must be one of {', '.join(GATE_ON)}, not {gate_on!r}")
+        if holdout_images is not None and holdout_images < 0:
+            raise RqInputError("--holdout-images must be ≥ 0")
         if tune and (val is None or max_drop is None):
             raise RqInputError("--tune needs --val (images to measure on) and --max-drop (the goal)")
         if max_trials < 1:
@@ -360,6 +485,11 @@ def quantize(
         if bench and bench_runs < 1:
             raise RqInputError("--bench-runs must be ≥ 1")
         chosen_runtimes = runtimes.parse(runtime)
+        if ray is not None and chosen_runtimes != ["ort"]:
+            raise RqInputError("--ray runs models in onnxruntime only; drop --runtime or --ray")
+        if ray is not None and val is None:
+            raise RqInputError("--ray runs the validation on a Ray cluster: it needs --val")
+        runner = stack.enter_context(ray_session(ray))
         val_dataset = val_samples = None
         tune_request = None
         if val is not None:
@@ -370,7 +500,14 @@ def quantize(
                 # Tune on one part of the images, confirm (and gate) on the other: the drop reported is not
                 # the one the tuner optimized.
                 tune_samples, val_samples = split_for_tuning(val_samples, tune_fraction)
-                tune_request = TuneRequest(max_drop, tuple(tune_samples), max_trials=max_trials)
+                tune_request = TuneRequest(
+                    max_drop,
+                    tuple(tune_samples),
+                    max_trials=max_trials,
+                    holdout_images=holdout_images if holdout_images is not None else 1_000_000,
+                    never_use=tuple(s.path for s in val_samples),
+                    ray=runner,
+                )
         ensure_writable_dir(report_dir)
         with progress_bar() as bar:
             task = {}
@@ -397,7 +534,7 @@ def quantize(
                 tune=tune_request,
                 log=lambda msg: err.print(f"[dim]  {escape(msg)}[/]", highlight=False),
             )
-            validation = gate = bench_result = None
+            validation = gate = bench_result = fidelity = None
             validations = {}
             if val_dataset is not None:
                 for rt in chosen_runtimes:
@@ -416,6 +553,7 @@ def quantize(
                         calibration_files=result.calibration_files,
                         workers=workers,
                         on_images=lambda n, vtask=vtask: bar.advance(vtask, n),
+                        ray=runner,
                         runtime=rt,
                     )
                 validation = validations[chosen_runtimes[0]]
@@ -428,14 +566,18 @@ def quantize(
                     gated = f"INT8 {result.recipe.label()}" + (
                         "" if worst_rt == chosen_runtimes[0] else f" · {worst_rt}"
                     )
-                    gate = Gate(
+                    gate = Gate.from_drop(
                         max_drop,
-                        validations[worst_rt].drop.drop_pt,
+                        validations[worst_rt].drop,
                         EXIT_GATE_FAILED,
                         gated,
+                        gate_on=gate_on,
                         tuning_goal_met=tuning.goal_met if tuning else None,
                         tuning_best_drop_pt=chosen.drop_pt if chosen else None,
                     )
+            elif holdout_images != 0:
+                limit = DEFAULT_HOLDOUT_IMAGES if holdout_images is None else holdout_images
+                fidelity = _holdout_fidelity(model, result, spec, limit, eval_batch, workers, bar)
         if bench_batches:
             err.print("[dim]· bench (FP32 and INT8 interleaved)[/]", highlight=False)
             started = time.perf_counter()
@@ -443,15 +585,19 @@ def quantize(
                 [model, result.output], batch_sizes=bench_batches, runs=bench_runs, runtimes=chosen_runtimes
             )
             result.seconds["bench"] = time.perf_counter() - started
-        run_report = _quantize_report(result, validation, gate, bench_result, validations, chosen_runtimes)
-        paths = write_report(run_report, report_dir / run_report["run_id"])
+        run_report = _quantize_report(
+            result, validation, gate, bench_result, fidelity, validations, chosen_runtimes
+        )
+        paths = _write_report_after_model(write_report, run_report, report_dir, result.output)
         if as_json:
-            typer.echo(json.dumps(run_report, indent=2))
+            typer.echo(_json(run_report))
         else:
             console = out_console()
             console.print(_summary_table(result))
             for rt, validated in validations.items():
                 console.print(_validation_table(validated, None if chosen_runtimes == ["ort"] else rt))
+            if fidelity is not None:
+                console.print(_fidelity_table(fidelity))
             if bench_result is not None:
                 console.print(bench_result.render_table())
         if validation is not None and validation.overlap_with_calibration:
@@ -466,6 +612,72 @@ def quantize(
             err.print(f"[{style}]{escape(gate.message)}[/]", highlight=False)
             if not gate.passed:
                 raise typer.Exit(EXIT_GATE_FAILED)
+
+
+def _write_report_after_model(write_report, data: dict, report_dir: Path, model: Path) -> dict:
+    """The INT8 model is already published: a report that fails now must not say "nothing was written"."""
+    run_dir = report_dir / data["run_id"]
+    # The folders write_report would create, outermost first: removed again (when empty) if it fails.
+    created = [p for p in (*reversed(run_dir.parents), run_dir) if not p.exists()]
+    try:
+        return write_report(data, run_dir)
+    except (RqInputError, RqEnvironmentError, OSError) as exc:
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ReportFailed(
+            f"the INT8 model was written to {model}, but the report could not be written: {reason}"
+        ) from None
+
+
+def _holdout_fidelity(model, result, spec, limit, batch_size, workers, bar):
+    """Agreement / SQNR / KL of INT8 vs FP32 on calibration images calibration did not read (no labels)."""
+    from quantize.fidelity import held_back_samples, measure_fidelity
+
+    held = held_back_samples(result.calibration_dataset, result.calibration_files, limit, result.recipe.seed)
+    if not held:
+        err.print(
+            "[yellow]note:[/] every --calib image was used for calibration: no held-back image is left to "
+            "check INT8's agreement with FP32 (use more calibration images than --samples, or --val)",
+            highlight=False,
+        )
+        return None
+    err.print(
+        f"[dim]· fidelity (FP32 vs INT8 on {len(held)} held-back calibration images)[/]", highlight=False
+    )
+    task = bar.add_task("fidelity", total=len(held))
+    fidelity = measure_fidelity(
+        model,
+        result.output,
+        held,
+        spec,
+        source=f"{len(held)} held-back calibration images (not used to calibrate; no labels needed)",
+        batch_size=batch_size,
+        workers=workers,
+        on_images=lambda n: bar.advance(task, n),
+    )
+    result.seconds["fidelity"] = fidelity.seconds
+    return fidelity
+
+
+def _fidelity_table(fidelity) -> Table:
+    table = Table(
+        title="Fidelity to FP32 (label-free)", title_justify="left", show_header=False, min_width=100
+    )
+    table.add_column("what", style="bold")
+    table.add_column("value", overflow="fold")
+    table.add_row("images", fidelity.source)
+    table.add_row(
+        "top-1 agreement",
+        f"{fidelity.agreement_pct:.2f}% (95% CI [{fidelity.agreement_ci_low_pct:.2f}, "
+        f"{fidelity.agreement_ci_high_pct:.2f}]); {fidelity.disagreements} of {fidelity.images} predictions differ",
+    )
+    table.add_row("logits SQNR", f"{fidelity.logits_sqnr_db:.1f} dB")
+    table.add_row("softmax KL", f"{fidelity.softmax_kl:.4f} nats (mean per image)")
+    table.caption = "A top-1 drop can never exceed the disagreement rate; with labels (--val) rq measures the drop itself."
+    table.caption_justify = "left"
+    return table
 
 
 def check_evaluable(model: Path) -> None:
@@ -489,7 +701,9 @@ def ensure_writable_dir(directory: Path) -> None:
         raise RqInputError(f"report folder is not writable: {directory} ({exc.strerror or exc})") from None
 
 
-def _quantize_report(result, validation, gate, bench_result, validations=None, runtimes=("ort",)) -> dict:
+def _quantize_report(
+    result, validation, gate, bench_result, fidelity=None, validations=None, runtimes=("ort",)
+) -> dict:
     from quantize.report_data import accuracy_of, bench_by_batch, build_report, variant
 
     validations = validations or {}
@@ -567,6 +781,7 @@ def _quantize_report(result, validation, gate, bench_result, validations=None, r
     )
     if result.tuning is not None:
         data["tuning"] = result.tuning.to_dict()
+    data["fidelity"] = fidelity.to_dict() if fidelity is not None else None
     return data
 
 
@@ -591,9 +806,22 @@ def _validation_table(validation, runtime: str | None = None) -> Table:
         f"{validation.int8.top1:.2f}",
         f"{validation.int8.top5:.2f}",
         f"top-1 drop {d.drop_pt:.2f} pt, 95% CI [{d.ci_low_pt:.2f}, {d.ci_high_pt:.2f}] ({d.method}, {verdict}); "
-        f"predictions differ on {d.disagreements} images (FP32-only right {d.a_only}, INT8-only right {d.b_only})",
+        f"top-1 agreement with FP32 {d.agreement_pct:.2f}%: predictions differ on {d.disagreements} images "
+        f"(FP32-only right {d.a_only}, INT8-only right {d.b_only})",
     )
+    if validation.run.cluster:
+        table.caption = f"ran on {cluster_text(validation.run.cluster)}"
+        table.caption_justify = "left"
     return table
+
+
+def cluster_text(cluster: dict) -> str:
+    """`Ray at ADDRESS: N nodes, C CPUs` from a run's cluster dict."""
+    nodes = cluster.get("nodes")
+    return (
+        f"Ray cluster at {cluster.get('address')}: {nodes} node{'s' if nodes != 1 else ''}, "
+        f"{cluster.get('cpus'):g} CPUs, {cluster.get('actors')} inference actors"
+    )
 
 
 @app.command("eval")
@@ -616,24 +844,31 @@ def eval_(
     interpolation: InterpOpt = None,
     workers: WorkersOpt = None,
     runtime: RuntimeOpt = "ort",
+    ray: RayOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Top-1 and top-5 accuracy of ONNX classifiers on a labelled ImageNet folder."""
 
     from quantize import runtimes
     from quantize.evaluate import evaluate
+    from quantize.stats import paired_drop
     from quantize.validate import validation_samples
 
     with user_errors():
         if batch < 1:
             raise RqInputError("--batch must be ≥ 1")
+        check_workers(workers)
         chosen = runtimes.parse(runtime)
+        if ray is not None and chosen != ["ort"]:
+            raise RqInputError("--ray runs models in onnxruntime only; drop --runtime or --ray")
         spec = build_spec(preset_name, mean, std, resize, crop, interpolation)
         dataset, samples = validation_samples(data, labels, limit, seed)
         by_runtime = {}
-        with progress_bar() as bar:
+        with ray_session(ray) as runner, progress_bar() as bar:
             for name in chosen:
-                task = bar.add_task(f"evaluating ({name})", total=len(samples))
+                task = bar.add_task(
+                    f"evaluating ({name})" if chosen != ["ort"] else "evaluating", total=len(samples)
+                )
                 by_runtime[name] = evaluate(
                     models,
                     samples,
@@ -641,9 +876,25 @@ def eval_(
                     batch_size=batch,
                     workers=workers,
                     on_images=lambda n, task=task: bar.advance(task, n),
+                    ray=runner,
                     runtime=name,
                 )
         run = by_runtime[chosen[0]]
+
+        def drops_of(r):
+            # With several models, each is compared with the first (typically FP32) on the same images.
+            return [None] + [
+                paired_drop(
+                    r.models[0].correct_top1,
+                    m.correct_top1,
+                    disagreements=int((m.predictions != r.models[0].predictions).sum()),
+                )
+                if r.images
+                else None
+                for m in r.models[1:]
+            ]
+
+        drops = drops_of(run)
         if as_json:
             payload = run.to_dict()
             payload.update(
@@ -655,19 +906,43 @@ def eval_(
                     "runtimes": {name: r.to_dict() for name, r in by_runtime.items()},
                 }
             )
-            typer.echo(json.dumps(payload, indent=2))
+            for entry, drop in zip(payload["models"], drops, strict=True):
+                entry["vs_first"] = drop.to_dict() if drop else None
+            typer.echo(_json(payload))
             return
         table = Table(
             title=f"{run.images} images of {dataset.root} (layout {dataset.layout}), batch {batch}",
             title_justify="left",
         )
-        for col in ("model", "runtime", "top-1 %", "top-5 %", "model img/s"):
+        multi = chosen != ["ort"]
+        columns = ["model", *(["runtime"] if multi else []), "top-1 %", "top-5 %", "model img/s"]
+        if len(run.models) > 1:
+            columns += ["drop vs first pt [95% CI]", "agreement with first %"]
+        for col in columns:
             table.add_column(col, justify="left" if col in ("model", "runtime") else "right")
         for name, r in by_runtime.items():
-            for m in r.models:
+            for m, drop in zip(r.models, drops_of(r), strict=True):
                 rate = r.images / m.inference_seconds if m.inference_seconds else 0.0
-                table.add_row(escape(str(m.path)), name, f"{m.top1:.2f}", f"{m.top5:.2f}", f"{rate:.1f}")
+                row = [
+                    escape(str(m.path)),
+                    *([name] if multi else []),
+                    f"{m.top1:.2f}",
+                    f"{m.top5:.2f}",
+                    f"{rate:.1f}",
+                ]
+                if len(r.models) > 1:
+                    row += (
+                        [
+                            f"{drop.drop_pt:.2f} [{drop.ci_low_pt:.2f}, {drop.ci_high_pt:.2f}]",
+                            f"{drop.agreement_pct:.2f} ({drop.disagreements} differ)",
+                        ]
+                        if drop
+                        else ["—", "—"]
+                    )
+                table.add_row(*row)
         notes = [f"pipeline: {run.images_per_s:.1f} images/s (decode in parallel + every model)"]
+        if run.cluster:
+            notes.append(f"ran on {cluster_text(run.cluster)}; model img/s is per inference actor (one core)")
         if run.skipped:
             notes.append(
                 f"{len(run.skipped)} unreadable images skipped, e.g. {run.skipped[0][0]}: {run.skipped[0][1]}"
@@ -705,6 +980,7 @@ def sweep(
     crop: CropOpt = None,
     interpolation: InterpOpt = None,
     workers: WorkersOpt = None,
+    ray: RayOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
 ) -> None:
     """Quantize, validate and benchmark a grid of recipes; report the accuracy/speed Pareto front.
@@ -714,7 +990,8 @@ def sweep(
     from quantize.report import write_report
     from quantize.sweep import run_sweep, sweep_report
 
-    with user_errors():
+    with user_errors(), contextlib.ExitStack() as stack:
+        check_workers(workers)
         spec = build_spec(preset_name, mean, std, resize, crop, interpolation)
         base = _recipe_from_options(QuantRecipe(), samples=samples, seed=seed)
         batches = (
@@ -725,6 +1002,7 @@ def sweep(
         if eval_batch < 1:
             raise RqInputError("--eval-batch must be ≥ 1")
         ensure_writable_dir(report_dir)
+        runner = stack.enter_context(ray_session(ray))
         result = run_sweep(
             model,
             calib,
@@ -741,23 +1019,28 @@ def sweep(
             eval_batch=eval_batch,
             workers=workers,
             log=lambda msg: err.print(f"[dim]· {escape(msg)}[/]", highlight=False),
+            ray=runner,
         )
         data = sweep_report(result, ["rq", *sys.argv[1:]], grid)
         paths = write_report(data, report_dir / data["run_id"])
         if as_json:
-            typer.echo(json.dumps(data, indent=2))
+            typer.echo(_json(data))
         else:
             out_console().print(_sweep_table(data))
         err.print(f"report: {paths['html']}", highlight=False, soft_wrap=True)
 
 
 def _sweep_table(data: dict) -> Table:
-    table = Table(title="rq sweep (★ = on the accuracy/speed Pareto front)", title_justify="left")
+    table = Table(
+        title="rq sweep (★ = on the top-1/speed Pareto front, ◆ = on the agreement/speed front)",
+        title_justify="left",
+    )
     batches = sorted({int(b) for v in data["variants"] if v["bench"] for b in v["bench"]})
     for col in [
         "variant",
         "top-1 %",
         "drop pt [95% CI]",
+        "agree %",
         "differ",
         *[f"speed b{b}" for b in batches],
         "ops",
@@ -775,10 +1058,11 @@ def _sweep_table(data: dict) -> Table:
             escape(v["name"]),
             f"{v['accuracy']['top1']:.2f}" if v["accuracy"] else "—",
             drop_text,
+            f"{drop['agreement_pct']:.2f}" if drop and drop.get("agreement_pct") is not None else "—",
             str(drop["disagreements"]) if drop else "—",
             *speeds,
             f"{ops['quantized']}/{ops['candidates']}" if ops else "—",
-            "★" if v.get("pareto") else "",
+            ("★" if v.get("pareto") else "") + ("◆" if v.get("pareto_agreement") else ""),
         )
     return table
 
@@ -817,9 +1101,9 @@ def inspect(
         dataset = discover_dataset(calib, labels)
         chosen = select_samples(dataset, samples, 0)
         ensure_writable_dir(report_dir)
-        with tempfile.TemporaryDirectory(prefix="rq-inspect-") as tmp:
+        with work_folder("rq-inspect-") as tmp:
             # The INT8 model was made from the prepared graph: compare against the same graph (same names).
-            prepared = prepare_model(fp32, Path(tmp))
+            prepared = prepare_model(fp32, tmp)
             with BatchStream(chosen, spec, batch_size=8) as stream:
                 nodes = inspect_models(prepared.path, int8, (b.images for b in stream))
                 used = stream.used
@@ -836,7 +1120,7 @@ def inspect(
         data["inspection"] = {"images": used, "nodes": rows}
         paths = write_report(data, report_dir / data["run_id"])
         if as_json:
-            typer.echo(json.dumps(data["inspection"], indent=2))
+            typer.echo(_json(data["inspection"]))
         else:
             table = Table(
                 title=f"Per-node error on {used} images (worst activation SQNR first)", title_justify="left"
@@ -907,7 +1191,7 @@ def bench(
             models, batch_sizes=batches, threads=threads, runs=runs, warmup=warmup, runtimes=chosen
         )
         if as_json:
-            typer.echo(json.dumps(result.to_dict(), indent=2))
+            typer.echo(_json(result.to_dict()))
         else:
             out_console().print(result.render_table())
 

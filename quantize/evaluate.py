@@ -17,6 +17,7 @@ import onnxruntime as ort
 
 from calibration import BatchStream, ImageDataset, PreprocessSpec, Sample
 from calibration.errors import RqInputError
+from quantize.exits import ORT_LOG_SEVERITY, ort_reason
 
 
 @dataclass
@@ -60,6 +61,7 @@ class EvalRun:
     seconds: float
     batch_size: int
     notes: list[str] = field(default_factory=list)
+    cluster: dict | None = None  # the Ray cluster that ran it (quantize.distributed); None: this machine
 
     @property
     def images(self) -> int:
@@ -79,7 +81,7 @@ class EvalRun:
             "skipped": [[str(p), r] for p, r in self.skipped],
             "models": [m.to_dict() for m in self.models],
             "notes": list(self.notes),
-        }
+        } | ({"cluster": dict(self.cluster)} if self.cluster else {})
 
 
 def _first_line(exc: BaseException) -> str:
@@ -92,15 +94,16 @@ def open_session(path: Path, threads: int | None = None) -> ort.InferenceSession
     path = Path(path)
     if not path.is_file():
         raise RqInputError(f"model not found: {path}")
+    if path.stat().st_size == 0:
+        raise RqInputError(f"{path} is an empty file (0 bytes), not an ONNX model")
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    options.log_severity_level = 3
+    options.log_severity_level = ORT_LOG_SEVERITY  # ORT's own coloured log line would precede rq's message
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        reason = _first_line(exc).replace("[ONNXRuntimeError] : ", "")
-        raise RqInputError(f"onnxruntime cannot load {path.name}: {reason}") from None
+        raise RqInputError(f"onnxruntime cannot load {path.name}: {ort_reason(exc)}") from None
 
 
 def fixed_batch(session: ort.InferenceSession) -> int | None:
@@ -175,6 +178,8 @@ def open_in_runtime(path: Path, runtime: str = "ort", threads: int | None = None
     rt = runtimes.get(runtime)
     if not path.is_file():
         raise RqInputError(f"model not found: {path}")
+    if path.stat().st_size == 0:
+        raise RqInputError(f"{path} is an empty file (0 bytes), not an ONNX model")
     return rt.open(path, threads)
 
 
@@ -195,6 +200,71 @@ def require_labels(dataset: ImageDataset, samples: Sequence[Sample]) -> None:
         raise RqInputError(f"labels are missing for {missing} of {len(samples)} images in {dataset.root}")
 
 
+def check_evaluation_inputs(models: Sequence[Path], samples: Sequence[Sample], batch_size: int) -> None:
+    if batch_size < 1:
+        raise RqInputError("--batch must be ≥ 1")
+    if not models:
+        raise RqInputError("no model to evaluate")
+    missing = sum(1 for s in samples if s.label is None)
+    if missing:
+        # BatchStream labels them -1: they would silently count as wrong predictions.
+        raise RqInputError(f"labels are missing for {missing} of {len(samples)} images")
+
+
+def read_model_outputs(path: Path) -> tuple[str, int]:
+    """(input name, label offset) of a model rq can evaluate, or its one-line error."""
+    return _classes_and_offset(open_session(Path(path)), Path(path))
+
+
+def top5_indices(logits: np.ndarray, offset: int) -> np.ndarray:
+    """The five best classes per image, best first (background column dropped when `offset` is 1)."""
+    logits = logits[:, offset:] if offset else logits
+    return np.argsort(-logits, axis=1)[:, :5]
+
+
+def evaluation_result(
+    models: Sequence[Path],
+    top5: Sequence[np.ndarray],
+    *,
+    labels: np.ndarray,
+    paths: list[Path],
+    skipped: list[tuple[Path, str]],
+    offsets: Sequence[int],
+    infer_seconds: Sequence[float],
+    seconds: float,
+    batch_size: int,
+    cluster: dict | None = None,
+) -> EvalRun:
+    """The EvalRun of per-image top-5 indices: one code path for local and distributed runs."""
+    results = []
+    for i, path in enumerate(models):
+        t5 = top5[i]
+        p = t5[:, 0]
+        results.append(
+            ModelAccuracy(
+                path=Path(path),
+                predictions=p,
+                correct_top1=p == labels,
+                correct_top5=(t5 == labels[:, None]).any(axis=1),
+                label_offset=offsets[i],
+                inference_seconds=infer_seconds[i],
+            )
+        )
+    notes = []
+    if any(offsets):
+        notes.append("1001-class output detected: index 0 treated as background and dropped")
+    return EvalRun(
+        models=results,
+        labels=labels,
+        paths=paths,
+        skipped=skipped,
+        seconds=seconds,
+        batch_size=batch_size,
+        notes=notes,
+        cluster=cluster,
+    )
+
+
 def evaluate(
     models: Sequence[Path],
     samples: Sequence[Sample],
@@ -204,20 +274,20 @@ def evaluate(
     threads: int | None = None,
     workers: int | None = None,
     on_images: Callable[[int], None] | None = None,
+    ray=None,
     runtime: str = "ort",
 ) -> EvalRun:
-    """Run every model on the same decoded batches in `runtime` (quantize.runtimes); per-image correctness."""
-    if batch_size < 1:
-        raise RqInputError("--batch must be ≥ 1")
-    if not models:
-        raise RqInputError("no model to evaluate")
-    missing = sum(1 for s in samples if s.label is None)
-    if missing:
-        # BatchStream labels them -1: they would silently count as wrong predictions.
-        raise RqInputError(f"labels are missing for {missing} of {len(samples)} images")
+    """Run every model on the same decoded batches in `runtime` (quantize.runtimes); per-image correctness.
+
+    `ray`: a `quantize.distributed.RayRunner` to run on a Ray cluster instead of this machine's threads
+    (same result object, same statistics; ONNX Runtime only)."""
+    if ray is not None:
+        if runtime != "ort":
+            raise RqInputError("--ray runs models in onnxruntime only; drop --runtime or --ray")
+        return ray.evaluate(models, samples, spec, batch_size=batch_size, on_images=on_images)
+    check_evaluation_inputs(models, samples, batch_size)
     sessions = [open_in_runtime(Path(m), runtime, threads) for m in models]
     io = [_classes_and_offset(s, Path(m)) for s, m in zip(sessions, models, strict=True)]
-    preds: list[list[np.ndarray]] = [[] for _ in models]
     top5: list[list[np.ndarray]] = [[] for _ in models]
     infer_seconds = [0.0 for _ in models]
     labels: list[np.ndarray] = []
@@ -237,40 +307,21 @@ def evaluate(
                 except Exception as exc:
                     where = "onnxruntime" if runtime == "ort" else runtime
                     raise RqInputError(
-                        f"{Path(models[i]).name} failed in {where}: {_first_line(exc)}"
+                        f"{Path(models[i]).name} failed in {where}: {ort_reason(exc)}"
                     ) from None
                 infer_seconds[i] += time.perf_counter() - t0
-                logits = logits[:, offset:] if offset else logits
-                order = np.argsort(-logits, axis=1)[:, :5]
-                preds[i].append(order[:, 0])
-                top5[i].append(order)
+                top5[i].append(top5_indices(logits, offset))
     seconds = time.perf_counter() - started
-    all_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
-    results = []
-    for i, path in enumerate(models):
-        p = np.concatenate(preds[i])
-        t5 = np.concatenate(top5[i])
-        results.append(
-            ModelAccuracy(
-                path=Path(path),
-                predictions=p,
-                correct_top1=p == all_labels,
-                correct_top5=(t5 == all_labels[:, None]).any(axis=1),
-                label_offset=io[i][1],
-                inference_seconds=infer_seconds[i],
-            )
-        )
-    notes = []
-    if any(offset for _, offset in io):
-        notes.append("1001-class output detected: index 0 treated as background and dropped")
-    return EvalRun(
-        models=results,
-        labels=all_labels,
+    return evaluation_result(
+        models,
+        [np.concatenate(t) for t in top5],
+        labels=np.concatenate(labels) if labels else np.zeros(0, np.int64),
         paths=paths,
         skipped=list(stream.skipped),
+        offsets=[offset for _, offset in io],
+        infer_seconds=infer_seconds,
         seconds=seconds,
         batch_size=batch_size,
-        notes=notes,
     )
 
 

@@ -50,6 +50,7 @@ import numpy as np
 import onnx
 
 from calibration.errors import RqInputError
+from quantize.exits import QuantizerError
 from quantize.recipe import QuantRecipe
 
 INC_INSTALL_HINT = "pip install 'rq-quant[inc]'"
@@ -603,7 +604,7 @@ def quantize_with_inc(
     if qmodel is not None:
         proto = qmodel.model
         if not is_quantized(proto):
-            raise RqInputError("INC's result has no quantized node (every candidate fell back to FP32)")
+            raise QuantizerError("INC's result has no quantized node (every candidate fell back to FP32)")
         onnx.save_model(proto, str(output_path))
         if evaluator is not None:
             outcome.goal_met = True
@@ -636,7 +637,7 @@ def quantize_with_inc(
             )
         else:
             reason = _inc_failure(state)
-        raise RqInputError(f"Intel Neural Compressor produced no quantized model: {reason}")
+        raise QuantizerError(f"Intel Neural Compressor produced no quantized model: {reason}")
     if evaluator is not None:
         evaluator.best_path.unlink(missing_ok=True)
 

@@ -19,6 +19,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from calibration.errors import RqInputError
+from quantize.exits import ORT_LOG_SEVERITY, ort_reason
 from quantize.prepare import _quiet, load_model
 
 DEQUANT_SUFFIX = "_DequantizeLinear_Output"
@@ -92,12 +93,11 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
 
 def _session(model_bytes: bytes) -> ort.InferenceSession:
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = ORT_LOG_SEVERITY
     try:
         return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RqInputError(f"onnxruntime cannot load the model: {reason}") from None
+        raise RqInputError(f"onnxruntime cannot load the model: {ort_reason(exc)}") from None
 
 
 def _run_all(session: ort.InferenceSession, input_name: str, images: np.ndarray) -> list[np.ndarray]:

@@ -25,16 +25,22 @@ from quantize import __version__
 from quantize.calibrate import CalibrationRanges, calibrate
 from quantize.cpu import CpuInfo, IntegerKernelAdvice, advise_int8, detect_cpu
 from quantize.evaluate import evaluate
+from quantize.exits import QuantizerError, is_environment_error
+from quantize.fidelity import held_back_samples
+from quantize.files import atomic_output, work_folder
 from quantize.ort_backend import QuantizedOps, count_quantized, quantize_with_ort
-from quantize.prepare import ModelError, PreparedModel, atomic_save, load_model, prepare_model
+from quantize.prepare import ModelError, PreparedModel, load_model, prepare_model
 from quantize.recipe import METADATA_KEY, QuantRecipe
 from quantize.tune import TuneReport, TuneRequest, TuneStep, tune_fallback
 
 PREPROCESS_METADATA_KEY = "rq.preprocess"
 
 
-class QuantizationFailed(RqInputError):
-    """The quantized model did not pass rq's own checks; nothing was written."""
+class QuantizationFailed(QuantizerError):
+    """The quantizer crashed or the quantized model did not pass rq's own checks; nothing was written.
+
+    Not the user's input: its own exit code (4, quantize/exits.py), not 2.
+    """
 
 
 @dataclass
@@ -336,6 +342,8 @@ def produce_int8(
     except RqInputError:
         raise
     except Exception as exc:
+        if is_environment_error(exc):
+            raise  # a full disk under the quantizer is the machine's failure, not the quantizer's
         reason = str(exc).splitlines()[0] if str(exc) else ""
         raise QuantizationFailed(f"onnxruntime's quantizer failed: {type(exc).__name__}: {reason}") from None
     return None
@@ -366,7 +374,10 @@ def publish_int8(
         )
     onnx.save_model(int8, str(scratch))
     _smoke_test(scratch, prepared.signature.input_name, calibration.smoke_sample, prepared.path)
-    atomic_save(int8, output)
+    # Not atomic_save: its up-front folder checks would call a permission lost mid-run bad input (exit 2);
+    # check_output_path checked the folder before the work, so a failure now is the machine's (exit 5).
+    with atomic_output(output) as tmp:
+        onnx.save_model(int8, str(tmp))
     scratch.unlink()
     return ops
 
@@ -463,8 +474,7 @@ def quantize_model(
         if progress.stage:
             progress.stage(name)
 
-    with tempfile.TemporaryDirectory(prefix="rq-") as tmp:
-        workdir = Path(tmp)
+    with work_folder("rq-") as workdir:
         stage("prepare")
         prepared = prepare_model(model, workdir)
         seconds["prepare"] = prepared.seconds
@@ -488,7 +498,9 @@ def quantize_model(
                 scratch,
                 workdir,
                 eval_func=lambda path: (
-                    evaluate([path], list(tune.tune_samples), spec, workers=workers).models[0].top1
+                    evaluate([path], list(tune.tune_samples), spec, workers=workers, ray=tune.ray)
+                    .models[0]
+                    .top1
                 ),
                 tune=tune,
                 log=log,
@@ -509,6 +521,9 @@ def quantize_model(
                 spec=spec,
                 request=tune,
                 sensitivity_samples=calibration.samples,
+                holdout_samples=held_back_samples(
+                    dataset, calibration.files(), tune.holdout_images, recipe.seed
+                ),
                 workdir=workdir,
                 workers=workers,
                 log=log,

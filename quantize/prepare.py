@@ -21,7 +21,8 @@ import onnx
 from onnx import TensorProto
 
 from calibration.errors import RqInputError
-from quantize.files import atomic_output
+from quantize.exits import ORT_LOG_SEVERITY, is_environment_error, ort_reason
+from quantize.files import atomic_output, inside
 from quantize.rewrite import rewrite_standalone_batchnorms
 
 TARGET_OPSET = 13
@@ -106,11 +107,42 @@ def load_model(path: Path | str, *, load_weights: bool = True) -> onnx.ModelProt
         raise ModelError(f"model not found: {path}")
     if not path.is_file():
         raise ModelError(f"model path is not a file: {path}")
+    if path.stat().st_size == 0:
+        raise ModelError(f"{path} is an empty file (0 bytes), not an ONNX model")
     try:
         return onnx.load(str(path), load_external_data=load_weights)
     except Exception as exc:  # protobuf DecodeError, missing external data file, ...
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{path} is not a readable ONNX model ({reason})") from None
+
+
+_NUMPY_TYPES = {"float32": "float32", "float16": "float16", "float64": "float64"}
+
+
+def check_runs_in_onnxruntime(path: Path | str, signature: ModelSignature, name: str) -> None:
+    """The FP32 model must load in ONNX Runtime and run one image; else it is bad input, with ORT's reason.
+
+    A model with free spatial dimensions is only loaded (rq does not know its image size yet).
+    """
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = ORT_LOG_SEVERITY  # no coloured ORT log line before rq's own message
+    options.intra_op_num_threads = 1
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelError(f"onnxruntime cannot load {name}: {ort_reason(exc)}") from None
+    batch = signature.fixed_batch or 1
+    rest = signature.input_shape[1:]
+    if not all(isinstance(d, int) and d > 0 for d in rest):
+        return
+    sample = np.zeros([batch, *rest], dtype=_NUMPY_TYPES[signature.input_type])
+    try:
+        session.run(None, {signature.input_name: sample})
+    except Exception as exc:
+        raise ModelError(f"onnxruntime cannot run {name}: {ort_reason(exc)}") from None
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -221,6 +253,7 @@ def prepare_model(source: Path | str, workdir: Path, *, pre_process: bool = True
     source = Path(source)
     model = load_model(source)
     signature = classifier_signature(model, source.name)
+    check_runs_in_onnxruntime(source, signature, source.name)
     prepared = PreparedModel(
         source=source,
         path=workdir / "prepared.onnx",
@@ -249,34 +282,75 @@ def prepare_model(source: Path | str, workdir: Path, *, pre_process: bool = True
     return prepared
 
 
+def _raised_in_symbolic_shape(exc: BaseException) -> bool:
+    """Whether `exc` came out of ORT's symbolic shape inference (tools/symbolic_shape_infer.py)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith("symbolic_shape_infer.py"):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def _run_quant_pre_process(upgraded: Path, prepared: PreparedModel) -> None:
+    """`quant_pre_process` with fallbacks; symbolic shape inference runs at most once.
+
+    ORT's symbolic shape inference saves `sym_shape_infer_temp.onnx` and `<uuid>.data` files into the current
+    directory when it cannot complete: it runs from a scratch folder inside rq's work folder.
+    """
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    # ORT's pre-processing logs and prints a lot; it is noise inside rq's own summary.
-    attempts = [
-        ("symbolic shape inference + ORT optimizer + ONNX shape inference", {}),
-        ("ORT optimizer skipped (it failed on this model)", {"skip_optimization": True}),
-        (
-            "ORT optimizer and symbolic shape inference skipped (both failed on this model)",
-            {"skip_optimization": True, "skip_symbolic_shape": True},
-        ),
-    ]
+    upgraded, output = Path(os.path.abspath(upgraded)), Path(os.path.abspath(prepared.path))
+    scratch = upgraded.parent / "shape-inference"
+    scratch.mkdir(exist_ok=True)
+    full = ("symbolic shape inference + ORT optimizer + ONNX shape inference", {})
+    no_optimizer = ("ORT optimizer skipped (it failed on this model)", {"skip_optimization": True})
+    no_symbolic = (
+        "symbolic shape inference skipped (it could not complete on this model)",
+        {"skip_symbolic_shape": True},
+    )
+    neither = (
+        "ORT optimizer and symbolic shape inference skipped (both failed on this model)",
+        {"skip_optimization": True, "skip_symbolic_shape": True},
+    )
+    attempts = [full]
     errors = []
-    for description, kwargs in attempts:
+    while attempts:
+        description, kwargs = attempts.pop(0)
         try:
-            with _quiet():
-                quant_pre_process(str(upgraded), str(prepared.path), **kwargs)
+            # ORT's pre-processing logs and prints a lot; it is noise inside rq's own summary.
+            with _quiet(), _muted("onnxruntime.quantization.shape_inference"), inside(scratch):
+                quant_pre_process(str(upgraded), str(output), **kwargs)
             prepared.steps.append(f"quant_pre_process: {description}")
             if errors:
                 prepared.warnings.append("quant_pre_process fell back: " + "; ".join(errors))
             return
         except Exception as exc:
-            errors.append(
-                f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-            )
+            if is_environment_error(exc):
+                raise  # a full disk is not a reason to try without the optimizer
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            errors.append(f"{type(exc).__name__}: {message}")
             with contextlib.suppress(FileNotFoundError):
-                prepared.path.unlink()
+                output.unlink()
+            if kwargs is full[1]:
+                # Symbolic shape inference runs before the optimizer: when it is what failed, the next try
+                # skips it (and keeps the optimizer); running it again would fail the same way.
+                attempts = (
+                    [no_symbolic, neither] if _raised_in_symbolic_shape(exc) else [no_optimizer, neither]
+                )
     raise ModelError("quant_pre_process failed on this model: " + " | ".join(errors))
+
+
+@contextlib.contextmanager
+def _muted(name: str):
+    """Silence one library logger entirely (ORT logs an optimizer failure's traceback at ERROR level)."""
+    logger = logging.getLogger(name)
+    previous = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ embedded as a base64 PNG) so it can be mailed or attached to a CI run as one fil
 from __future__ import annotations
 
 import base64
+import errno
 import html
 import io
 import json
@@ -33,7 +34,8 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from calibration.errors import RqInputError
-from quantize.files import atomic_write_text
+from quantize.exits import environment_error, is_environment_error
+from quantize.files import atomic_write_text, json_text
 from quantize.stats import pareto_front
 
 SCHEMA = "rq.report/1"
@@ -165,6 +167,11 @@ def _validate_validation(val: dict) -> None:
     # null when this run validated nothing itself (a sweep served from its cache)
     _field(val, "images_per_s", "number", "validation", nullable=True)
     _field(val, "seconds", "number", "validation", nullable=True)
+    if "cluster" in val:  # only when the validation ran on a Ray cluster (--ray)
+        cluster = _field(val, "cluster", "dict", "validation")
+        _field(cluster, "address", "str", "validation.cluster")
+        _field(cluster, "nodes", "int", "validation.cluster")
+        _field(cluster, "cpus", "number", "validation.cluster")
 
 
 _DROP_FIELDS = (
@@ -302,7 +309,9 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
-def _not_writable(directory: Path, exc: OSError) -> RqInputError:
+def _not_writable(directory: Path, exc: OSError) -> Exception:
+    if is_environment_error(exc) and exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return environment_error(exc, directory)  # a full disk is not the user's input
     reason = exc.strerror or type(exc).__name__
     return RqInputError(f"report folder is not writable: {directory} ({reason})")
 
@@ -328,7 +337,8 @@ def write_report(data: dict, directory: Path) -> dict[str, Path]:
     validate_report(data)
     directory = Path(directory)
     try:
-        text = json.dumps(data, indent=2, ensure_ascii=False, default=_json_default) + "\n"
+        # Strict JSON: a NaN/inf (an unmeasured figure) is written as null, never as a bare NaN.
+        text = json_text(data, indent=2, ensure_ascii=False, default=_json_default) + "\n"
     except (TypeError, ValueError) as exc:
         raise RqInputError(f"report cannot be written as JSON: {exc}") from None
     json_path = directory / JSON_NAME
@@ -475,7 +485,13 @@ def _gate_blocks(data: dict) -> list[Block]:
     word = "PASSED" if passed else "FAILED"
     limit = gate.get("max_drop_pt")
     name, drop = _gated_drop(data, gate)
-    if drop is not None and _is_number(limit):
+    if gate.get("gate_on") == "ci" and _is_number(gate.get("ci_high_pt")) and _is_number(limit):
+        high = float(gate["ci_high_pt"])
+        sign = "≤" if high <= limit else ">"
+        text = (
+            f"{word}: upper bound of the INT8 top-1 drop's interval {_num(high)} pt {sign} {_num(limit)} pt"
+        )
+    elif drop is not None and _is_number(limit):
         sign = "≤" if drop <= limit else ">"
         text = f"{word}: INT8 top-1 drop {_num(drop)} pt {sign} {_num(limit)} pt"
     else:
@@ -545,6 +561,44 @@ def _method_text(drop: dict) -> str:
     return f"{method} interval"
 
 
+def _agreement_cell(drop: dict | None) -> str:
+    """Top-1 agreement with FP32 in percent: from ``agreement_pct``, or from the counts of older reports."""
+    if not isinstance(drop, dict):
+        return NOT_MEASURED
+    if _is_number(drop.get("agreement_pct")):
+        return _num(drop["agreement_pct"])
+    n, differ = drop.get("n"), drop.get("disagreements")
+    if _is_int(n) and _is_int(differ) and n > 0:
+        return _num(100.0 * (n - differ) / n)
+    return NOT_MEASURED
+
+
+def _fidelity_blocks(data: dict) -> list[Block]:
+    """Label-free fidelity on held-back calibration images (runs without --val)."""
+    fid = data.get("fidelity")
+    if not isinstance(fid, dict):
+        return []
+    rows = [
+        ["Images", str(fid.get("source", "?"))],
+        [
+            "Top-1 agreement with FP32",
+            f"{_num(fid.get('agreement_pct'))}% [{_num(fid.get('agreement_ci_low_pct'))}, "
+            f"{_num(fid.get('agreement_ci_high_pct'))}] ({fid.get('disagreements')} of {fid.get('images')} differ)",
+        ],
+        ["Logits SQNR", f"{_num(fid.get('logits_sqnr_db'), 1)} dB"],
+        ["Softmax KL (mean per image)", f"{_num(fid.get('softmax_kl'), 4)} nats"],
+    ]
+    return [
+        ("h2", "Fidelity to FP32 (label-free)"),
+        ("table", ["Measure", "Value"], rows),
+        (
+            "p",
+            "Measured on calibration images that calibration did not use; no labels needed. A top-1 drop can "
+            "never exceed the disagreement rate. With --val, rq measures the drop itself.",
+        ),
+    ]
+
+
 def _results_blocks(data: dict) -> list[Block]:
     variants = _variants(data)
     if not variants:
@@ -553,7 +607,15 @@ def _results_blocks(data: dict) -> list[Block]:
     drops = [v["drop"] for v in variants if isinstance(v.get("drop"), dict)]
     confs = {d.get("confidence") for d in drops}
     ci_label = f"{_pct(next(iter(confs)))}% CI" if len(confs) == 1 else "CI"
-    headers = ["Variant", "Kind", "Top-1 %", "Top-5 %", f"Drop pt [{ci_label}]", "Disagreements"]
+    headers = [
+        "Variant",
+        "Kind",
+        "Top-1 %",
+        "Top-5 %",
+        f"Drop pt [{ci_label}]",
+        "Agreement %",
+        "Disagreements",
+    ]
     headers += [f"Speedup b{b}" for b in batches] or ["Speedup"]
     headers += ["Size MB", "Quantized ops", "Pareto"]
     rows = []
@@ -568,6 +630,7 @@ def _results_blocks(data: dict) -> list[Block]:
             _num(acc.get("top1")),
             _num(acc.get("top5")),
             "reference" if is_fp32 and drop is None else _drop_cell(drop),
+            "—" if is_fp32 and drop is None else _agreement_cell(drop),
             "—" if is_fp32 and drop is None else (str(drop.get("disagreements")) if drop else NOT_MEASURED),
         ]
         if not batches:
@@ -584,7 +647,11 @@ def _results_blocks(data: dict) -> list[Block]:
             ops_text = f"{ops.get('quantized')}/{ops.get('candidates')}"
         else:
             ops_text = "—" if is_fp32 else NOT_MEASURED
-        row += [_mb(v.get("size_bytes")), ops_text, "★" if v.get("pareto") else ""]
+        row += [
+            _mb(v.get("size_bytes")),
+            ops_text,
+            ("★" if v.get("pareto") else "") + ("◆" if v.get("pareto_agreement") else ""),
+        ]
         rows.append(row)
     blocks: list[Block] = [("h2", "Results"), ("table", headers, rows)]
     if drops:
@@ -594,8 +661,9 @@ def _results_blocks(data: dict) -> list[Block]:
                 "p",
                 f"Drop = FP32 top-1 − variant top-1 in percentage points (positive: INT8 lost accuracy), on "
                 f"the same {d.get('n')} images; interval: {_method_text(d)} at {_pct(d.get('confidence'))}% "
-                "confidence. Disagreements = images where the two models predicted different classes. "
-                "★ = on the accuracy/speed Pareto front.",
+                "confidence. Agreement = share of images where the variant predicts FP32's class; "
+                "Disagreements = images where the two models predicted different classes. "
+                "★ = on the top-1/speed Pareto front; ◆ = on the agreement/speed Pareto front.",
             )
         )
         significant = [
@@ -748,6 +816,13 @@ def _dataset_blocks(data: dict, key: str, title: str) -> list[Block]:
         items += [f"Images: {section.get('images', '?')}", f"Overlap with calibration images: {overlap}"]
         if _is_number(section.get("images_per_s")):
             items.append(f"Evaluation throughput: {_num(section['images_per_s'], 1)} images/s")
+        cluster = section.get("cluster")
+        if isinstance(cluster, dict):
+            nodes = cluster.get("nodes")
+            items.append(
+                f"Ran on: Ray cluster at {cluster.get('address', '?')}, {nodes} node{'s' if nodes != 1 else ''}, "
+                f"{_num(cluster.get('cpus'), 0)} CPUs, {cluster.get('actors', '?')} inference actors"
+            )
     items.append(f"Time: {_seconds(section.get('seconds'))}")
     blocks.append(("list", items))
     if (
@@ -828,6 +903,18 @@ def _tuning_blocks(data: dict) -> list[Block]:
             f"{tuning.get('chosen_step', '?')}, {len(tuning.get('fallback_nodes') or [])} node(s) kept in FP32.",
         )
     )
+    if tuning.get("pool_images"):
+        blocks.append(
+            (
+                "p",
+                f"Objective: fidelity to FP32 on {tuning.get('pool_images')} images (the tuning images and "
+                f"{tuning.get('holdout_calibration_images', 0)} held-back calibration images, no labels needed); "
+                "the images held out for validation were not used to choose. A step meets the goal when the "
+                "drop on the tuning images and the drop predicted from the agreement (disagreement rate × "
+                f"{_num(tuning.get('loss_per_disagreement'), 3)}, the net loss per disagreement at step 0) "
+                "are both within the goal.",
+            )
+        )
     rows = []
     for step in tuning.get("steps") or []:
         speed = step.get("speed_ratio_to_fp32") or {}
@@ -836,21 +923,26 @@ def _tuning_blocks(data: dict) -> list[Block]:
                 str(step.get("step")),
                 str(len(step.get("fallback_nodes") or [])),
                 str(step.get("added") or "—"),
+                _num(step.get("agreement_pct")),
+                _num(step.get("softmax_kl"), 4),
                 _num(step.get("top1")),
                 _num(step.get("drop_pt")),
+                _num(step.get("predicted_drop_pt")),
                 ", ".join(f"b{b}: {_num(r)}×" for b, r in speed.items()) or NOT_MEASURED,
                 str(step.get("error") or ""),
             ]
         )
     if rows:
-        headers = ["Step", "FP32 nodes", "Fell back", "Top-1 %", "Drop pt", "Speed vs FP32", "Error"]
+        headers = ["Step", "FP32 nodes", "Fell back", "Agreement %", "Softmax KL", "Top-1 %", "Drop pt"]
+        headers += ["Predicted drop pt", "Speed vs FP32", "Error"]
         blocks.append(("table", headers, rows))
     sensitivity = tuning.get("sensitivity") or []
     if sensitivity:
         worst = ", ".join(
-            f"{s.get('node')} ({_num(s.get('logits_sqnr_db'), 1)} dB)" for s in sensitivity[:10]
+            f"{s.get('node')} ({_num(s.get('added_noise_sqnr_db', s.get('logits_sqnr_db')), 1)} dB)"
+            for s in sensitivity[:10]
         )
-        blocks.append(("p", f"Most sensitive nodes (logits SQNR when quantized alone): {worst}."))
+        blocks.append(("p", f"Most sensitive nodes (SQNR of the noise each adds, one pass): {worst}."))
     notes = [str(n) for n in tuning.get("notes") or []]
     if notes:
         blocks.append(("list", notes))
@@ -902,6 +994,7 @@ def _document(data: dict) -> list[Block]:
         *_gate_blocks(data),
         *_run_blocks(data),
         *_results_blocks(data),
+        *_fidelity_blocks(data),
         ("h2", "Accuracy vs speed"),
         ("plot",),
         *_bench_blocks(data),

@@ -106,8 +106,20 @@ def accuracy_of(validation: Validation | None, index: int) -> dict | None:
     return {"top1": round(model.top1, 4), "top5": round(model.top5, 4), "images": validation.run.images}
 
 
+def _agreement_pct(v: dict) -> float | None:
+    """Top-1 agreement with FP32 of a variant: 100 for FP32 itself, from the drop's counts for INT8."""
+    if v["kind"] == "fp32":
+        return 100.0
+    drop = v.get("drop")
+    return drop.get("agreement_pct") if drop else None
+
+
 def mark_pareto(variants: list[dict]) -> None:
-    """Mark the variants on the accuracy/speed Pareto front (needs both figures; largest batch measured)."""
+    """Mark the variants on the accuracy/speed Pareto front (needs both figures; largest batch measured).
+
+    Two fronts: `pareto` on (speed, top-1) and `pareto_agreement` on (speed, top-1 agreement with FP32).
+    Top-1 on a small validation set moves by single images; agreement is the steadier signal of fidelity.
+    """
     measured = [v for v in variants if v["accuracy"] and v["bench"]]
     if not measured:
         return
@@ -116,6 +128,12 @@ def mark_pareto(variants: list[dict]) -> None:
     front = set(pareto_front(points))
     for i, v in enumerate(measured):
         v["pareto"] = i in front
+    agreed = [v for v in measured if _agreement_pct(v) is not None]
+    if len(agreed) > 1:
+        points = [(v["bench"][str(batch)]["ratio_to_fp32"], _agreement_pct(v)) for v in agreed]
+        front = set(pareto_front(points))
+        for i, v in enumerate(agreed):
+            v["pareto_agreement"] = i in front
 
 
 def build_report(

@@ -26,9 +26,9 @@ from typing import Protocol
 import numpy as np
 
 from calibration.errors import RqInputError
+from quantize.exits import ORT_LOG_SEVERITY, ort_reason
 
 OPENVINO_INSTALL = "pip install 'rq-quant[openvino]'"
-_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*")
 _INT8_OPS = {
     "QuantizeLinear",
     "DequantizeLinear",
@@ -40,9 +40,8 @@ _INT8_OPS = {
 
 
 def first_line(exc: BaseException) -> str:
-    """An exception's first non-empty line, without ORT's ``[ONNXRuntimeError] : N :`` prefix."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return _ORT_PREFIX.sub("", lines[0]) if lines else type(exc).__name__
+    """An exception's message on one plain line (ONNX Runtime's ``[ONNXRuntimeError] : N : CODE :`` dropped)."""
+    return ort_reason(exc)
 
 
 class Session(Protocol):
@@ -142,7 +141,7 @@ class OrtRuntime:
         # With spinning on, the thread pool of the session that just ran keeps busy-waiting while the next
         # one runs (interleaved benchmarks, several models evaluated batch by batch): off unless asked.
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
-        so.log_severity_level = 3
+        so.log_severity_level = ORT_LOG_SEVERITY
         try:
             sess = ort.InferenceSession(
                 str(path),
@@ -151,7 +150,7 @@ class OrtRuntime:
                 provider_options=self._provider_options(threads),
             )
         except Exception as exc:  # ORT raises its own pybind exception types
-            raise RqInputError(f"cannot load {path} in {self.label}: {first_line(exc)}") from None
+            raise RqInputError(f"cannot load {path} in {self.label}: {ort_reason(exc)}") from None
         inp, out = sess.get_inputs()[0], sess.get_outputs()[0]
         return OrtSession(
             session=sess,

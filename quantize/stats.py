@@ -24,6 +24,10 @@ Two interval methods are offered by :func:`paired_drop`:
     a resample is one multinomial draw of those counts, so 10 000 resamples cost milliseconds.
 
 :func:`pareto_front` picks the variants not dominated in (speedup, top-1).
+
+:func:`agreement` is the label-free side: the share of images where INT8 predicts FP32's class, with an exact
+interval; :func:`images_to_confirm` says roughly how many images a gate would need before the drop's
+interval can fall under it.
 """
 
 from __future__ import annotations
@@ -59,6 +63,13 @@ class PairedDrop:
     disagreements: int  # images where A and B predicted different classes (>= a_only + b_only)
     method: str  # "exact" or "bootstrap"
     significant: bool  # the interval excludes 0
+    # Top-1 agreement with A (FP32): share of images where both predicted the same class, percent. Derived
+    # from n and disagreements (the value passed in is ignored: it cannot disagree with the counts).
+    agreement_pct: float | None = None
+
+    def __post_init__(self) -> None:
+        value = 100.0 * (self.n - self.disagreements) / self.n if self.n else 0.0
+        object.__setattr__(self, "agreement_pct", value)
 
     def to_dict(self) -> dict:
         """JSON-friendly dict of all fields (plain Python numbers)."""
@@ -261,6 +272,129 @@ def paired_drop(
         method=method,
         significant=bool(low > 0.0 or high < 0.0),
     )
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Top-1 agreement of B with A (no labels needed): ``agreement_pct`` with an exact interval."""
+
+    n: int
+    disagreements: int
+    agreement_pct: float
+    ci_low_pct: float
+    ci_high_pct: float
+    confidence: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def agreement(predictions_a, predictions_b, *, confidence: float = 0.95) -> Agreement:
+    """Share of images where A and B predict the same class, with a Clopper–Pearson interval (percent).
+
+    Each image is a Bernoulli trial "B agrees with A"; the agreeing count is Binomial(n, p), so the exact
+    binomial interval of p applies directly (unlike the drop, no conditioning on discordant pairs is needed).
+    """
+    a = np.asarray(predictions_a)
+    b = np.asarray(predictions_b)
+    if a.ndim != 1 or b.ndim != 1:
+        raise RqInputError("predictions must be one-dimensional arrays of class indices")
+    if a.size != b.size:
+        raise RqInputError(f"predictions differ in length ({a.size} vs {b.size})")
+    if a.size == 0:
+        raise RqInputError("no predictions to compare")
+    _check_confidence(confidence)
+    n = int(a.size)
+    same = int(np.count_nonzero(a == b))
+    low, high = clopper_pearson(same, n, confidence)
+    return Agreement(
+        n=n,
+        disagreements=n - same,
+        agreement_pct=100.0 * same / n,
+        ci_low_pct=100.0 * low,
+        ci_high_pct=100.0 * high,
+        confidence=float(confidence),
+    )
+
+
+def _exact_upper_pt(a_only: int, b_only: int, n: int, confidence: float) -> float:
+    """Upper bound (pt) of the exact paired interval used by :func:`paired_drop` for these counts."""
+    m = a_only + b_only
+    if m == 0:
+        return 0.0
+    _, p_high = clopper_pearson(a_only, m, confidence)
+    return 100.0 * m / n * (2.0 * p_high - 1.0)
+
+
+def images_to_confirm(
+    a_only: int, b_only: int, n: int, max_drop_pt: float, *, confidence: float = 0.95
+) -> int | None:
+    """Roughly how many images it would take for the drop's upper bound to fall to ``max_drop_pt``.
+
+    Assumption: more images of the same kind show the same rates, i.e. the discordant counts grow in
+    proportion (``a_only · N/n`` and ``b_only · N/n``). Under that assumption the question has an answer
+    only when the observed drop is below the gate; otherwise (drop ≥ gate) no number of images confirms it
+    and None is returned. With no discordant image at all the interval is already [0, 0]: ``n`` is returned.
+
+    The formula: with d = (a_only + b_only)/n the discordance rate and δ = (a_only − b_only)/n the drop (as
+    fractions), the paired (McNemar) estimate of the drop has variance (d − δ²)/N on N images, so the upper
+    bound is about δ + z·√((d − δ²)/N). It reaches the gate G when
+
+        N ≈ z² · (d − δ²) / (G − δ)²
+
+    That normal approximation is the starting point; because rq's interval is the exact conditional
+    Clopper–Pearson one, the answer is then refined by searching the smallest N whose exact bound, with the
+    counts scaled to N, is within G (the exact bound is wider than the normal one when few images are
+    discordant, so N only grows). The result is rounded up to a multiple of 10: it is an order of size, not
+    a promise — the next images will not show exactly these rates.
+    """
+    a_only = _check_count(a_only, "a_only")
+    b_only = _check_count(b_only, "b_only")
+    n = _check_count(n, "n")
+    _check_confidence(confidence)
+    if n == 0 or a_only + b_only > n:
+        raise RqInputError(f"counts a_only={a_only}, b_only={b_only} do not fit n={n} images")
+    gate = float(max_drop_pt) / 100.0
+    d = (a_only + b_only) / n
+    delta = (a_only - b_only) / n
+    if a_only + b_only == 0:
+        return n
+    if delta >= gate:
+        return None
+    z = _normal_quantile(0.5 + confidence / 2.0)
+    normal = z * z * max(d - delta * delta, 0.0) / (gate - delta) ** 2
+
+    def fits(count: int) -> bool:
+        scale = count / n
+        return _exact_upper_pt(round(a_only * scale), round(b_only * scale), count, confidence) <= max_drop_pt
+
+    low = max(1, int(normal) // 2)
+    if fits(low):
+        return max(10, -(-low // 10) * 10)
+    high = max(low + 1, math.ceil(normal))
+    while not fits(high):
+        low, high = high, high * 2
+        if high > 10**9:
+            return None
+    while high - low > 1:
+        mid = (low + high) // 2
+        if fits(mid):
+            high = mid
+        else:
+            low = mid
+    return -(-high // 10) * 10
+
+
+def _normal_quantile(p: float) -> float:
+    """Standard normal quantile by bisection on math.erf (no scipy): z with Φ(z) = p."""
+    lo, hi = -10.0, 10.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if 0.5 * (1.0 + math.erf(mid / math.sqrt(2.0))) < p:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:

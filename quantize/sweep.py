@@ -10,10 +10,10 @@ together, interleaved, at the end, so that the machine's drift hits them all ali
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,7 +27,7 @@ from quantize.bench import BenchResult, bench_models
 from quantize.cpu import CpuInfo, advise_int8, detect_cpu
 from quantize.evaluate import evaluate
 from quantize.fetch import sha256_file
-from quantize.files import atomic_output, atomic_write_text
+from quantize.files import atomic_output, atomic_write_text, work_folder
 from quantize.ort_backend import QuantizedOps
 from quantize.pipeline import (
     CalibrationRun,
@@ -43,32 +43,78 @@ from quantize.recipe import QuantRecipe
 from quantize.stats import paired_drop
 from quantize.validate import count_overlap, validation_samples
 
+#: Conv/Gemm/MatMul only: the placement rq used before it decided from the graph (kept as the comparison).
+LEGACY_OP_TYPES = ("Conv", "Gemm", "MatMul")
+
 GRIDS: dict[str, dict[str, tuple]] = {
-    # The default grid answers the questions that matter most on a CPU: per-channel or not, 7-bit weights or
-    # not, and whether clipping outliers (percentile) beats the plain min/max range.
+    # The default grid answers the questions that decide INT8 accuracy on CNNs now: where the quantize nodes
+    # go (placement from the graph, `op_types=None`, against the legacy Conv/Gemm/MatMul list), whether the
+    # bias correction helps, and which range estimator suits a small calibration set. Values the installed
+    # recipe does not know are dropped (see `supported_axes`), so the grid never names an invalid recipe.
     "default": {
-        "format": ("qdq",),
-        "per_channel": (True, False),
-        "reduce_range": (False, True),
-        "calibration": ("minmax", "percentile"),
+        "op_types": (None, LEGACY_OP_TYPES),
+        "bias_correction": (True, False),
+        "calibration": ("percentile", "mean-minmax", "mse"),
     },
     "full": {
-        "format": ("qdq", "qoperator"),
+        "op_types": (None, LEGACY_OP_TYPES),
+        "bias_correction": (True, False),
         "per_channel": (True, False),
         "reduce_range": (False, True),
-        "calibration": ("minmax", "entropy", "percentile"),
+        "calibration": ("minmax", "entropy", "percentile", "mean-minmax", "mse"),
     },
     "calibration": {"calibration": ("minmax", "entropy", "percentile")},
+    # The range estimators only, at rq's default placement.
+    "ranges": {"calibration": ("minmax", "entropy", "percentile", "mean-minmax", "mse")},
+    # Weight format questions: per-channel scales and 7-bit weights (the grid rq's default used to be).
+    "weights": {"per_channel": (True, False), "reduce_range": (False, True)},
     # INC and ONNX Runtime side by side: same calibration images, same validation images, same recipe.
     "parity": {"backend": ("ort", "inc"), "calibration": ("minmax", "percentile")},
     "formats": {"format": ("qdq", "qoperator"), "per_channel": (True, False)},
 }
 
 
-def grid_recipes(name: str, base: QuantRecipe, cpu: CpuInfo) -> list[QuantRecipe]:
+def _accepts(base: QuantRecipe, name: str, value) -> bool:
+    """Whether the recipe class of `base` has field `name` and accepts `value` for it."""
+    if name not in {f.name for f in dataclasses.fields(base)}:
+        return False
+    changes = {name: value}
+    if name == "calibration" and value == "minmax":
+        changes["num_bins"] = None
+    try:
+        base.with_changes(**changes)
+    except (RqInputError, TypeError, ValueError):
+        return False
+    return True
+
+
+def supported_axes(name: str, base: QuantRecipe) -> dict[str, tuple]:
+    """The grid's axes restricted to fields and values this rq's recipe supports (an axis left with one value
+    or none is dropped: it would not vary). Raises for an unknown grid name."""
     if name not in GRIDS:
         raise RqInputError(f"unknown grid {name!r}; choose one of {', '.join(GRIDS)}")
-    axes = GRIDS[name]
+    axes = {}
+    for key, values in GRIDS[name].items():
+        kept = tuple(v for v in values if _accepts(base, key, v))
+        if len(kept) >= 2 or (kept and len(values) == 1):
+            axes[key] = kept
+    return axes
+
+
+def unsupported_values(name: str, base: QuantRecipe) -> str:
+    """The grid's axis values `supported_axes` leaves out, in words ("" when none)."""
+    if name not in GRIDS:
+        return ""
+    parts = []
+    for key, values in GRIDS[name].items():
+        missing = [v for v in values if not _accepts(base, key, v)]
+        if missing:
+            parts.append(f"{key} = {', '.join('graph placement' if v is None else str(v) for v in missing)}")
+    return "; ".join(parts)
+
+
+def grid_recipes(name: str, base: QuantRecipe, cpu: CpuInfo) -> list[QuantRecipe]:
+    axes = supported_axes(name, base)
     keys = list(axes)
     recipes = []
     for values in itertools.product(*(axes[k] for k in keys)):
@@ -81,6 +127,12 @@ def grid_recipes(name: str, base: QuantRecipe, cpu: CpuInfo) -> list[QuantRecipe
         if recipe not in recipes:
             recipes.append(recipe)
     return recipes
+
+
+def variant_name(recipe: QuantRecipe) -> str:
+    """`INT8 <label>`; the recipe's label names placement and bias correction when they differ from the
+    defaults (quantize.recipe), so the recipes of a grid have distinct names."""
+    return f"INT8 {recipe.label()}"
 
 
 @dataclass
@@ -134,7 +186,11 @@ def run_sweep(
     cpu: CpuInfo | None = None,
     log: Callable[[str], None] = lambda _msg: None,
     progress: Progress | None = None,
+    ray=None,
 ) -> SweepResult:
+    """`ray`: a `quantize.distributed.RayRunner`: every validation pass runs on the cluster through Ray Data
+    and each uncached recipe's quantization is a Ray task (submitted together after the calibrations, which
+    run once per calibration key here and are shared); finished recipes are cached as without Ray."""
     model = Path(model)
     base = base or QuantRecipe()
     spec = spec or PreprocessSpec()
@@ -162,8 +218,7 @@ def run_sweep(
     cache_dir = Path(report_dir) / ".sweep-cache" / hashlib.sha256(key_material.encode()).hexdigest()[:16]
     cache_dir.mkdir(parents=True, exist_ok=True)
 
-    with tempfile.TemporaryDirectory(prefix="rq-sweep-") as tmp:
-        workdir = Path(tmp)
+    with work_folder("rq-sweep-") as workdir:
         started = time.perf_counter()
         log("prepare")
         prepared = prepare_model(model, workdir)
@@ -181,7 +236,7 @@ def run_sweep(
         else:
             log("validate FP32")
             started = time.perf_counter()
-            run = evaluate([model], val_set, spec, batch_size=eval_batch, workers=workers)
+            run = evaluate([model], val_set, spec, batch_size=eval_batch, workers=workers, ray=ray)
             seconds["validate FP32"] = time.perf_counter() - started
             fp32_pred, fp32_top5, labels_arr = (
                 run.models[0].predictions,
@@ -191,8 +246,26 @@ def run_sweep(
             _save_npz(fp32_cache, predictions=fp32_pred, top5=fp32_top5, labels=labels_arr)
 
         calibrations: dict[tuple, CalibrationRun] = {}
+        calibration_seconds: dict[tuple, float] = {}
         entries: list[SweepEntry] = []
         calib_summary: dict = {}
+        jobs = None
+        if ray is not None:
+            from quantize.distributed import QuantizeJobs
+
+            jobs = QuantizeJobs(ray, prepared)
+            for recipe in recipes:
+                digest = recipe.digest()
+                if all((cache_dir / f"{digest}{ext}").is_file() for ext in (".onnx", ".json", ".npz")):
+                    continue
+                key = calibration_key(recipe)
+                if key not in calibrations:
+                    started = time.perf_counter()
+                    calibrations[key] = run_calibration(
+                        prepared, calib_dataset, recipe, spec, workdir, workers=workers, progress=progress
+                    )
+                    calibration_seconds[key] = time.perf_counter() - started
+                jobs.submit(digest, calibrations[key], recipe, spec)
         for index, recipe in enumerate(recipes, 1):
             digest = recipe.digest()
             onnx_path = cache_dir / f"{digest}.onnx"
@@ -207,11 +280,13 @@ def run_sweep(
                         recipe, onnx_path, summary["quantized_ops"], data["predictions"], data["top5"], True
                     )
                 )
-                log(f"[{index}/{len(recipes)}] {recipe.label()}: cached")
+                log(f"[{index}/{len(recipes)}] {variant_name(recipe)}: cached")
                 continue
-            log(f"[{index}/{len(recipes)}] {recipe.label()}")
+            log(f"[{index}/{len(recipes)}] {variant_name(recipe)}")
             timing: dict[str, float] = {}
             key = calibration_key(recipe)
+            if key in calibration_seconds:
+                timing["calibrate"] = calibration_seconds.pop(key)
             if key not in calibrations:
                 started = time.perf_counter()
                 calibrations[key] = run_calibration(
@@ -228,10 +303,13 @@ def run_sweep(
                 "seconds": round(calibration.seconds, 3),
             }
             started = time.perf_counter()
-            ops: QuantizedOps = quantize_prepared(prepared, calibration, recipe, spec, onnx_path, workdir)
-            timing["quantize"] = time.perf_counter() - started
+            if jobs is not None and digest in jobs:
+                ops, timing["quantize"] = jobs.collect(digest, onnx_path)
+            else:
+                ops: QuantizedOps = quantize_prepared(prepared, calibration, recipe, spec, onnx_path, workdir)
+                timing["quantize"] = time.perf_counter() - started
             started = time.perf_counter()
-            run = evaluate([onnx_path], val_set, spec, batch_size=eval_batch, workers=workers)
+            run = evaluate([onnx_path], val_set, spec, batch_size=eval_batch, workers=workers, ray=ray)
             timing["validate"] = time.perf_counter() - started
             if not np.array_equal(run.labels, labels_arr):
                 raise RqInputError(
@@ -270,7 +348,7 @@ def run_sweep(
         # None when every recipe came from the cache: nothing was validated (or timed) in this run.
         "images_per_s": round(validated_images / validate_seconds, 2) if validate_seconds else None,
         "seconds": round(validate_seconds, 3) if validate_seconds else None,
-    }
+    } | ({"cluster": ray.connect().to_dict()} if ray is not None else {})
     return SweepResult(
         model=model,
         cpu=cpu,
@@ -310,8 +388,13 @@ def sweep_report(result: SweepResult, command: list[str], grid: str) -> dict:
         drop = paired_drop(
             fp32_correct, correct, disagreements=int((entry.predictions != result.fp32_predictions).sum())
         )
+        name = variant_name(entry.recipe)
+        if any(
+            v["name"] == name for v in variants
+        ):  # labels that leave a varied field out: keep names unique
+            name = f"{name} ({entry.recipe.digest()[:6]})"
         item = variant(
-            f"INT8 {entry.recipe.label()}",
+            name,
             "int8",
             entry.model_path,
             recipe=entry.recipe,
@@ -327,6 +410,9 @@ def sweep_report(result: SweepResult, command: list[str], grid: str) -> dict:
         item["cached"] = entry.cached
         variants.append(item)
     notes = [f"grid {grid!r}: {len(result.entries)} recipes; cache {result.cache_dir}"]
+    dropped = unsupported_values(grid, result.entries[0].recipe if result.entries else QuantRecipe())
+    if dropped:
+        notes.append(f"left out of the grid (this rq's recipe does not support them): {dropped}")
     cached = sum(e.cached for e in result.entries)
     if cached:
         notes.append(f"{cached} recipe(s) reused from the cache of an earlier (interrupted) sweep")

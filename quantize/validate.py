@@ -10,7 +10,10 @@ from pathlib import Path
 from calibration import ImageDataset, PreprocessSpec, Sample, discover_dataset, select_samples
 from calibration.errors import RqInputError
 from quantize.evaluate import EvalRun, evaluate, require_labels
-from quantize.stats import PairedDrop, paired_drop
+from quantize.stats import PairedDrop, images_to_confirm, paired_drop
+
+#: What the gate compares with --max-drop: the measured drop, or the upper bound of its 95% interval.
+GATE_ON = ("point", "ci")
 
 
 @dataclass
@@ -41,12 +44,17 @@ class Validation:
             "seconds": round(self.run.seconds, 3),
             "batch_size": self.run.batch_size,
             "notes": list(self.dataset.notes) + list(self.run.notes),
-        }
+        } | ({"cluster": dict(self.run.cluster)} if self.run.cluster else {})
 
 
 @dataclass(frozen=True)
 class Gate:
     """The accuracy gate: INT8 may lose at most `max_drop_pt` top-1 points against FP32.
+
+    ``gate_on="point"`` (default) compares the measured drop with the limit; ``gate_on="ci"`` compares the
+    upper bound of its confidence interval, so a pass means these images *show* the drop is within the
+    limit. Either way, when the upper bound exceeds the limit the message says so in words, and roughly how
+    many images would confirm the goal (:func:`quantize.stats.images_to_confirm`).
 
     With tuning, the drop is measured on the images held out from tuning, and the gate also fails when the
     tuner found no configuration within the goal on its own images: the best model seen is still written,
@@ -59,18 +67,101 @@ class Gate:
     variant: str = "INT8"
     tuning_goal_met: bool | None = None  # None: no tuning
     tuning_best_drop_pt: float | None = None
+    gate_on: str = "point"
+    ci_high_pt: float | None = None  # upper bound of the drop's interval; None: not known
+    confidence: float = 0.95
+    images: int | None = None
+    images_needed: int | None = None  # images that would confirm the goal; None: none would (or not known)
+
+    def __post_init__(self) -> None:
+        if self.gate_on not in GATE_ON:
+            raise RqInputError(f"--gate-on must be one of {', '.join(GATE_ON)}, not {self.gate_on!r}")
+        if self.gate_on == "ci" and self.ci_high_pt is None:
+            raise RqInputError("--gate-on ci needs the drop's confidence interval")
+
+    @classmethod
+    def from_drop(
+        cls,
+        max_drop_pt: float,
+        drop: PairedDrop,
+        exit_code: int,
+        variant: str = "INT8",
+        *,
+        gate_on: str = "point",
+        tuning_goal_met: bool | None = None,
+        tuning_best_drop_pt: float | None = None,
+    ) -> Gate:
+        """The gate for a measured paired drop (point estimate, interval and counts from `drop`)."""
+        needed = None
+        if drop.ci_high_pt > max_drop_pt:
+            needed = images_to_confirm(
+                drop.a_only, drop.b_only, drop.n, max_drop_pt, confidence=drop.confidence
+            )
+        return cls(
+            max_drop_pt,
+            drop.drop_pt,
+            exit_code,
+            variant,
+            tuning_goal_met=tuning_goal_met,
+            tuning_best_drop_pt=tuning_best_drop_pt,
+            gate_on=gate_on,
+            ci_high_pt=drop.ci_high_pt,
+            confidence=drop.confidence,
+            images=drop.n,
+            images_needed=needed,
+        )
+
+    @property
+    def gated_value(self) -> float:
+        return self.ci_high_pt if self.gate_on == "ci" and self.ci_high_pt is not None else self.drop_pt
+
+    @property
+    def confirmed(self) -> bool | None:
+        """Whether the interval's upper bound is within the limit (None when the interval is not known)."""
+        return None if self.ci_high_pt is None else self.ci_high_pt <= self.max_drop_pt
 
     @property
     def passed(self) -> bool:
-        return self.drop_pt <= self.max_drop_pt and self.tuning_goal_met is not False
+        return self.gated_value <= self.max_drop_pt and self.tuning_goal_met is not False
+
+    def _caveat(self) -> str:
+        """The words for an interval reaching past the limit: these images cannot confirm the goal."""
+        if self.confirmed is not False or self.drop_pt > self.max_drop_pt:
+            return ""  # confirmed, or plainly missed: nothing for more images to settle
+        pct = f"{100 * self.confidence:g}%"
+        on = f"these {self.images} images" if self.images else "these images"
+        text = f"the {pct} interval reaches {self.ci_high_pt:.2f} pt, so {on} cannot confirm the goal"
+        if self.images_needed is not None:
+            text += f"; about {self.images_needed} images would, at the disagreement rate seen here"
+        if self.gate_on == "point":
+            text += " (--gate-on ci gates on the upper bound)"
+        return text
 
     @property
     def message(self) -> str:
+        caveat = self._caveat()
+        tail = f"; {caveat}" if caveat else ""
         if self.passed:
-            return f"PASSED: INT8 top-1 drop {self.drop_pt:.2f} pt ≤ {self.max_drop_pt:.2f} pt"
-        if self.drop_pt > self.max_drop_pt:
+            if self.gate_on == "ci":
+                return (
+                    f"PASSED: the {100 * self.confidence:g}% interval of the INT8 top-1 drop reaches "
+                    f"{self.ci_high_pt:.2f} pt ≤ {self.max_drop_pt:.2f} pt (drop {self.drop_pt:.2f} pt)"
+                )
+            return f"PASSED: INT8 top-1 drop {self.drop_pt:.2f} pt ≤ {self.max_drop_pt:.2f} pt{tail}"
+        if self.gated_value > self.max_drop_pt:
+            if self.gate_on == "ci" and not caveat:
+                return (
+                    f"FAILED (--gate-on ci): INT8 top-1 drop {self.drop_pt:.2f} pt and the upper bound of its "
+                    f"{100 * self.confidence:g}% interval {self.ci_high_pt:.2f} pt both exceed "
+                    f"{self.max_drop_pt:.2f} pt (exit code {self.exit_code})"
+                )
+            if self.gate_on == "ci":
+                return (
+                    f"FAILED (--gate-on ci): INT8 top-1 drop {self.drop_pt:.2f} pt; {caveat} "
+                    f"(limit {self.max_drop_pt:.2f} pt; exit code {self.exit_code})"
+                )
             return (
-                f"FAILED: INT8 top-1 drop {self.drop_pt:.2f} pt > {self.max_drop_pt:.2f} pt "
+                f"FAILED: INT8 top-1 drop {self.drop_pt:.2f} pt > {self.max_drop_pt:.2f} pt{tail} "
                 f"(exit code {self.exit_code})"
             )
         best = "" if self.tuning_best_drop_pt is None else f" (best {self.tuning_best_drop_pt:.2f} pt)"
@@ -84,6 +175,11 @@ class Gate:
             "variant": self.variant,
             "max_drop_pt": self.max_drop_pt,
             "drop_pt": round(self.drop_pt, 4),
+            "gate_on": self.gate_on,
+            "ci_high_pt": None if self.ci_high_pt is None else round(self.ci_high_pt, 4),
+            "confirmed": self.confirmed,
+            "images": self.images,
+            "images_to_confirm": self.images_needed,
             "tuning_goal_met": self.tuning_goal_met,
             "passed": self.passed,
             "exit_code": 0 if self.passed else self.exit_code,
@@ -127,6 +223,7 @@ def validate(
     calibration_files: Sequence[Path] = (),
     workers: int | None = None,
     on_images: Callable[[int], None] | None = None,
+    ray=None,
     runtime: str = "ort",
 ) -> Validation:
     """Evaluate FP32 and INT8 on `samples` in one pass (see `validation_samples`) and compare them pair-wise,
@@ -138,6 +235,7 @@ def validate(
         batch_size=batch_size,
         workers=workers,
         on_images=on_images,
+        ray=ray,
         runtime=runtime,
     )
     a, b = run.models

@@ -23,7 +23,7 @@ from quantize.cli import app
 from quantize.recipe import QuantRecipe
 from quantize.report import validate_report
 from quantize.stats import pareto_front
-from quantize.sweep import GRIDS, grid_recipes, run_sweep, sweep_report
+from quantize.sweep import GRIDS, grid_recipes, run_sweep, sweep_report, variant_name
 
 SWEEP = ["--grid", "calibration", "--bench-batch", "1", "--bench-runs", "1", "--resize", "36", "--crop", "32"]
 SWEEP += ["--samples", "8", "--workers", "2"]
@@ -101,7 +101,7 @@ def test_sweep_report_has_fp32_and_one_row_per_recipe(first_sweep):
     names = [v["name"] for v in data["variants"]]
     recipes = grid_recipes("calibration", BASE, x86_cpu("avx2"))
     assert len(recipes) == 3 == len(GRIDS["calibration"]["calibration"])
-    assert names == ["FP32"] + [f"INT8 {r.label()}" for r in recipes]
+    assert names == ["FP32"] + [variant_name(r) for r in recipes]
     assert [v["kind"] for v in data["variants"]] == ["fp32", "int8", "int8", "int8"]
     assert sorted(v["recipe"]["calibration"] for v in data["variants"][1:]) == [
         "entropy",

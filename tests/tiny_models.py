@@ -231,6 +231,79 @@ def bad_output_rank(path: Path | str) -> Path:
     return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), path)
 
 
+def conv_channel_mismatch(path: Path | str) -> Path:
+    """`tiny_cnn` whose first Conv weight expects 4 input channels while the image has 3.
+
+    The file passes ``onnx.checker`` but ONNX Runtime cannot run it (the Conv's channel count does not match):
+    an FP32 model that is broken, i.e. bad input. Its head has 1000 classes, so every rq command gets as far
+    as running it.
+    """
+    w = _Weights(5)
+    c1w, c1b = w.conv("conv1", 8, 4)
+    fcw, fcb = w.gemm("fc", 1000, 8)
+    nodes = [
+        helper.make_node("Conv", ["input", c1w, c1b], ["conv1_out"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv1_out"], ["relu1_out"], name="relu1"),
+        helper.make_node("GlobalAveragePool", ["relu1_out"], ["gap_out"], name="gap"),
+        helper.make_node("Flatten", ["gap_out"], ["flat_out"], name="flatten", axis=1),
+        helper.make_node("Gemm", ["flat_out", fcw, fcb], ["logits"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv_channel_mismatch",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, HW, HW])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1000])],
+        initializer=w.initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    onnx.checker.check_model(model)
+    return _save(model, path)
+
+
+def gemm_feature_mismatch(path: Path | str) -> Path:
+    """`tiny_cnn` whose classifier Gemm takes 24 features while the pooled tensor has 16.
+
+    ORT's symbolic shape inference cannot complete on it (and, left alone, saves scratch files into the
+    current directory); ONNX Runtime cannot run it either.
+    """
+    w = _Weights(6)
+    c1w, c1b = w.conv("conv1", 16, 3)
+    fcw, fcb = w.gemm("fc", CLASSES, 24)
+    nodes = [
+        helper.make_node("Conv", ["input", c1w, c1b], ["conv1_out"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv1_out"], ["relu1_out"], name="relu1"),
+        helper.make_node("GlobalAveragePool", ["relu1_out"], ["gap_out"], name="gap"),
+        helper.make_node("Flatten", ["gap_out"], ["flat_out"], name="flatten", axis=1),
+        helper.make_node("Gemm", ["flat_out", fcw, fcb], ["logits"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "gemm_feature_mismatch",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, HW, HW])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])],
+        initializer=w.initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    onnx.checker.check_model(model)
+    return _save(model, path)
+
+
+def tiny_imagenet_cnn(path: Path | str, seed: int = 0) -> Path:
+    """`tiny_cnn` with a 1000-class head (``[N, 1000]`` logits), so that rq can validate it on ImageNet folders."""
+    model = onnx.load(str(tiny_cnn(path, seed=seed)))
+    rng = np.random.default_rng(seed + 1)
+    for init in model.graph.initializer:
+        if init.name == "fc_W":
+            init.CopyFrom(
+                numpy_helper.from_array((rng.standard_normal((1000, 16)) * 0.25).astype(np.float32), "fc_W")
+            )
+        elif init.name == "fc_B":
+            init.CopyFrom(numpy_helper.from_array(np.zeros(1000, np.float32), "fc_B"))
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 1000
+    onnx.checker.check_model(model)
+    return _save(model, path)
+
+
 def random_inputs(n: int, seed: int = 0) -> np.ndarray:
     """Inputs that look like normalised images: ``[n, 3, 32, 32]`` float32, roughly N(0, 1)."""
     return np.random.default_rng(seed).standard_normal((n, 3, HW, HW)).astype(np.float32)
@@ -241,10 +314,13 @@ __all__ = [
     "HW",
     "SMALL_SPEC",
     "bad_output_rank",
+    "conv_channel_mismatch",
     "fixed_batch1",
+    "gemm_feature_mismatch",
     "non4d_input",
     "random_inputs",
     "tiny_cnn",
+    "tiny_imagenet_cnn",
     "two_inputs",
     "v2_shaped_opset7",
 ]
