@@ -259,3 +259,8 @@ def test_quantize_validates_and_benches_in_every_runtime(cli, fake_runtimes, tmp
     assert by_name["FP32 · reference"]["bench"]["1"]["ratio_to_fp32"] == 1.0
     html = (run / "report.html").read_text()
     assert "vs ORT FP32" in html and "reference" in html
+
+
+def test_ray_with_another_runtime_is_one_line_exit_2(cli, fake_runtimes, tiny_pair, tmp_path):
+    result = cli("eval", tiny_pair[0], "--data", tmp_path, "--runtime", "reference", "--ray", "local")
+    assert_one_line_error(result, "--ray runs models in onnxruntime only")
