@@ -26,7 +26,7 @@ from rich.table import Table
 
 from calibration import PRESETS, PreprocessSpec, preset
 from calibration.errors import RqInputError
-from quantize.recipe import CALIBRATION_METHODS, DEFAULT_OP_TYPES, FORMATS, INT8_TYPES, QuantRecipe
+from quantize.recipe import CALIBRATION_METHODS, FORMATS, INT8_TYPES, QuantRecipe
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -55,7 +55,8 @@ def user_errors():
         raise
     except RqInputError as exc:
         err.print(f"[bold red]rq: error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
+        # NothingToQuantize carries exit code 3: the input is valid, but no INT8 model can come of it.
+        raise typer.Exit(getattr(exc, "exit_code", EXIT_BAD_INPUT)) from None
     except KeyboardInterrupt:
         # Outputs are written through temporary files: nothing is half-written, but files finished before
         # the interrupt (an INT8 model before its validation, sweep cache entries) are kept.
@@ -248,7 +249,10 @@ def quantize(
     activation_type: Annotated[str | None, typer.Option(help=f"{' | '.join(INT8_TYPES)} (uint8).")] = None,
     weight_type: Annotated[str | None, typer.Option(help=f"{' | '.join(INT8_TYPES)} (int8).")] = None,
     op_types: Annotated[
-        str | None, typer.Option(help=f"Comma-separated op types to quantize ({','.join(DEFAULT_OP_TYPES)}).")
+        str | None, typer.Option(
+            help="Comma-separated op types to quantize (default: placement decided from the graph, "
+            "see docs/placement.md)."
+        )
     ] = None,
     exclude_nodes: Annotated[
         str | None, typer.Option(help="Comma-separated node names to keep in FP32.")

@@ -26,6 +26,7 @@ from quantize.calibrate import CalibrationRanges, calibrate
 from quantize.cpu import CpuInfo, IntegerKernelAdvice, advise_int8, detect_cpu
 from quantize.evaluate import evaluate
 from quantize.ort_backend import QuantizedOps, count_quantized, quantize_with_ort
+from quantize.placement import place, require_something
 from quantize.prepare import ModelError, PreparedModel, atomic_save, load_model, prepare_model
 from quantize.recipe import METADATA_KEY, QuantRecipe
 from quantize.tune import TuneReport, TuneRequest, TuneStep, tune_fallback
@@ -197,11 +198,7 @@ def check_recipe_matches(prepared: PreparedModel, recipe: QuantRecipe) -> None:
     unknown = [n for n in recipe.exclude_nodes if n not in names]
     if unknown:
         raise RqInputError(f"--exclude-nodes names node(s) the model does not have: {', '.join(unknown[:5])}")
-    if not any(n.op_type in recipe.op_types and n.name not in recipe.exclude_nodes for n in model.graph.node):
-        present = sorted({n.op_type for n in model.graph.node})
-        raise RqInputError(
-            f"no node of type {', '.join(recipe.op_types)} left to quantize; the model has: {', '.join(present)}"
-        )
+    require_something(model, place(model, recipe), recipe)
 
 
 @dataclass
@@ -348,6 +345,8 @@ def publish_int8(
     spec: PreprocessSpec,
     scratch: Path,
     output: Path,
+    *,
+    tuning_fallback: tuple[str, ...] = (),
 ) -> QuantizedOps:
     """Stamp the recipe and spec, check (onnx.checker + a real inference), publish atomically at `output`."""
     int8 = load_model(scratch)
@@ -358,11 +357,11 @@ def publish_int8(
         raise QuantizationFailed(
             f"the quantized model fails onnx.checker: {str(exc).splitlines()[0]}"
         ) from None
-    ops = count_quantized(load_model(prepared.path), int8, recipe.op_types)
+    ops = count_quantized(load_model(prepared.path), int8, recipe, tuning_fallback=tuning_fallback)
     if ops.quantized == 0:
         raise QuantizationFailed(
-            f"nothing was quantized: none of the {ops.candidates} {'/'.join(recipe.op_types)} node(s) of the "
-            "model was converted (check --op-types and --exclude-nodes)"
+            f"nothing was quantized: none of the {ops.candidates} candidate node(s) of the model was converted "
+            "(check --op-types and --exclude-nodes)"
         )
     onnx.save_model(int8, str(scratch))
     _smoke_test(scratch, prepared.signature.input_name, calibration.smoke_sample, prepared.path)
@@ -378,11 +377,16 @@ def quantize_prepared(
     spec: PreprocessSpec,
     output: Path,
     workdir: Path,
+    *,
+    tuning_fallback: tuple[str, ...] = (),
 ) -> QuantizedOps:
-    """Quantize a prepared model with the recipe's backend, check the result, publish it atomically at `output`."""
+    """Quantize a prepared model with the recipe's backend, check the result, publish it atomically at `output`.
+
+    `tuning_fallback`: the recipe's excluded nodes that tuning (not the user) chose, for the FP32 reasons.
+    """
     scratch = workdir / f"int8-{recipe.digest()}.onnx"
     produce_int8(prepared, calibration, recipe, spec, scratch, workdir)
-    return publish_int8(prepared, calibration, recipe, spec, scratch, output)
+    return publish_int8(prepared, calibration, recipe, spec, scratch, output, tuning_fallback=tuning_fallback)
 
 
 def _inc_tune_report(outcome, tune: TuneRequest) -> TuneReport:
@@ -476,6 +480,7 @@ def quantize_model(
         )
         seconds["calibrate"] = calibration.seconds
         tuning = None
+        user_excluded = recipe.exclude_nodes
         if tune is not None and recipe.backend == "inc":
             stage("tune")
             started = time.perf_counter()
@@ -497,7 +502,15 @@ def quantize_model(
             recipe = recipe.with_changes(exclude_nodes=recipe.exclude_nodes + tuple(outcome.fallback_nodes))
             seconds["tune"] = time.perf_counter() - started
             stage("quantize")
-            ops = publish_int8(prepared, calibration, recipe, spec, scratch, output)
+            ops = publish_int8(
+                prepared,
+                calibration,
+                recipe,
+                spec,
+                scratch,
+                output,
+                tuning_fallback=tuple(n for n in recipe.exclude_nodes if n not in user_excluded),
+            )
         elif tune is not None:
             stage("tune")
             recipe, tuning = tune_fallback(
@@ -517,7 +530,10 @@ def quantize_model(
         if tuning is None or tuning.backend != "inc":
             stage("quantize")
             started = time.perf_counter()
-            ops = quantize_prepared(prepared, calibration, recipe, spec, output, workdir)
+            fallback = tuple(n for n in recipe.exclude_nodes if n not in user_excluded) if tuning else ()
+            ops = quantize_prepared(
+                prepared, calibration, recipe, spec, output, workdir, tuning_fallback=fallback
+            )
             seconds["quantize"] = time.perf_counter() - started
 
     return QuantizeResult(

@@ -129,12 +129,12 @@ def _logits(path: Path, input_name: str, images: np.ndarray) -> np.ndarray:
 def candidate_nodes(prepared_path: Path, recipe: QuantRecipe) -> list[str]:
     from quantize.prepare import load_model
 
+    from quantize.placement import FOLDED_ACTIVATIONS, place
+
     model = load_model(prepared_path, load_weights=False)
-    return [
-        n.name
-        for n in model.graph.node
-        if n.op_type in recipe.op_types and n.name not in recipe.exclude_nodes
-    ]
+    types = {n.name: n.op_type for n in model.graph.node}
+    # Activations folded into a quantize range are not candidates of their own: they go with their producer.
+    return [name for name in place(model, recipe).nodes if types[name] not in FOLDED_ACTIVATIONS]
 
 
 def sensitivity_ranking(
