@@ -185,6 +185,8 @@ def _summary_table(result) -> Table:
         + (f" ({r.bins} bins)" if r.bins else ""),
     )
     table.add_row("ops quantized", result.quantized_ops.describe())
+    if result.bias_correction is not None:
+        table.add_row("bias correction", result.bias_correction.describe())
     if result.tuning is not None:
         t = result.tuning
         steps = "; ".join(
@@ -239,6 +241,13 @@ def quantize(
     per_channel: Annotated[
         bool | None, typer.Option("--per-channel/--per-tensor", help="Per-channel weight scales (on).")
     ] = None,
+    bias_correction: Annotated[
+        bool | None,
+        typer.Option(
+            "--bias-correction/--no-bias-correction",
+            help="Fold INT8's mean output shift of each Conv/Gemm channel into its bias (see docs/placement.md).",
+        ),
+    ] = None,
     reduce_range: Annotated[
         bool | None,
         typer.Option(
@@ -249,10 +258,11 @@ def quantize(
     activation_type: Annotated[str | None, typer.Option(help=f"{' | '.join(INT8_TYPES)} (uint8).")] = None,
     weight_type: Annotated[str | None, typer.Option(help=f"{' | '.join(INT8_TYPES)} (int8).")] = None,
     op_types: Annotated[
-        str | None, typer.Option(
+        str | None,
+        typer.Option(
             help="Comma-separated op types to quantize (default: placement decided from the graph, "
             "see docs/placement.md)."
-        )
+        ),
     ] = None,
     exclude_nodes: Annotated[
         str | None, typer.Option(help="Comma-separated node names to keep in FP32.")
@@ -330,6 +340,7 @@ def quantize(
             weight_type=weight_type,
             per_channel=per_channel,
             reduce_range=reduce_range,
+            bias_correction=bias_correction,
             calibration=calibration,
             percentile=percentile,
             num_bins=bins,

@@ -22,13 +22,14 @@ import onnxruntime as ort
 from calibration import BatchStream, ImageDataset, PreprocessSpec, Sample, discover_dataset, select_samples
 from calibration.errors import RqInputError
 from quantize import __version__
+from quantize.bias_correction import BiasCorrectionReport, correct_biases
 from quantize.calibrate import CalibrationRanges, calibrate
 from quantize.cpu import CpuInfo, IntegerKernelAdvice, advise_int8, detect_cpu
 from quantize.evaluate import evaluate
 from quantize.ort_backend import QuantizedOps, count_quantized, quantize_with_ort
 from quantize.placement import place, require_something
 from quantize.prepare import ModelError, PreparedModel, atomic_save, load_model, prepare_model
-from quantize.recipe import METADATA_KEY, QuantRecipe
+from quantize.recipe import LEGACY_OP_TYPES, METADATA_KEY, QuantRecipe
 from quantize.tune import TuneReport, TuneRequest, TuneStep, tune_fallback
 
 PREPROCESS_METADATA_KEY = "rq.preprocess"
@@ -68,6 +69,7 @@ class QuantizeResult:
     int8_bytes: int
     seconds: dict[str, float] = field(default_factory=dict)
     tuning: TuneReport | None = None
+    bias_correction: BiasCorrectionReport | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -96,6 +98,7 @@ class QuantizeResult:
             "size_bytes": {"fp32": self.fp32_bytes, "int8": self.int8_bytes},
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "tuning": self.tuning.to_dict() if self.tuning else None,
+            "bias_correction": self.bias_correction.to_dict() if self.bias_correction else None,
         }
 
 
@@ -212,6 +215,7 @@ class CalibrationRun:
     skipped: list[tuple[Path, str]]
     smoke_sample: np.ndarray  # a couple of real images, to check the INT8 model runs
     seconds: float
+    bias_correction: BiasCorrectionReport | None = None  # of the last model quantized with these ranges
 
     def files(self) -> list[Path]:
         return [s.path for s in self.samples]
@@ -335,7 +339,30 @@ def produce_int8(
     except Exception as exc:
         reason = str(exc).splitlines()[0] if str(exc) else ""
         raise QuantizationFailed(f"onnxruntime's quantizer failed: {type(exc).__name__}: {reason}") from None
+    if recipe.bias_correction:
+        calibration.bias_correction = _correct_biases(prepared, calibration, recipe, spec, scratch)
     return None
+
+
+def _correct_biases(
+    prepared: PreparedModel,
+    calibration: CalibrationRun,
+    recipe: QuantRecipe,
+    spec: PreprocessSpec,
+    scratch: Path,
+) -> BiasCorrectionReport:
+    """Fold INT8's mean output shift of each Conv/Gemm channel into its bias, on the calibration images."""
+    batch = prepared.signature.fixed_batch or recipe.batch_size
+
+    def batches():
+        with BatchStream(calibration.samples, spec, batch_size=batch) as stream:
+            for item in stream:
+                yield _padded(item.images, batch) if prepared.signature.fixed_batch else item.images
+
+    int8 = load_model(scratch)
+    report = correct_biases(load_model(prepared.path), int8, prepared.signature.input_name, batches())
+    onnx.save_model(int8, str(scratch))
+    return report
 
 
 def publish_int8(
@@ -460,6 +487,9 @@ def quantize_model(
     if output.resolve() == model.resolve():
         raise RqInputError("output path is the input model; choose another --out")
     recipe, advice, rr_source = resolve_recipe(recipe, cpu)
+    if recipe.backend == "inc" and recipe.op_types is None:
+        # Placement from the graph is an ort-backend feature; INC gets the op types it always had.
+        recipe = recipe.with_changes(op_types=LEGACY_OP_TYPES)
     dataset = discover_dataset(calib, labels)  # before the slow stages: a bad folder fails at once
     seconds: dict[str, float] = {}
 
@@ -554,6 +584,7 @@ def quantize_model(
         int8_bytes=output.stat().st_size,
         seconds=seconds,
         tuning=tuning,
+        bias_correction=calibration.bias_correction,
     )
 
 

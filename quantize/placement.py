@@ -36,7 +36,9 @@ FOLDED_ACTIVATIONS = ("Relu", "Clip")  # removed by ORT's QDQ quantizer, their r
 INTEGER_ACTIVATIONS = ("LeakyRelu", "Sigmoid")
 POOLING = ("GlobalAveragePool", "AveragePool", "MaxPool")
 CARRY_THROUGH = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze")
-PLACEMENT_OP_TYPES = ANCHORS + FOLDED_ACTIVATIONS + INTEGER_ACTIVATIONS + ("Add", "Concat") + POOLING + CARRY_THROUGH
+PLACEMENT_OP_TYPES = (
+    ANCHORS + FOLDED_ACTIVATIONS + INTEGER_ACTIVATIONS + ("Add", "Concat") + POOLING + CARRY_THROUGH
+)
 
 
 def calibration_op_types(recipe: QuantRecipe) -> tuple[str, ...]:
@@ -122,7 +124,11 @@ def place(model: onnx.ModelProto, recipe: QuantRecipe) -> Placement:
             ok, reason = fed, "its input comes from a node left in FP32"
         elif node.op_type == "Add":
             inputs = activations(node)
-            ok = len(inputs) == 2 and all(i in floats for i in inputs) and any(i in quantized_tensors for i in inputs)
+            ok = (
+                len(inputs) == 2
+                and all(i in floats for i in inputs)
+                and any(i in quantized_tensors for i in inputs)
+            )
             reason = "not a residual Add of two quantized activations"
         else:  # Concat
             inputs = activations(node)

@@ -127,9 +127,8 @@ def _logits(path: Path, input_name: str, images: np.ndarray) -> np.ndarray:
 
 
 def candidate_nodes(prepared_path: Path, recipe: QuantRecipe) -> list[str]:
-    from quantize.prepare import load_model
-
     from quantize.placement import FOLDED_ACTIVATIONS, place
+    from quantize.prepare import load_model
 
     model = load_model(prepared_path, load_weights=False)
     types = {n.name: n.op_type for n in model.graph.node}
