@@ -176,16 +176,17 @@ def _layer_output_mean(node: onnx.NodeProto, x: np.ndarray, weight: np.ndarray) 
         ],
         "mean",
         [
-            helper.make_tensor_value_info("x", TensorProto.DOUBLE, [1, *x.shape]),
-            helper.make_tensor_value_info("w", TensorProto.DOUBLE, list(weight.shape)),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, *x.shape]),
+            helper.make_tensor_value_info("w", TensorProto.FLOAT, list(weight.shape)),
         ],
-        [helper.make_tensor_value_info("y", TensorProto.DOUBLE, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
     )
     conv = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     conv.ir_version = 7
     session = ort.InferenceSession(conv.SerializeToString(), providers=["CPUExecutionProvider"])
-    y = session.run(None, {"x": x[None].astype(np.float64), "w": weight.astype(np.float64)})[0]
-    return y[0].reshape(y.shape[1], -1).mean(axis=1)
+    # ORT's CPU Conv is float32 only; the means are accumulated in float64 before and after.
+    y = session.run(None, {"x": x[None].astype(np.float32), "w": weight.astype(np.float32)})[0]
+    return y[0].reshape(y.shape[1], -1).astype(np.float64).mean(axis=1)
 
 
 def _apply(int8: onnx.ModelProto, layer: _Layer, shift: np.ndarray, report: BiasCorrectionReport) -> None:
