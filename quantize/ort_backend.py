@@ -14,7 +14,7 @@ import onnx
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.calibrate import save_tensors_data
 
-from quantize.calibrate import ORT_METHODS, CalibrationRanges
+from quantize.calibrate import CalibrationRanges
 from quantize.placement import FOLDED_ACTIVATIONS, PLACEMENT_OP_TYPES, place, require_something
 from quantize.prepare import _quiet, load_model
 from quantize.recipe import QuantRecipe
@@ -185,7 +185,8 @@ def quantize_with_ort(
             activation_type=QUANT_TYPES[recipe.activation_type],
             weight_type=QUANT_TYPES[recipe.weight_type],
             nodes_to_exclude=list(recipe.exclude_nodes),
-            calibrate_method=ORT_METHODS[recipe.calibration],
+            # The method the cached ranges were computed with (mse/mean-minmax store min/max ranges).
+            calibrate_method=ranges.tensors.calibration_method,
             calibration_cache_path=str(cache),
             extra_options={
                 # Asymmetric uint8 activations suit ReLU nets; weights stay symmetric (zero point 0), which
