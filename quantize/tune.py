@@ -127,13 +127,13 @@ def _logits(path: Path, input_name: str, images: np.ndarray) -> np.ndarray:
 
 
 def candidate_nodes(prepared_path: Path, recipe: QuantRecipe) -> list[str]:
-    from quantize.placement import FOLDED_ACTIVATIONS, place
+    from quantize.placement import ANCHORS, place
     from quantize.prepare import load_model
 
     model = load_model(prepared_path, load_weights=False)
     types = {n.name: n.op_type for n in model.graph.node}
-    # Activations folded into a quantize range are not candidates of their own: they go with their producer.
-    return [name for name in place(model, recipe).nodes if types[name] not in FOLDED_ACTIVATIONS]
+    # The compute nodes: an activation, pooling or reshape placed after one goes back to FP32 with it.
+    return [name for name in place(model, recipe).nodes if types[name] in ANCHORS]
 
 
 def sensitivity_ranking(

@@ -73,7 +73,11 @@ def test_quantize_model_end_to_end(which, request, calib_dir, tmp_path, avx2_cpu
     assert result.images_used == 16 and result.skipped == []
     assert result.calibration_dataset.layout == "wnid-folders"
     assert len(result.calibration_files) == 16
-    assert result.quantized_ops.quantized == result.quantized_ops.candidates > 0
+    ops = result.quantized_ops
+    # Every candidate is quantized, or listed as FP32 with the placement's reason (none by the user).
+    assert ops.quantized + len(ops.fp32) == ops.candidates > 0
+    assert ops.by_type["Conv"][0] == ops.by_type["Conv"][1] and ops.by_type["Gemm"] == [1, 1]
+    assert all(reason != "excluded by the user" for _t, reason in ops.fp32.values())
     assert result.fp32_bytes == model.stat().st_size and result.int8_bytes == output.stat().st_size
     assert set(result.seconds) == {"prepare", "calibrate", "quantize"}
 
@@ -97,7 +101,15 @@ def test_v2_model_is_upgraded_on_the_way(v2_model, calib_dir, tmp_path, avx2_cpu
     result = quantize(v2_model, calib_dir, tmp_path / "v2-int8.onnx", cpu=avx2_cpu)
     steps = " | ".join(result.prepared.steps)
     assert "opset 7 → 13" in steps
-    assert result.quantized_ops.by_type == {"Conv": [5, 5], "Gemm": [1, 1]}
+    by_type = result.quantized_ops.by_type
+    assert by_type["Conv"] == [5, 5] and by_type["Gemm"] == [1, 1]
+    # The residual Adds of two quantized convs are quantized; the pooling after the last (FP32) pre-activation
+    # BatchNormalization → Relu stays FP32, with its reason.
+    assert by_type["Add"] == [2, 2]
+    assert result.quantized_ops.fp32["gap"] == [
+        "GlobalAveragePool",
+        "its input comes from a node left in FP32",
+    ]
     assert onnx.load(str(result.output)).opset_import[0].version >= 13
 
 
