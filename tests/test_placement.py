@@ -303,3 +303,33 @@ def test_nothing_to_quantize_is_exit_code_3(tmp_path):
     with pytest.raises(NothingToQuantize, match="no Conv/Gemm/MatMul node") as info:
         require_something(model, place(model, recipe), recipe)
     assert info.value.exit_code == 3
+
+
+def _cli(*args, cwd: Path):
+    from typer.testing import CliRunner
+
+    from quantize.cli import app
+
+    env = {"COLUMNS": "200", "RQ_CPU_FLAGS": "avx2", "RQ_DEBUG": None, "NO_COLOR": "1"}
+    return CliRunner().invoke(app, [str(a) for a in args], env=env)
+
+
+def test_cli_nothing_to_quantize_exits_3_and_writes_nothing(tmp_path, calib_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "pool-int8.onnx"
+    model = no_compute(tmp_path / "pool.onnx")
+    result = _cli(
+        "quantize", model, "--calib", calib_dir, "--out", out, "--resize", "36", "--crop", "32", cwd=tmp_path
+    )
+    assert result.exit_code == 3, result.output
+    assert "nothing to quantize" in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_cli_op_type_ort_cannot_quantize_is_bad_input(tmp_path, tiny_model, calib_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = _cli(
+        "quantize", tiny_model, "--calib", calib_dir, "--op-types", "Conv,BatchNormalization", cwd=tmp_path
+    )
+    assert result.exit_code == 2
+    assert "cannot quantize op type(s) BatchNormalization" in result.output
