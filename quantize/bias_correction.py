@@ -37,6 +37,7 @@ class BiasCorrectionReport:
     skipped: dict[str, str] = field(default_factory=dict)  # node name -> reason
     max_shift: float = 0.0  # largest |shift| corrected, in the layer's output units
     images: int = 0
+    note: str = ""  # why nothing was done, when nothing was
 
     def to_dict(self) -> dict:
         return {
@@ -45,9 +46,12 @@ class BiasCorrectionReport:
             "skipped": dict(self.skipped),
             "max_shift": round(self.max_shift, 6),
             "images": self.images,
+            "note": self.note,
         }
 
     def describe(self) -> str:
+        if self.note:
+            return self.note
         text = f"{len(self.corrected)} layer(s) corrected on {self.images} images"
         if self.created:
             text += f" ({len(self.created)} given a bias)"
@@ -252,6 +256,7 @@ def correct_biases(
     report = BiasCorrectionReport()
     layers = _find_layers(fp32, int8, report)
     if not layers:
+        report.note = "skipped: no quantized Conv/Gemm layer to correct"
         return report
     means, q_means, report.images = _mean_inputs(fp32, input_name, batches, layers)
     for i, layer in enumerate(layers):

@@ -339,8 +339,14 @@ def produce_int8(
     except Exception as exc:
         reason = str(exc).splitlines()[0] if str(exc) else ""
         raise QuantizationFailed(f"onnxruntime's quantizer failed: {type(exc).__name__}: {reason}") from None
-    if recipe.bias_correction:
+    if recipe.bias_correction and recipe.format == "qoperator":
+        calibration.bias_correction = BiasCorrectionReport(
+            note="skipped: bias correction applies to QDQ models (this one is in QOperator format)"
+        )
+    elif recipe.bias_correction:
         calibration.bias_correction = _correct_biases(prepared, calibration, recipe, spec, scratch)
+    else:
+        calibration.bias_correction = None
     return None
 
 

@@ -99,7 +99,7 @@ def test_model_without_quantized_layers_is_left_alone():
     copy = onnx.ModelProto()
     copy.CopyFrom(fp32)
     report = correct_biases(fp32, copy, "x", [IMAGES])
-    assert report.corrected == [] and report.images == 0
+    assert report.corrected == [] and report.images == 0 and report.note.startswith("skipped")
     assert copy == fp32
 
 
@@ -147,3 +147,33 @@ def test_conv_with_padding_mean_matches_fp32(tmp_path):
     after = np.abs(channel_means(int8) - reference).max()
     assert report.corrected == ["conv"]
     assert before > 0.005 and after < before / 20
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "qoperator"])
+def test_pipeline_corrects_and_records_it(tiny_model, calib_dir, tmp_path, avx2_cpu, fmt):
+    import json
+
+    from tiny_models import SMALL_SPEC
+
+    from quantize.pipeline import quantize_model, read_model_metadata
+    from quantize.recipe import METADATA_KEY, QuantRecipe
+
+    out = tmp_path / "int8.onnx"
+    recipe = QuantRecipe(bias_correction=True, samples=8, format=fmt)
+    result = quantize_model(tiny_model, calib_dir, output=out, recipe=recipe, spec=SMALL_SPEC, cpu=avx2_cpu)
+    report = result.to_dict()["bias_correction"]
+    if fmt == "qdq":
+        assert report["corrected"] == 3 and report["images"] == 8 and report["note"] == ""  # conv1, conv2, fc
+    else:
+        assert report["corrected"] == 0 and "QOperator" in report["note"]
+    assert json.loads(read_model_metadata(out)[METADATA_KEY])["bias_correction"] is True
+    plain = quantize_model(
+        tiny_model,
+        calib_dir,
+        output=tmp_path / "plain.onnx",
+        recipe=recipe.with_changes(bias_correction=False),
+        spec=SMALL_SPEC,
+        cpu=avx2_cpu,
+    )
+    assert plain.bias_correction is None
+    assert plain.recipe.digest() != result.recipe.digest()
