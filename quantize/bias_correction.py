@@ -155,12 +155,13 @@ def _mean_inputs(
         outputs = dict(zip(names, session.run(names, {input_name: batch}), strict=True))
         images += len(batch)
         for name, value in outputs.items():
-            sums[name] = sums.get(name, 0) + value.astype(np.float64).sum(axis=0)
+            sums[name] = sums.get(name, 0) + value.sum(axis=0, dtype=np.float64)
         for i, layer in enumerate(layers):
-            x = outputs[layer.fp32_input]
-            low, high = layer.x_range
-            q = np.clip(np.rint(x / layer.x_scale) + layer.x_zero, low, high)
-            q_sums[i] = q_sums.get(i, 0) + ((q - layer.x_zero) * layer.x_scale).astype(np.float64).sum(axis=0)
+            # quantize→dequantize as the INT8 model does, in place on a float32 copy
+            q = outputs[layer.fp32_input] / np.float32(layer.x_scale)
+            np.rint(q, out=q)
+            np.clip(q, layer.x_range[0] - layer.x_zero, layer.x_range[1] - layer.x_zero, out=q)
+            q_sums[i] = q_sums.get(i, 0) + q.sum(axis=0, dtype=np.float64) * layer.x_scale
     means = {name: value / images for name, value in sums.items()}
     return means, {i: value / images for i, value in q_sums.items()}, images
 
