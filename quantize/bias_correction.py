@@ -250,18 +250,37 @@ def _apply(int8: onnx.ModelProto, layer: _Layer, shift: np.ndarray, report: Bias
     report.corrected.append(node.name)
 
 
+def _stats_key(layer: _Layer) -> tuple:
+    return (layer.fp32_input, layer.x_scale, layer.x_zero, layer.x_range)
+
+
 def correct_biases(
-    fp32: onnx.ModelProto, int8: onnx.ModelProto, input_name: str, batches: Iterable[np.ndarray]
+    fp32: onnx.ModelProto,
+    int8: onnx.ModelProto,
+    input_name: str,
+    batches: Iterable[np.ndarray],
+    *,
+    cache: dict | None = None,
 ) -> BiasCorrectionReport:
-    """Correct, in place, the biases of `int8` (QDQ) quantized from `fp32`, on the images of `batches`."""
+    """Correct, in place, the biases of `int8` (QDQ) quantized from `fp32`, on the images of `batches`.
+
+    `cache` (optional, kept by the caller between models quantized with the same ranges, as tuning does)
+    holds the input means per (tensor, quantization parameters): when every layer is found there, the images
+    are not read again.
+    """
     report = BiasCorrectionReport()
     layers = _find_layers(fp32, int8, report)
     if not layers:
         report.note = "skipped: no quantized Conv/Gemm layer to correct"
         return report
-    means, q_means, report.images = _mean_inputs(fp32, input_name, batches, layers)
-    for i, layer in enumerate(layers):
-        m, mq = means[layer.fp32_input], q_means[i]
+    cache = cache if cache is not None else {}
+    missing = [layer for layer in layers if _stats_key(layer) not in cache]
+    if missing:
+        means, q_means, images = _mean_inputs(fp32, input_name, batches, missing)
+        for i, layer in enumerate(missing):
+            cache[_stats_key(layer)] = (means[layer.fp32_input], q_means[i], images)
+    for layer in layers:
+        m, mq, report.images = cache[_stats_key(layer)]
         shift = _layer_output_mean(layer.node, mq, layer.weight_q) - _layer_output_mean(
             layer.node, m, layer.weight
         )

@@ -216,6 +216,8 @@ class CalibrationRun:
     smoke_sample: np.ndarray  # a couple of real images, to check the INT8 model runs
     seconds: float
     bias_correction: BiasCorrectionReport | None = None  # of the last model quantized with these ranges
+    # Input means bias correction computed with these ranges: tuning's steps reuse them.
+    bias_statistics: dict = field(default_factory=dict)
 
     def files(self) -> list[Path]:
         return [s.path for s in self.samples]
@@ -366,7 +368,13 @@ def _correct_biases(
                 yield _padded(item.images, batch) if prepared.signature.fixed_batch else item.images
 
     int8 = load_model(scratch)
-    report = correct_biases(load_model(prepared.path), int8, prepared.signature.input_name, batches())
+    report = correct_biases(
+        load_model(prepared.path),
+        int8,
+        prepared.signature.input_name,
+        batches(),
+        cache=calibration.bias_statistics,
+    )
     onnx.save_model(int8, str(scratch))
     return report
 

@@ -177,3 +177,16 @@ def test_pipeline_corrects_and_records_it(tiny_model, calib_dir, tmp_path, avx2_
     )
     assert plain.bias_correction is None
     assert plain.recipe.digest() != result.recipe.digest()
+
+
+def test_cached_statistics_give_the_same_correction_without_images():
+    fp32, first = _gemm_models()
+    cache: dict = {}
+    correct_biases(fp32, first, "x", [IMAGES], cache=cache)
+    _, second = _gemm_models()
+    report = correct_biases(fp32, second, "x", iter(()), cache=cache)  # no images: all from the cache
+    assert report.corrected == ["fc"] and report.images == 2
+    values = [
+        {i.name: numpy_helper.to_array(i).tolist() for i in m.graph.initializer} for m in (first, second)
+    ]
+    assert values[0] == values[1]
