@@ -115,6 +115,15 @@ def count_quantized(
         for op_type in candidate_types:
             if node.op_type in QOPERATOR_FORMS.get(op_type, ()):
                 qoperator[op_type] += 1
+    # Quantized nodes another tool renamed (INC): matched by op type to the candidates not found by name.
+    fp32_names = {n.name for n in fp32.graph.node}
+    renamed = Counter(
+        n.op_type
+        for n in int8.graph.node
+        if n.name not in fp32_names
+        and n.op_type in candidate_types
+        and _node_quantized(n, produced_by, constants)
+    )
     by_type: dict[str, list[int]] = {}
     fused: Counter[str] = Counter()
     fp32_nodes: dict[str, list[str]] = {}
@@ -131,6 +140,9 @@ def count_quantized(
             fused[node.op_type] += 1
         elif qoperator[node.op_type] > 0:  # QOperator format: the node became a QLinear*/…Integer op
             qoperator[node.op_type] -= 1
+            done = True
+        elif twin is None and renamed[node.op_type] > 0:
+            renamed[node.op_type] -= 1
             done = True
         else:
             done = False
