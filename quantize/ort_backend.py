@@ -78,16 +78,20 @@ class QuantizedOps:
         return text
 
 
-def _node_quantized(node: onnx.NodeProto, produced_by: dict[str, str], constants: set[str]) -> bool:
-    """A QDQ node is quantized when the operands it computes on are read through DequantizeLinear."""
+def _node_quantized(
+    node: onnx.NodeProto, produced_by: dict[str, str], constants: set[str], quantized_tensors: set[str]
+) -> bool:
+    """A QDQ node is quantized when the operands it computes on are read through DequantizeLinear (and, but
+    for Conv/Gemm/MatMul, whose float output may feed FP32 nodes, its output goes to a QuantizeLinear)."""
     if node.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose"):
         # The activation (input 0) and the weight (input 1): the activation alone is not enough, an excluded
         # node whose input tensor is shared with a quantized node also reads that tensor's DequantizeLinear.
         operands = [name for name in node.input[:2] if name]
-    elif node.op_type in ("Add", "Mul", "Concat"):
-        operands = [name for name in node.input if name]
     else:
-        operands = [node.input[0]] if node.input and node.input[0] else []
+        operands = [name for name in node.input if name] if node.op_type in ("Add", "Mul", "Concat") else []
+        operands = operands or ([node.input[0]] if node.input and node.input[0] else [])
+        if not node.output or node.output[0] not in quantized_tensors:
+            return False  # e.g. a Flatten between a quantized pooling and an FP32 Gemm
     return bool(operands) and all(
         produced_by.get(name) == "DequantizeLinear" and name not in constants for name in operands
     )
@@ -109,6 +113,7 @@ def count_quantized(
     candidates = [n for n in fp32.graph.node if n.op_type in candidate_types]
     produced_by = {out: node.op_type for node in int8.graph.node for out in node.output}
     constants = {init.name for init in int8.graph.initializer}
+    quantized_tensors = {n.input[0] for n in int8.graph.node if n.op_type == "QuantizeLinear" and n.input}
     int8_nodes = {node.name: node for node in int8.graph.node}
     qoperator = Counter()
     for node in int8.graph.node:
@@ -122,7 +127,7 @@ def count_quantized(
         for n in int8.graph.node
         if n.name not in fp32_names
         and n.op_type in candidate_types
-        and _node_quantized(n, produced_by, constants)
+        and _node_quantized(n, produced_by, constants, quantized_tensors)
     )
     by_type: dict[str, list[int]] = {}
     fused: Counter[str] = Counter()
@@ -134,7 +139,7 @@ def count_quantized(
         counts[1] += 1
         twin = int8_nodes.get(node.name)
         if twin is not None and twin.op_type == node.op_type:
-            done = _node_quantized(twin, produced_by, constants)
+            done = _node_quantized(twin, produced_by, constants, quantized_tensors)
         elif twin is None and node.op_type in FOLDED_ACTIVATIONS and node.name in placement.node_set():
             done = True  # folded into the quantize range of the node before it
             fused[node.op_type] += 1

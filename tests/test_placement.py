@@ -333,3 +333,16 @@ def test_cli_op_type_ort_cannot_quantize_is_bad_input(tmp_path, tiny_model, cali
     )
     assert result.exit_code == 2
     assert "cannot quantize op type(s) BatchNormalization" in result.output
+
+
+def test_reshape_feeding_an_excluded_gemm_is_not_counted_quantized(tmp_path):
+    """With fc excluded, the Flatten before it has no quantized reader: placement leaves it FP32, and the
+    count (read from the INT8 graph) says so."""
+    _, out, fp32, int8, recipe = quantize(conv_clip, tmp_path, exclude_nodes=("fc",))
+    placement = place(fp32, recipe)
+    assert placement.fp32["flatten"] == "its output feeds only FP32 nodes"
+    ops = count_quantized(fp32, int8, recipe)
+    assert ops.by_type["Flatten"] == [0, 1] and ops.by_type["Gemm"] == [0, 1]
+    assert ops.fp32["flatten"] == ["Flatten", "its output feeds only FP32 nodes"]
+    executed = executed_ops(out, tmp_path)
+    assert "QLinearGlobalAveragePool" in executed and "Gemm" in executed
