@@ -15,6 +15,9 @@ quantized nodes:
 - data movement (Reshape, Flatten, Transpose, Squeeze, Unsqueeze) fed by quantized nodes and consumed by one,
   which ORT runs on uint8 directly.
 
+The classifier head (a Gemm/MatMul that writes the graph output) stays FP32 when anything else is quantized:
+the logits are what top-1 and agreement read, and the head costs well under 1% of a CNN's compute.
+
 Everything else (HardSigmoid, Mul, Softmax, BatchNormalization left unfolded, shape sub-graphs) stays FP32,
 and so does a carry-through node whose output no quantized node reads, so no Q/DQ pair is left dangling in
 front of a float op that gains nothing from it.
@@ -36,6 +39,8 @@ FOLDED_ACTIVATIONS = ("Relu", "Clip")  # removed by ORT's QDQ quantizer, their r
 INTEGER_ACTIVATIONS = ("LeakyRelu", "Sigmoid")
 POOLING = ("GlobalAveragePool", "AveragePool", "MaxPool")
 CARRY_THROUGH = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze")
+HEAD_TAIL = ("Softmax", "LogSoftmax", "Flatten", "Reshape", "Squeeze", "Identity")
+HEAD_REASON = "classifier head, kept FP32 (it writes the logits)"
 PLACEMENT_OP_TYPES = (
     ANCHORS + FOLDED_ACTIVATIONS + INTEGER_ACTIVATIONS + ("Add", "Concat") + POOLING + CARRY_THROUGH
 )
@@ -82,6 +87,19 @@ def _float_tensors(model: onnx.ModelProto) -> set[str]:
         if init.data_type == TensorProto.FLOAT:
             floats.add(init.name)
     return floats
+
+
+def _writes_output(node: onnx.NodeProto, consumers: dict, graph_outputs: set[str]) -> bool:
+    """Whether `node`'s output is a graph output, directly or through Softmax/Flatten/Reshape/... only."""
+    tensors = list(node.output)
+    for _ in range(8):
+        if any(t in graph_outputs for t in tensors):
+            return True
+        readers = [c for t in tensors for c in consumers.get(t, [])]
+        if len(readers) != 1 or readers[0].op_type not in HEAD_TAIL:
+            return False
+        tensors = list(readers[0].output)
+    return False
 
 
 def place(model: onnx.ModelProto, recipe: QuantRecipe) -> Placement:
@@ -155,6 +173,24 @@ def place(model: onnx.ModelProto, recipe: QuantRecipe) -> Placement:
         if any(o in graph_outputs for o in node.output) or not any(c.name in chosen for c in readers):
             chosen.discard(node.name)
             fp32[node.name] = "its output feeds only FP32 nodes"
+    # The classifier head (a Gemm/MatMul writing a graph output: the logits) stays FP32 while other compute is
+    # quantized: the logits are what top-1 and agreement read, and the head is well under 1% of a CNN's work.
+    heads = [
+        n
+        for n in quantized
+        if n.op_type in ("Gemm", "MatMul") and _writes_output(n, consumers, graph_outputs)
+    ]
+    others = [n for n in quantized if n.op_type in ANCHORS and n not in heads]
+    if heads and others:
+        for node in heads:
+            chosen.discard(node.name)
+            fp32[node.name] = HEAD_REASON
+        for node in reversed(quantized):  # a Reshape/Flatten that fed only the head goes back to FP32 too
+            if node.op_type in CARRY_THROUGH and node.name in chosen:
+                readers = [c for o in node.output for c in consumers.get(o, [])]
+                if not any(c.name in chosen for c in readers):
+                    chosen.discard(node.name)
+                    fp32[node.name] = "its output feeds only FP32 nodes"
     nodes = [n.name for n in quantized if n.name in chosen]
     op_types = tuple(sorted({n.op_type for n in quantized if n.name in chosen}))
     return Placement(nodes=nodes, op_types=op_types, from_graph=True, fp32=fp32)

@@ -77,8 +77,8 @@ class QuantRecipe:
     op_types: tuple[str, ...] | None = None
     exclude_nodes: tuple[str, ...] = field(default_factory=tuple)
     # Fold the mean shift INT8 causes in each Conv/Gemm output channel back into its bias
-    # (quantize.bias_correction).
-    bias_correction: bool = False
+    # (quantize.bias_correction); on by default: measured in docs/placement.md.
+    bias_correction: bool = True
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
