@@ -219,8 +219,8 @@ class QuantRecipe:
         parts.append(self.calibration if self.calibration != "percentile" else f"p{self.percentile:g}")
         if self.op_types is not None:
             parts.append("ops")
-        if self.bias_correction:
-            parts.append("bc")
+        if not self.bias_correction:
+            parts.append("nobc")
         if self.activation_type != "uint8" or self.weight_type != "int8":
             parts.append(f"{self.activation_type[0]}{self.weight_type[0]}")
         if self.backend != "ort":

@@ -76,7 +76,8 @@ def test_quantize_model_end_to_end(which, request, calib_dir, tmp_path, avx2_cpu
     ops = result.quantized_ops
     # Every candidate is quantized, or listed as FP32 with the placement's reason (none by the user).
     assert ops.quantized + len(ops.fp32) == ops.candidates > 0
-    assert ops.by_type["Conv"][0] == ops.by_type["Conv"][1] and ops.by_type["Gemm"] == [1, 1]
+    assert ops.by_type["Conv"][0] == ops.by_type["Conv"][1] and ops.by_type["Gemm"] == [0, 1]
+    assert ops.fp32["fc"] == ["Gemm", "classifier head, kept FP32 (it writes the logits)"]
     assert all(reason != "excluded by the user" for _t, reason in ops.fp32.values())
     assert result.fp32_bytes == model.stat().st_size and result.int8_bytes == output.stat().st_size
     assert set(result.seconds) == {"prepare", "calibrate", "quantize"}
@@ -102,7 +103,7 @@ def test_v2_model_is_upgraded_on_the_way(v2_model, calib_dir, tmp_path, avx2_cpu
     steps = " | ".join(result.prepared.steps)
     assert "opset 7 → 13" in steps
     by_type = result.quantized_ops.by_type
-    assert by_type["Conv"] == [5, 5] and by_type["Gemm"] == [1, 1]
+    assert by_type["Conv"] == [5, 5] and by_type["Gemm"] == [0, 1]  # the head stays FP32
     # The residual Adds of two quantized convs are quantized; the pooling after the last (FP32) pre-activation
     # BatchNormalization → Relu stays FP32, with its reason.
     assert by_type["Add"] == [2, 2]

@@ -17,7 +17,7 @@ from tiny_models import CLASSES, _Weights, random_inputs
 
 from quantize.calibrate import calibrate
 from quantize.ort_backend import count_quantized, quantize_with_ort
-from quantize.placement import NothingToQuantize, place, require_something
+from quantize.placement import HEAD_REASON, NothingToQuantize, place, require_something
 from quantize.prepare import prepare_model
 from quantize.recipe import LEGACY_OP_TYPES, QuantRecipe
 
@@ -125,10 +125,12 @@ def concat(path: Path) -> Path:
 
 
 def reshape_to_gemm(path: Path) -> Path:
-    """Conv (stride 8) → Relu → Reshape [N, 8·4·4] → Gemm: the Reshape carries uint8 from Conv to Gemm."""
+    """Conv (stride 8) → Relu → Reshape [N, 8·4·4] → Gemm "hidden" → Relu → Gemm "fc" (the head): the
+    Reshape carries uint8 from Conv to Gemm."""
     w = _Weights(5)
     c1w, c1b = w.conv("conv1", 8, 3)
-    fcw, fcb = w.gemm("fc", CLASSES, 8 * 4 * 4)
+    hw, hb = w.gemm("hidden", 32, 8 * 4 * 4)
+    fcw, fcb = w.gemm("fc", CLASSES, 32)
     shape = numpy_helper.from_array(np.array([-1, 8 * 4 * 4], np.int64), "shape")
     nodes = [
         helper.make_node(
@@ -136,7 +138,9 @@ def reshape_to_gemm(path: Path) -> Path:
         ),
         helper.make_node("Relu", ["conv1_out"], ["relu1_out"], name="relu1"),
         helper.make_node("Reshape", ["relu1_out", "shape"], ["flat"], name="reshape"),
-        helper.make_node("Gemm", ["flat", fcw, fcb], ["logits"], name="fc", transB=1),
+        helper.make_node("Gemm", ["flat", hw, hb], ["hidden_out"], name="hidden", transB=1),
+        helper.make_node("Relu", ["hidden_out"], ["hidden_relu"], name="relu2"),
+        helper.make_node("Gemm", ["hidden_relu", fcw, fcb], ["logits"], name="fc", transB=1),
     ]
     return _model(nodes, w, path, [shape])
 
@@ -238,7 +242,10 @@ def test_depthwise_conv_runs_integer(tmp_path):
     assert dw.op_type == "Conv" and not any(i in inits for i in dw.input[:2])  # weight read through DQ
     executed = executed_ops(out, tmp_path)
     assert executed.count("QLinearConv") == 3 and "Conv" not in executed and "Clip" not in executed
-    assert count_quantized(fp32, int8, recipe).fp32 == {}
+    assert count_quantized(fp32, int8, recipe).fp32 == {
+        "fc": ["Gemm", HEAD_REASON],
+        "flatten": ["Flatten", "its output feeds only FP32 nodes"],
+    }
 
 
 def test_concat_of_quantized_branches(tmp_path):
@@ -251,7 +258,9 @@ def test_concat_of_quantized_branches(tmp_path):
 
 def test_reshape_between_conv_and_gemm_carries_uint8(tmp_path):
     _prepared, out, fp32, _int8, recipe = quantize(reshape_to_gemm, tmp_path)
-    assert {"conv1", "relu1", "reshape", "fc"} <= place(fp32, recipe).node_set()
+    placement = place(fp32, recipe)
+    assert {"conv1", "relu1", "reshape", "hidden", "relu2"} <= placement.node_set()
+    assert placement.fp32["fc"] == HEAD_REASON
     executed = executed_ops(out, tmp_path)
     assert "QLinearConv" in executed and "Conv" not in executed
     # ORT drops the Q/DQ pair around the Reshape: QLinearConv → Reshape → (Gemm's DQ or QGemm), no float
@@ -346,3 +355,46 @@ def test_reshape_feeding_an_excluded_gemm_is_not_counted_quantized(tmp_path):
     assert ops.fp32["flatten"] == ["Flatten", "its output feeds only FP32 nodes"]
     executed = executed_ops(out, tmp_path)
     assert "QLinearGlobalAveragePool" in executed and "Gemm" in executed
+
+
+def _graph(nodes, inits, out_shape):
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, HW, HW])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, out_shape)],
+        initializer=inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def test_head_behind_a_softmax_stays_fp32_and_a_lone_gemm_is_quantized():
+    w = _Weights(6)
+    c1w, c1b = w.conv("conv1", 4, 3)
+    fcw, fcb = w.gemm("fc", CLASSES, 4)
+    softmax_head = _graph(
+        [
+            helper.make_node("Conv", ["input", c1w, c1b], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+            helper.make_node("GlobalAveragePool", ["c"], ["g"], name="gap"),
+            helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+            helper.make_node("Gemm", ["f", fcw, fcb], ["z"], name="fc", transB=1),
+            helper.make_node("Softmax", ["z"], ["logits"], name="softmax", axis=1),
+        ],
+        w.initializers,
+        ["N", CLASSES],
+    )
+    placement = place(softmax_head, QuantRecipe())
+    assert placement.fp32["fc"] == HEAD_REASON and "conv1" in placement.node_set()
+    # With nothing else to quantize, the only Gemm is quantized rather than leaving nothing.
+    w = _Weights(7)
+    fcw, fcb = w.gemm("fc", CLASSES, 3)
+    lone = _graph(
+        [
+            helper.make_node("GlobalAveragePool", ["input"], ["g"], name="gap"),
+            helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+            helper.make_node("Gemm", ["f", fcw, fcb], ["logits"], name="fc", transB=1),
+        ],
+        w.initializers,
+        ["N", CLASSES],
+    )
+    assert place(lone, QuantRecipe()).nodes == ["fc"]

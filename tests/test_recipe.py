@@ -21,6 +21,7 @@ def test_defaults():
     assert r.bins == DEFAULT_BINS["percentile"] == 2048
     assert (r.samples, r.seed, r.batch_size) == (100, 0, 8)
     assert r.op_types is None  # placement decided from the graph (quantize.placement)
+    assert r.bias_correction is True
     assert r.exclude_nodes == ()
     assert r.version == RECIPE_VERSION == 2
 
@@ -185,3 +186,5 @@ def test_label():
     assert QuantRecipe(activation_type="int8").label() == "qdq-pc-p99.999-ii"
     assert QuantRecipe(backend="inc", calibration="minmax").label() == "inc-qdq-pc-minmax"
     assert QuantRecipe(reduce_range=False).label() == QuantRecipe().label()
+    # Departures from the defaults show: an op-types override, bias correction off.
+    assert QuantRecipe(op_types=("Conv",), bias_correction=False).label() == "qdq-pc-p99.999-ops-nobc"
