@@ -509,6 +509,8 @@ def _quantize_report(result, validation, gate, bench_result) -> dict:
             f"{validation.overlap_with_calibration} validation images are also calibration images: "
             "the measured drop is optimistic"
         )
+    if result.bias_correction is not None:
+        notes.append(f"bias correction: {result.bias_correction.describe()}")
     if result.tuning is not None:
         tuning = result.tuning
         notes.append(
@@ -532,6 +534,8 @@ def _quantize_report(result, validation, gate, bench_result) -> dict:
     )
     if result.tuning is not None:
         data["tuning"] = result.tuning.to_dict()
+    if result.bias_correction is not None:
+        data["bias_correction"] = result.bias_correction.to_dict()
     return data
 
 

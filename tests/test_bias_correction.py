@@ -191,3 +191,32 @@ def test_cached_statistics_give_the_same_correction_without_images():
         {i.name: numpy_helper.to_array(i).tolist() for i in m.graph.initializer} for m in (first, second)
     ]
     assert values[0] == values[1]
+
+
+@pytest.mark.parametrize("flag", ["--bias-correction", "--no-bias-correction"])
+def test_cli_flag_reaches_the_recipe(tiny_model, calib_dir, tmp_path, monkeypatch, flag):
+    import json
+
+    from typer.testing import CliRunner
+
+    from quantize.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "quantize",
+        str(tiny_model),
+        "--calib",
+        str(calib_dir),
+        "--out",
+        str(tmp_path / "o.onnx"),
+        "--json",
+    ]
+    args += ["--resize", "36", "--crop", "32", "--samples", "8", flag]
+    env = {"COLUMNS": "200", "RQ_CPU_FLAGS": "avx2", "RQ_DEBUG": None, "NO_COLOR": "1"}
+    result = CliRunner().invoke(app, args, env=env)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    on = flag == "--bias-correction"
+    assert data["variants"][1]["recipe"]["bias_correction"] is on
+    assert ("bias_correction" in data) is on
+    assert any(n.startswith("bias correction: 2 layer(s) corrected") for n in data["notes"]) is on
