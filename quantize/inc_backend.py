@@ -134,9 +134,9 @@ def recipe_to_inc_config(
 
     notes = notes if notes is not None else []
     if recipe.bias_correction:
-        raise RqInputError(
-            "bias correction is done by the ort backend only (use --no-bias-correction with inc)"
-        )
+        # On by default in the recipe: INC runs without it rather than refusing every default run.
+        notes.append("bias correction is an ort-backend step: INC's model is not bias-corrected")
+        recipe = recipe.with_changes(bias_correction=False)
     if recipe.calibration not in INC_METHODS:
         raise RqInputError(
             f"INC cannot calibrate with {recipe.calibration}; it offers: {', '.join(INC_METHODS)} (or use --backend ort)"

@@ -501,9 +501,10 @@ def quantize_model(
     if output.resolve() == model.resolve():
         raise RqInputError("output path is the input model; choose another --out")
     recipe, advice, rr_source = resolve_recipe(recipe, cpu)
-    if recipe.backend == "inc" and recipe.op_types is None:
-        # Placement from the graph is an ort-backend feature; INC gets the op types it always had.
-        recipe = recipe.with_changes(op_types=LEGACY_OP_TYPES)
+    if recipe.backend == "inc":
+        # Placement from the graph and bias correction are ort-backend steps: INC gets the op types it always
+        # had, and the recipe recorded with its model says that no bias correction was done.
+        recipe = recipe.with_changes(op_types=recipe.op_types or LEGACY_OP_TYPES, bias_correction=False)
     dataset = discover_dataset(calib, labels)  # before the slow stages: a bad folder fails at once
     seconds: dict[str, float] = {}
 
