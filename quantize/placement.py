@@ -39,6 +39,9 @@ FOLDED_ACTIVATIONS = ("Relu", "Clip")  # removed by ORT's QDQ quantizer, their r
 INTEGER_ACTIVATIONS = ("LeakyRelu", "Sigmoid")
 POOLING = ("GlobalAveragePool", "AveragePool", "MaxPool")
 CARRY_THROUGH = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze")
+# Nodes worth quantizing only when a quantized node reads their output (else: a Q/DQ pair for nothing, e.g. a
+# QLinearSigmoid feeding the float Mul of a swish).
+PRUNABLE = CARRY_THROUGH + INTEGER_ACTIVATIONS
 HEAD_TAIL = ("Softmax", "LogSoftmax", "Flatten", "Reshape", "Squeeze", "Identity")
 HEAD_REASON = "classifier head, kept FP32 (it writes the logits)"
 PLACEMENT_OP_TYPES = (
@@ -136,7 +139,7 @@ def place(model: onnx.ModelProto, recipe: QuantRecipe) -> Placement:
         data = node.input[0] if node.input else ""
         fed = data in quantized_tensors
         if node.op_type in ANCHORS:
-            ok = data in floats or data not in constants
+            ok = bool(data) and data not in constants
             reason = "its input is not a float activation"
         elif node.op_type in FOLDED_ACTIVATIONS + INTEGER_ACTIVATIONS + POOLING + CARRY_THROUGH:
             ok, reason = fed, "its input comes from a node left in FP32"
@@ -163,11 +166,11 @@ def place(model: onnx.ModelProto, recipe: QuantRecipe) -> Placement:
         chosen.add(node.name)
         quantized_tensors.update(o for o in node.output if o)
 
-    # A carry-through or pooling node nobody quantized reads only adds a Q/DQ pair: drop it (backwards, so a
-    # chain such as Transpose -> Reshape feeding FP32 goes as a whole).
+    # A carry-through node or LeakyRelu/Sigmoid that no quantized node reads only adds a Q/DQ pair: drop it
+    # (backwards, so a chain such as Transpose -> Reshape feeding FP32 goes as a whole).
     graph_outputs = {o.name for o in model.graph.output}
     for node in reversed(quantized):
-        if node.op_type not in CARRY_THROUGH:
+        if node.op_type not in PRUNABLE:
             continue
         readers = [c for o in node.output for c in consumers.get(o, [])]
         if any(o in graph_outputs for o in node.output) or not any(c.name in chosen for c in readers):
@@ -186,7 +189,7 @@ def place(model: onnx.ModelProto, recipe: QuantRecipe) -> Placement:
             chosen.discard(node.name)
             fp32[node.name] = HEAD_REASON
         for node in reversed(quantized):  # a Reshape/Flatten that fed only the head goes back to FP32 too
-            if node.op_type in CARRY_THROUGH and node.name in chosen:
+            if node.op_type in PRUNABLE and node.name in chosen:
                 readers = [c for o in node.output for c in consumers.get(o, [])]
                 if not any(c.name in chosen for c in readers):
                     chosen.discard(node.name)

@@ -398,3 +398,28 @@ def test_head_behind_a_softmax_stays_fp32_and_a_lone_gemm_is_quantized():
         ["N", CLASSES],
     )
     assert place(lone, QuantRecipe()).nodes == ["fc"]
+
+
+def test_swish_sigmoid_feeding_a_float_mul_stays_fp32():
+    """Conv → Sigmoid → Mul(conv, sigmoid): Mul stays FP32, so quantizing the Sigmoid would only add a Q/DQ
+    pair in front of it."""
+    w = _Weights(8)
+    c1w, c1b = w.conv("conv1", 4, 3)
+    c2w, c2b = w.conv("conv2", 4, 4)
+    fcw, fcb = w.gemm("fc", CLASSES, 4)
+    model = _graph(
+        [
+            helper.make_node("Conv", ["input", c1w, c1b], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+            helper.make_node("Sigmoid", ["c"], ["s"], name="sigmoid"),
+            helper.make_node("Mul", ["c", "s"], ["m"], name="mul"),
+            helper.make_node("Conv", ["m", c2w, c2b], ["d"], name="conv2", pads=[1, 1, 1, 1]),
+            helper.make_node("GlobalAveragePool", ["d"], ["g"], name="gap"),
+            helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+            helper.make_node("Gemm", ["f", fcw, fcb], ["logits"], name="fc", transB=1),
+        ],
+        w.initializers,
+        ["N", CLASSES],
+    )
+    placement = place(model, QuantRecipe())
+    assert placement.fp32["sigmoid"] == "its output feeds only FP32 nodes"
+    assert {"conv1", "conv2", "gap"} <= placement.node_set() and "mul" not in placement.node_set()
