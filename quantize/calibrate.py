@@ -28,7 +28,12 @@ ORT_METHODS = {
     "minmax": CalibrationMethod.MinMax,
     "entropy": CalibrationMethod.Entropy,
     "percentile": CalibrationMethod.Percentile,
+    # rq's own estimators, on top of ORT's collectors (see `calibrate`):
+    "mean-minmax": CalibrationMethod.MinMax,  # MinMax's running average, weighted 1/k: the mean over batches
+    "mse": CalibrationMethod.Entropy,  # Entropy's streamed signed histogram; thresholds chosen here
 }
+# Candidate clipping ranges of the mse estimator: [s·min, s·max] for these s.
+MSE_SCALES = np.linspace(0.02, 1.0, 50)
 
 
 @dataclass
@@ -66,9 +71,47 @@ def calibrator_options(recipe: QuantRecipe) -> dict:
     if recipe.calibration == "minmax":
         # Asymmetric ranges: symmetric ones waste half the uint8 codes on ReLU outputs, which are never negative.
         return {"symmetric": False, "moving_average": False}
+    if recipe.calibration == "mean-minmax":
+        # ORT's moving average is old + c·(new − old); `calibrate` sets c = 1/k before the k-th batch, which
+        # makes it the plain mean of the per-batch minima and maxima.
+        return {"symmetric": False, "moving_average": True, "averaging_constant": 1.0}
+    if recipe.calibration == "mse":
+        # Only the histogram is used (KL is never computed): `mse_ranges` picks the thresholds.
+        return {"num_bins": recipe.bins, "num_quantized_bins": 128, "symmetric": False}
     if recipe.calibration == "entropy":
         return {"num_bins": recipe.bins, "num_quantized_bins": 128, "symmetric": False}
     return {"num_bins": recipe.bins, "percentile": recipe.percentile, "symmetric": False}
+
+
+def mse_range(hist: np.ndarray, edges: np.ndarray, low: float, high: float, levels: int = 256) -> tuple:
+    """The clipping range [s·low, s·high] that minimizes the expected uint8 quantization error of a histogram.
+
+    Inside the range the rounding error is uniform (step²/12 per value); outside it is the clipping distance.
+    `low`/`high` are the observed extremes (low ≤ 0 ≤ high after ORT's own widening to include zero).
+    """
+    low, high = min(float(low), 0.0), max(float(high), 0.0)
+    if high - low <= 0 or hist.sum() == 0:
+        return low, high
+    centers = (edges[:-1] + edges[1:]) / 2
+    lows = (MSE_SCALES * low)[:, None]
+    highs = (MSE_SCALES * high)[:, None]
+    clipped = np.clip(centers[None, :], lows, highs)
+    weights = hist[None, :].astype(np.float64)
+    clip_error = ((centers[None, :] - clipped) ** 2 * weights).sum(axis=1)
+    inside = (weights * ((centers[None, :] >= lows) & (centers[None, :] <= highs))).sum(axis=1)
+    step = (highs[:, 0] - lows[:, 0]) / (levels - 1)
+    error = clip_error + inside * step**2 / 12
+    best = int(np.argmin(error))
+    return float(lows[best, 0]), float(highs[best, 0])
+
+
+def mse_ranges(histograms: dict) -> TensorsData:
+    """`mse_range` of every tensor of ORT's streamed histograms (hist, edges, min, max, threshold)."""
+    ranges = {}
+    for name, (hist, edges, low, high, *_rest) in histograms.items():
+        lo, hi = mse_range(np.asarray(hist), np.asarray(edges), float(low), float(high))
+        ranges[name] = TensorData(lowest=np.float32(lo), highest=np.float32(hi))
+    return TensorsData(CalibrationMethod.MinMax, ranges)
 
 
 def _clamp_to_observed(
@@ -106,13 +149,16 @@ def calibrate(
 ) -> CalibrationRanges:
     """Stream `batches` (float32 arrays shaped like the model input) through ORT's calibrator for `recipe`.
 
-    Tensors of the recipe's op types are calibrated (their inputs and outputs), as `quantize_static` would.
+    Tensors of the recipe's op types (or, with placement from the graph, of every op type placement may
+    quantize) are calibrated (their inputs and outputs), as `quantize_static` would.
     """
+    from quantize.placement import calibration_op_types
+
     started = time.perf_counter()
     with _quiet():
         calibrator = create_calibrator(
             Path(model_path),
-            list(recipe.op_types),
+            list(calibration_op_types(recipe)),
             augmented_model_path=str(workdir / f"augmented-{recipe.calibration}.onnx"),
             calibrate_method=ORT_METHODS[recipe.calibration],
             extra_options=calibrator_options(recipe),
@@ -120,6 +166,8 @@ def calibrate(
     n_batches = n_images = 0
     try:
         for images in batches:
+            if recipe.calibration == "mean-minmax":
+                calibrator.averaging_constant = 1.0 / (n_batches + 1)
             with _quiet():
                 calibrator.collect_data(_SingleBatchReader({input_name: images}))
             n_batches += 1
@@ -128,10 +176,13 @@ def calibrate(
                 on_batch(len(images))
         if n_batches == 0:
             raise RqInputError("calibration received no images")
-        with _quiet():
-            tensors = calibrator.compute_data()
         collector = getattr(calibrator, "collector", None)
-        if collector is not None:
+        if recipe.calibration == "mse":
+            tensors = mse_ranges(collector.histogram_dict)
+        else:
+            with _quiet():
+                tensors = calibrator.compute_data()
+        if collector is not None and recipe.calibration != "mse":
             # histogram_dict values are (hist, edges, observed min, observed max)
             observed = {name: (h[2], h[3]) for name, h in collector.histogram_dict.items()}
             tensors = _clamp_to_observed(tensors, observed)

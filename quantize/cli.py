@@ -38,7 +38,7 @@ from quantize.exits import (
     quiet_onnxruntime,
 )
 from quantize.files import json_text, work_folder
-from quantize.recipe import CALIBRATION_METHODS, DEFAULT_OP_TYPES, FORMATS, INT8_TYPES, QuantRecipe
+from quantize.recipe import CALIBRATION_METHODS, FORMATS, INT8_TYPES, QuantRecipe
 
 __all__ = [
     "EXIT_BAD_INPUT",
@@ -279,6 +279,8 @@ def _summary_table(result) -> Table:
         + (f" ({r.bins} bins)" if r.bins else ""),
     )
     table.add_row("ops quantized", result.quantized_ops.describe())
+    if result.bias_correction is not None:
+        table.add_row("bias correction", result.bias_correction.describe())
     if result.tuning is not None:
         t = result.tuning
         steps = "; ".join(
@@ -340,6 +342,13 @@ def quantize(
     per_channel: Annotated[
         bool | None, typer.Option("--per-channel/--per-tensor", help="Per-channel weight scales (on).")
     ] = None,
+    bias_correction: Annotated[
+        bool | None,
+        typer.Option(
+            "--bias-correction/--no-bias-correction",
+            help="Fold INT8's mean output shift of each Conv/Gemm channel into its bias (see docs/placement.md).",
+        ),
+    ] = None,
     reduce_range: Annotated[
         bool | None,
         typer.Option(
@@ -350,7 +359,11 @@ def quantize(
     activation_type: Annotated[str | None, typer.Option(help=f"{' | '.join(INT8_TYPES)} (uint8).")] = None,
     weight_type: Annotated[str | None, typer.Option(help=f"{' | '.join(INT8_TYPES)} (int8).")] = None,
     op_types: Annotated[
-        str | None, typer.Option(help=f"Comma-separated op types to quantize ({','.join(DEFAULT_OP_TYPES)}).")
+        str | None,
+        typer.Option(
+            help="Comma-separated op types to quantize (default: placement decided from the graph, "
+            "see docs/placement.md)."
+        ),
     ] = None,
     exclude_nodes: Annotated[
         str | None, typer.Option(help="Comma-separated node names to keep in FP32.")
@@ -456,6 +469,7 @@ def quantize(
             weight_type=weight_type,
             per_channel=per_channel,
             reduce_range=reduce_range,
+            bias_correction=bias_correction,
             calibration=calibration,
             percentile=percentile,
             num_bins=bins,
@@ -758,6 +772,8 @@ def _quantize_report(
             f"{validation.overlap_with_calibration} validation images are also calibration images: "
             "the measured drop is optimistic"
         )
+    if result.bias_correction is not None:
+        notes.append(f"bias correction: {result.bias_correction.describe()}")
     if result.tuning is not None:
         tuning = result.tuning
         notes.append(
@@ -782,6 +798,8 @@ def _quantize_report(
     if result.tuning is not None:
         data["tuning"] = result.tuning.to_dict()
     data["fidelity"] = fidelity.to_dict() if fidelity is not None else None
+    if result.bias_correction is not None:
+        data["bias_correction"] = result.bias_correction.to_dict()
     return data
 
 

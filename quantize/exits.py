@@ -123,7 +123,8 @@ def classify(exc: BaseException) -> Outcome:
             "the work folder was removed and no half-written file was left (files completed before stay)",
         )
     if isinstance(exc, RqInputError):
-        return Outcome(EXIT_BAD_INPUT, "error", one_line(exc))
+        # NothingToQuantize carries exit code 3: the input is valid, but no INT8 model can come of it.
+        return Outcome(getattr(exc, "exit_code", EXIT_BAD_INPUT), "error", one_line(exc))
     if isinstance(exc, QuantizerError):
         return Outcome(
             EXIT_QUANTIZATION_FAILED, "quantization failed", one_line(exc) + "; nothing was written"

@@ -51,7 +51,7 @@ import onnx
 
 from calibration.errors import RqInputError
 from quantize.exits import QuantizerError
-from quantize.recipe import QuantRecipe
+from quantize.recipe import LEGACY_OP_TYPES, QuantRecipe
 
 INC_INSTALL_HINT = "pip install 'rq-quant[inc]'"
 INC_LOGGER = "neural_compressor"
@@ -112,6 +112,11 @@ def inc_capabilities(recipe_format: str) -> dict[str, dict]:
 _FP32 = {"weight": {"dtype": ["fp32"]}, "activation": {"dtype": ["fp32"]}}
 
 
+def inc_op_types(recipe: QuantRecipe) -> tuple[str, ...]:
+    """The op types INC quantizes for `recipe` (placement from the graph maps to Conv/Gemm/MatMul)."""
+    return LEGACY_OP_TYPES if recipe.op_types is None else recipe.op_types
+
+
 def recipe_to_inc_config(
     recipe: QuantRecipe,
     *,
@@ -129,6 +134,20 @@ def recipe_to_inc_config(
     from neural_compressor.config import AccuracyCriterion, PostTrainingQuantConfig, TuningCriterion
 
     notes = notes if notes is not None else []
+    if recipe.bias_correction:
+        # On by default in the recipe: INC runs without it rather than refusing every default run.
+        notes.append("bias correction is an ort-backend step: INC's model is not bias-corrected")
+        recipe = recipe.with_changes(bias_correction=False)
+    if recipe.calibration not in INC_METHODS:
+        raise RqInputError(
+            f"INC cannot calibrate with {recipe.calibration}; it offers: {', '.join(INC_METHODS)} (or use --backend ort)"
+        )
+    if recipe.op_types is None:
+        notes.append(
+            "placement from the graph is an ort-backend feature: INC quantizes "
+            f"{', '.join(LEGACY_OP_TYPES)} (name others with --op-types)"
+        )
+        recipe = recipe.with_changes(op_types=LEGACY_OP_TYPES)
     caps = inc_capabilities(recipe.format)
     fmt_name = "QDQ" if recipe.format == "qdq" else "QOperator"
 
@@ -570,7 +589,7 @@ def quantize_with_inc(
     workspace.mkdir(parents=True, exist_ok=True)
     loader = IncCalibrationLoader(make_batches, batch_size)
     evaluator = (
-        _TrialEvaluator(eval_func, workdir, recipe.op_types, recipe.exclude_nodes, log) if tune else None
+        _TrialEvaluator(eval_func, workdir, inc_op_types(recipe), recipe.exclude_nodes, log) if tune else None
     )
     log(
         f"INC: {'tuning (at most ' + str(max_trials) + ' trials)' if tune else 'calibrating and quantizing'}"
@@ -643,7 +662,7 @@ def quantize_with_inc(
 
     written = onnx.load(str(output_path), load_external_data=False)
     excluded = set(recipe.exclude_nodes)
-    outcome.fallback_nodes = [n for n in fp32_candidates(written, recipe.op_types) if n not in excluded]
+    outcome.fallback_nodes = [n for n in fp32_candidates(written, inc_op_types(recipe)) if n not in excluded]
     outcome.seconds = time.perf_counter() - started
     log(f"INC: done in {outcome.seconds:.1f} s")
     return outcome

@@ -153,8 +153,15 @@ def inspect_models(
     if not nodes:
         raise RqInputError(f"{Path(fp32_path).name} has no {'/'.join(op_types)} nodes to inspect")
     pairs = []  # (node, fp32 tensor, int8 tensor)
+    int8_outputs = {n.name: n.output[0] for n in int8.graph.node if n.output}
+    fp32_tensors = {t for n in fp32.graph.node for t in n.output}
     for node in nodes:
         out = node.output[0]
+        renamed = int8_outputs.get(node.name, out)
+        if out not in int8_tensors and renamed in fp32_tensors:
+            # ORT folded the Relu/Clip after this node into its quantize range and gave the node the
+            # activation's output name: compare after the activation, in both models.
+            out = renamed
         candidate = out + DEQUANT_SUFFIX if out + DEQUANT_SUFFIX in int8_tensors else out
         if candidate in int8_tensors:
             pairs.append((node, out, candidate))

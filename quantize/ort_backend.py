@@ -7,15 +7,16 @@ never recalibrates (and never holds activations in memory): the same ranges can 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.calibrate import save_tensors_data
 
-from quantize.calibrate import ORT_METHODS, CalibrationRanges
-from quantize.prepare import _quiet
+from quantize.calibrate import CalibrationRanges
+from quantize.placement import FOLDED_ACTIVATIONS, PLACEMENT_OP_TYPES, place, require_something
+from quantize.prepare import _quiet, load_model
 from quantize.recipe import QuantRecipe
 
 QUANT_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
@@ -37,12 +38,19 @@ QOPERATOR_FORMS = {
 
 @dataclass
 class QuantizedOps:
-    """How much of the model was quantized: candidate nodes (op types in the recipe) vs quantized ones."""
+    """How much of the model was quantized, read from the INT8 graph itself.
+
+    Candidates are the nodes of the op types that could be quantized (the placement's types, or the recipe's
+    `op_types` override). A Relu/Clip that ORT folded into the quantize range of the node before it counts as
+    quantized, and is counted again under `fused`. Every candidate left in FP32 is listed with the reason.
+    """
 
     quantized: int
     candidates: int
     total_nodes: int
-    by_type: dict[str, list[int]]  # op type -> [quantized, candidates]
+    by_type: dict[str, list[int]]  # op type -> [quantized (fused included), candidates]
+    fused: dict[str, int] = field(default_factory=dict)  # op type -> activations folded into a Q range
+    fp32: dict[str, list[str]] = field(default_factory=dict)  # node name -> [op type, reason]
 
     def to_dict(self) -> dict:
         return {
@@ -50,39 +58,118 @@ class QuantizedOps:
             "candidates": self.candidates,
             "total_nodes": self.total_nodes,
             "by_type": self.by_type,
+            "fused": self.fused,
+            "fp32": self.fp32,
         }
 
+    def fp32_reasons(self) -> dict[str, int]:
+        """How many candidates stayed FP32 for each reason."""
+        return dict(Counter(reason for _t, reason in self.fp32.values()))
+
     def describe(self) -> str:
-        kinds = ", ".join(f"{t} {q}/{c}" for t, (q, c) in sorted(self.by_type.items()))
-        return f"{self.quantized}/{self.candidates} ({kinds}) of {self.total_nodes} nodes"
+        kinds = ", ".join(
+            f"{t} {q}/{c}" + (" fused" if self.fused.get(t) == q and q else "")
+            for t, (q, c) in sorted(self.by_type.items())
+        )
+        text = f"{self.quantized}/{self.candidates} ({kinds}) of {self.total_nodes} nodes"
+        reasons = self.fp32_reasons()
+        if reasons:
+            text += "; FP32: " + ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
+        return text
 
 
-def count_quantized(fp32: onnx.ModelProto, int8: onnx.ModelProto, op_types: tuple[str, ...]) -> QuantizedOps:
-    """Count quantized nodes by looking at the INT8 graph itself, not at what was asked for."""
-    candidates = Counter(n.op_type for n in fp32.graph.node if n.op_type in op_types)
+def _node_quantized(
+    node: onnx.NodeProto, produced_by: dict[str, str], constants: set[str], quantized_tensors: set[str]
+) -> bool:
+    """A QDQ node is quantized when the operands it computes on are read through DequantizeLinear (and, but
+    for Conv/Gemm/MatMul, whose float output may feed FP32 nodes, its output goes to a QuantizeLinear)."""
+    if node.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose"):
+        # The activation (input 0) and the weight (input 1): the activation alone is not enough, an excluded
+        # node whose input tensor is shared with a quantized node also reads that tensor's DequantizeLinear.
+        operands = [name for name in node.input[:2] if name]
+    else:
+        operands = [name for name in node.input if name] if node.op_type in ("Add", "Mul", "Concat") else []
+        operands = operands or ([node.input[0]] if node.input and node.input[0] else [])
+        if not node.output or node.output[0] not in quantized_tensors:
+            return False  # e.g. a Flatten between a quantized pooling and an FP32 Gemm
+    return bool(operands) and all(
+        produced_by.get(name) == "DequantizeLinear" and name not in constants for name in operands
+    )
+
+
+def count_quantized(
+    fp32: onnx.ModelProto,
+    int8: onnx.ModelProto,
+    recipe: QuantRecipe,
+    *,
+    tuning_fallback: tuple[str, ...] | list[str] = (),
+) -> QuantizedOps:
+    """Count quantized nodes by looking at the INT8 graph itself, not at what was asked for.
+
+    `tuning_fallback` names the recipe's excluded nodes that tuning (not the user) fell back to FP32.
+    """
+    placement = place(fp32, recipe)
+    candidate_types = set(PLACEMENT_OP_TYPES if placement.from_graph else placement.op_types)
+    candidates = [n for n in fp32.graph.node if n.op_type in candidate_types]
     produced_by = {out: node.op_type for node in int8.graph.node for out in node.output}
-    initializers = {init.name for init in int8.graph.initializer}
-    quantized: Counter[str] = Counter()
+    constants = {init.name for init in int8.graph.initializer}
+    quantized_tensors = {n.input[0] for n in int8.graph.node if n.op_type == "QuantizeLinear" and n.input}
+    int8_nodes = {node.name: node for node in int8.graph.node}
+    qoperator = Counter()
     for node in int8.graph.node:
-        if node.op_type in op_types:
-            # QDQ: the float op reads its activation (input 0) and its weight (input 1) through
-            # DequantizeLinear. The activation alone is not enough: an excluded node whose input tensor is
-            # shared with a quantized node also reads that tensor's DequantizeLinear, but keeps float weights.
-            operands = [name for name in node.input[:2] if name]
-            if operands and all(
-                produced_by.get(name) == "DequantizeLinear" and name not in initializers for name in operands
-            ):
-                quantized[node.op_type] += 1
-            continue
-        for op_type in op_types:
+        for op_type in candidate_types:
             if node.op_type in QOPERATOR_FORMS.get(op_type, ()):
-                quantized[op_type] += 1
-    by_type = {t: [min(quantized[t], candidates[t]), candidates[t]] for t in candidates}
+                qoperator[op_type] += 1
+    # Quantized nodes another tool renamed (INC): matched by op type to the candidates not found by name.
+    fp32_names = {n.name for n in fp32.graph.node}
+    renamed = Counter(
+        n.op_type
+        for n in int8.graph.node
+        if n.name not in fp32_names
+        and n.op_type in candidate_types
+        and _node_quantized(n, produced_by, constants, quantized_tensors)
+    )
+    by_type: dict[str, list[int]] = {}
+    fused: Counter[str] = Counter()
+    fp32_nodes: dict[str, list[str]] = {}
+    tuned = set(tuning_fallback)
+    user_excluded = set(recipe.exclude_nodes) - tuned
+    for node in candidates:
+        counts = by_type.setdefault(node.op_type, [0, 0])
+        counts[1] += 1
+        twin = int8_nodes.get(node.name)
+        if twin is not None and twin.op_type == node.op_type:
+            done = _node_quantized(twin, produced_by, constants, quantized_tensors)
+        elif twin is None and node.op_type in FOLDED_ACTIVATIONS and node.name in placement.node_set():
+            done = True  # folded into the quantize range of the node before it
+            fused[node.op_type] += 1
+        elif qoperator[node.op_type] > 0:  # QOperator format: the node became a QLinear*/…Integer op
+            qoperator[node.op_type] -= 1
+            done = True
+        elif twin is None and renamed[node.op_type] > 0:
+            renamed[node.op_type] -= 1
+            done = True
+        else:
+            done = False
+        if done:
+            counts[0] += 1
+            continue
+        if node.name in tuned:
+            reason = "fell back in tuning"
+        elif node.name in user_excluded:
+            reason = "excluded by the user"
+        elif node.name in placement.fp32:
+            reason = placement.fp32[node.name]
+        else:
+            reason = "not converted by onnxruntime's quantizer"
+        fp32_nodes[node.name] = [node.op_type, reason]
     return QuantizedOps(
         quantized=sum(q for q, _ in by_type.values()),
-        candidates=sum(candidates.values()),
+        candidates=len(candidates),
         total_nodes=len(fp32.graph.node),
         by_type=by_type,
+        fused=dict(fused),
+        fp32=fp32_nodes,
     )
 
 
@@ -96,6 +183,9 @@ def quantize_with_ort(
     """Quantize `prepared_path` into `output_path` (a scratch path; the caller publishes it atomically)."""
     if recipe.reduce_range is None:
         raise ValueError("recipe.reduce_range must be resolved (True/False) before quantizing")
+    model = load_model(prepared_path, load_weights=False)
+    placement = place(model, recipe)
+    require_something(model, placement, recipe)
     cache = workdir / f"ranges-{recipe.calibration}.json"
     save_tensors_data(ranges.tensors, cache)
     with _quiet():
@@ -104,13 +194,16 @@ def quantize_with_ort(
             str(output_path),
             calibration_data_reader=None,
             quant_format=FORMATS[recipe.format],
-            op_types_to_quantize=list(recipe.op_types),
+            op_types_to_quantize=list(placement.op_types),
+            # Placement from the graph names its nodes; an op-types override quantizes every node of them.
+            nodes_to_quantize=list(placement.nodes) if placement.from_graph else None,
             per_channel=recipe.per_channel,
             reduce_range=recipe.reduce_range,
             activation_type=QUANT_TYPES[recipe.activation_type],
             weight_type=QUANT_TYPES[recipe.weight_type],
             nodes_to_exclude=list(recipe.exclude_nodes),
-            calibrate_method=ORT_METHODS[recipe.calibration],
+            # The method the cached ranges were computed with (mse/mean-minmax store min/max ranges).
+            calibrate_method=ranges.tensors.calibration_method,
             calibration_cache_path=str(cache),
             extra_options={
                 # Asymmetric uint8 activations suit ReLU nets; weights stay symmetric (zero point 0), which

@@ -22,6 +22,7 @@ import onnxruntime as ort
 from calibration import BatchStream, ImageDataset, PreprocessSpec, Sample, discover_dataset, select_samples
 from calibration.errors import RqInputError
 from quantize import __version__
+from quantize.bias_correction import BiasCorrectionReport, correct_biases
 from quantize.calibrate import CalibrationRanges, calibrate
 from quantize.cpu import CpuInfo, IntegerKernelAdvice, advise_int8, detect_cpu
 from quantize.evaluate import evaluate
@@ -29,8 +30,9 @@ from quantize.exits import QuantizerError, is_environment_error
 from quantize.fidelity import held_back_samples
 from quantize.files import atomic_output, work_folder
 from quantize.ort_backend import QuantizedOps, count_quantized, quantize_with_ort
+from quantize.placement import place, require_something
 from quantize.prepare import ModelError, PreparedModel, load_model, prepare_model
-from quantize.recipe import METADATA_KEY, QuantRecipe
+from quantize.recipe import LEGACY_OP_TYPES, METADATA_KEY, QuantRecipe
 from quantize.tune import TuneReport, TuneRequest, TuneStep, tune_fallback
 
 PREPROCESS_METADATA_KEY = "rq.preprocess"
@@ -73,6 +75,7 @@ class QuantizeResult:
     int8_bytes: int
     seconds: dict[str, float] = field(default_factory=dict)
     tuning: TuneReport | None = None
+    bias_correction: BiasCorrectionReport | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -101,6 +104,7 @@ class QuantizeResult:
             "size_bytes": {"fp32": self.fp32_bytes, "int8": self.int8_bytes},
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "tuning": self.tuning.to_dict() if self.tuning else None,
+            "bias_correction": self.bias_correction.to_dict() if self.bias_correction else None,
         }
 
 
@@ -203,11 +207,7 @@ def check_recipe_matches(prepared: PreparedModel, recipe: QuantRecipe) -> None:
     unknown = [n for n in recipe.exclude_nodes if n not in names]
     if unknown:
         raise RqInputError(f"--exclude-nodes names node(s) the model does not have: {', '.join(unknown[:5])}")
-    if not any(n.op_type in recipe.op_types and n.name not in recipe.exclude_nodes for n in model.graph.node):
-        present = sorted({n.op_type for n in model.graph.node})
-        raise RqInputError(
-            f"no node of type {', '.join(recipe.op_types)} left to quantize; the model has: {', '.join(present)}"
-        )
+    require_something(model, place(model, recipe), recipe)
 
 
 @dataclass
@@ -221,6 +221,9 @@ class CalibrationRun:
     skipped: list[tuple[Path, str]]
     smoke_sample: np.ndarray  # a couple of real images, to check the INT8 model runs
     seconds: float
+    bias_correction: BiasCorrectionReport | None = None  # of the last model quantized with these ranges
+    # Input means bias correction computed with these ranges: tuning's steps reuse them.
+    bias_statistics: dict = field(default_factory=dict)
 
     def files(self) -> list[Path]:
         return [s.path for s in self.samples]
@@ -346,7 +349,42 @@ def produce_int8(
             raise  # a full disk under the quantizer is the machine's failure, not the quantizer's
         reason = str(exc).splitlines()[0] if str(exc) else ""
         raise QuantizationFailed(f"onnxruntime's quantizer failed: {type(exc).__name__}: {reason}") from None
+    if recipe.bias_correction and recipe.format == "qoperator":
+        calibration.bias_correction = BiasCorrectionReport(
+            note="skipped: bias correction applies to QDQ models (this one is in QOperator format)"
+        )
+    elif recipe.bias_correction:
+        calibration.bias_correction = _correct_biases(prepared, calibration, recipe, spec, scratch)
+    else:
+        calibration.bias_correction = None
     return None
+
+
+def _correct_biases(
+    prepared: PreparedModel,
+    calibration: CalibrationRun,
+    recipe: QuantRecipe,
+    spec: PreprocessSpec,
+    scratch: Path,
+) -> BiasCorrectionReport:
+    """Fold INT8's mean output shift of each Conv/Gemm channel into its bias, on the calibration images."""
+    batch = prepared.signature.fixed_batch or recipe.batch_size
+
+    def batches():
+        with BatchStream(calibration.samples, spec, batch_size=batch) as stream:
+            for item in stream:
+                yield _padded(item.images, batch) if prepared.signature.fixed_batch else item.images
+
+    int8 = load_model(scratch)
+    report = correct_biases(
+        load_model(prepared.path),
+        int8,
+        prepared.signature.input_name,
+        batches(),
+        cache=calibration.bias_statistics,
+    )
+    onnx.save_model(int8, str(scratch))
+    return report
 
 
 def publish_int8(
@@ -356,6 +394,8 @@ def publish_int8(
     spec: PreprocessSpec,
     scratch: Path,
     output: Path,
+    *,
+    tuning_fallback: tuple[str, ...] = (),
 ) -> QuantizedOps:
     """Stamp the recipe and spec, check (onnx.checker + a real inference), publish atomically at `output`."""
     int8 = load_model(scratch)
@@ -366,11 +406,11 @@ def publish_int8(
         raise QuantizationFailed(
             f"the quantized model fails onnx.checker: {str(exc).splitlines()[0]}"
         ) from None
-    ops = count_quantized(load_model(prepared.path), int8, recipe.op_types)
+    ops = count_quantized(load_model(prepared.path), int8, recipe, tuning_fallback=tuning_fallback)
     if ops.quantized == 0:
         raise QuantizationFailed(
-            f"nothing was quantized: none of the {ops.candidates} {'/'.join(recipe.op_types)} node(s) of the "
-            "model was converted (check --op-types and --exclude-nodes)"
+            f"nothing was quantized: none of the {ops.candidates} candidate node(s) of the model was converted "
+            "(check --op-types and --exclude-nodes)"
         )
     onnx.save_model(int8, str(scratch))
     _smoke_test(scratch, prepared.signature.input_name, calibration.smoke_sample, prepared.path)
@@ -389,11 +429,16 @@ def quantize_prepared(
     spec: PreprocessSpec,
     output: Path,
     workdir: Path,
+    *,
+    tuning_fallback: tuple[str, ...] = (),
 ) -> QuantizedOps:
-    """Quantize a prepared model with the recipe's backend, check the result, publish it atomically at `output`."""
+    """Quantize a prepared model with the recipe's backend, check the result, publish it atomically at `output`.
+
+    `tuning_fallback`: the recipe's excluded nodes that tuning (not the user) chose, for the FP32 reasons.
+    """
     scratch = workdir / f"int8-{recipe.digest()}.onnx"
     produce_int8(prepared, calibration, recipe, spec, scratch, workdir)
-    return publish_int8(prepared, calibration, recipe, spec, scratch, output)
+    return publish_int8(prepared, calibration, recipe, spec, scratch, output, tuning_fallback=tuning_fallback)
 
 
 def _inc_tune_report(outcome, tune: TuneRequest) -> TuneReport:
@@ -467,6 +512,10 @@ def quantize_model(
     if output.resolve() == model.resolve():
         raise RqInputError("output path is the input model; choose another --out")
     recipe, advice, rr_source = resolve_recipe(recipe, cpu)
+    if recipe.backend == "inc":
+        # Placement from the graph and bias correction are ort-backend steps: INC gets the op types it always
+        # had, and the recipe recorded with its model says that no bias correction was done.
+        recipe = recipe.with_changes(op_types=recipe.op_types or LEGACY_OP_TYPES, bias_correction=False)
     dataset = discover_dataset(calib, labels)  # before the slow stages: a bad folder fails at once
     seconds: dict[str, float] = {}
 
@@ -486,6 +535,7 @@ def quantize_model(
         )
         seconds["calibrate"] = calibration.seconds
         tuning = None
+        user_excluded = recipe.exclude_nodes
         if tune is not None and recipe.backend == "inc":
             stage("tune")
             started = time.perf_counter()
@@ -509,7 +559,15 @@ def quantize_model(
             recipe = recipe.with_changes(exclude_nodes=recipe.exclude_nodes + tuple(outcome.fallback_nodes))
             seconds["tune"] = time.perf_counter() - started
             stage("quantize")
-            ops = publish_int8(prepared, calibration, recipe, spec, scratch, output)
+            ops = publish_int8(
+                prepared,
+                calibration,
+                recipe,
+                spec,
+                scratch,
+                output,
+                tuning_fallback=tuple(n for n in recipe.exclude_nodes if n not in user_excluded),
+            )
         elif tune is not None:
             stage("tune")
             recipe, tuning = tune_fallback(
@@ -532,7 +590,10 @@ def quantize_model(
         if tuning is None or tuning.backend != "inc":
             stage("quantize")
             started = time.perf_counter()
-            ops = quantize_prepared(prepared, calibration, recipe, spec, output, workdir)
+            fallback = tuple(n for n in recipe.exclude_nodes if n not in user_excluded) if tuning else ()
+            ops = quantize_prepared(
+                prepared, calibration, recipe, spec, output, workdir, tuning_fallback=fallback
+            )
             seconds["quantize"] = time.perf_counter() - started
 
     return QuantizeResult(
@@ -553,6 +614,7 @@ def quantize_model(
         int8_bytes=output.stat().st_size,
         seconds=seconds,
         tuning=tuning,
+        bias_correction=calibration.bias_correction,
     )
 
 

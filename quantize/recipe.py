@@ -13,20 +13,48 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 from calibration.errors import RqInputError
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 METADATA_KEY = "rq.recipe"
 
 BACKENDS = ("ort", "inc")
 FORMATS = ("qdq", "qoperator")
 INT8_TYPES = ("uint8", "int8")
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-# Conv/Gemm/MatMul carry almost all of a CNN classifier's compute. Quantizing other ops (BatchNormalization
-# left unfolded in v2 nets, Resize, Softmax, ...) costs accuracy and can produce models ORT cannot run, so
-# they stay FP32 unless the user asks for them.
-DEFAULT_OP_TYPES = ("Conv", "Gemm", "MatMul")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mean-minmax", "mse")
+# What `op_types=None` (placement decided from the graph, see quantize.placement) replaced as the default in
+# recipe version 2, and what a version-1 recipe without op types meant.
+LEGACY_OP_TYPES = ("Conv", "Gemm", "MatMul")
+# Op types an `op_types` override may name: those ONNX Runtime's QDQ quantizer handles and runs with integer
+# kernels (QLinear*/ConvInteger) or as uint8 data movement. Anything else would be wrapped in Q/DQ pairs
+# around a float op (slower, less accurate) or rejected by ORT half-way.
+ORT_QUANTIZABLE_OP_TYPES = (
+    "Conv",
+    "ConvTranspose",
+    "Gemm",
+    "MatMul",
+    "Relu",
+    "Clip",
+    "LeakyRelu",
+    "Sigmoid",
+    "Add",
+    "Mul",
+    "GlobalAveragePool",
+    "AveragePool",
+    "MaxPool",
+    "Concat",
+    "Reshape",
+    "Flatten",
+    "Transpose",
+    "Squeeze",
+    "Unsqueeze",
+    "Resize",
+    "Pad",
+    "Slice",
+    "Split",
+    "Softmax",
+)
 # Histogram bins for the methods that use a histogram. ORT's quantize_static fixes entropy at 128 bins and
 # 128 quantized bins, which leaves the KL search a single candidate: the full min/max range.
-DEFAULT_BINS = {"entropy": 2048, "percentile": 2048}
+DEFAULT_BINS = {"entropy": 2048, "percentile": 2048, "mse": 2048}
 
 
 @dataclass(frozen=True)
@@ -45,8 +73,12 @@ class QuantRecipe:
     samples: int = 100
     seed: int = 0
     batch_size: int = 8
-    op_types: tuple[str, ...] = DEFAULT_OP_TYPES
+    # None: placement decided from the graph (quantize.placement); a tuple: exactly these op types.
+    op_types: tuple[str, ...] | None = None
     exclude_nodes: tuple[str, ...] = field(default_factory=tuple)
+    # Fold the mean shift INT8 causes in each Conv/Gemm output channel back into its bias
+    # (quantize.bias_correction); on by default: measured in docs/placement.md.
+    bias_correction: bool = True
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
@@ -72,19 +104,29 @@ class QuantRecipe:
             (0.0 < self.percentile <= 100.0, f"percentile must be in (0, 100], not {self.percentile}"),
             (self.num_bins is None or self.num_bins >= 128, f"num_bins must be ≥ 128, not {self.num_bins}"),
             (
-                self.num_bins is None or self.calibration != "minmax",
-                "histogram bins apply to entropy and percentile calibration, not minmax",
+                self.num_bins is None or self.calibration not in ("minmax", "mean-minmax"),
+                f"histogram bins apply to entropy, percentile and mse calibration, not {self.calibration}",
             ),
             (self.samples >= 1, f"samples must be ≥ 1, not {self.samples}"),
             (self.batch_size >= 1, f"batch size must be ≥ 1, not {self.batch_size}"),
-            (bool(self.op_types), "op_types must name at least one operator type"),
-            (self.version == RECIPE_VERSION, f"recipe version {self.version} is not supported (this rq: 1)"),
+            (self.op_types is None or bool(self.op_types), "op_types must name at least one operator type"),
+            (
+                self.version == RECIPE_VERSION,
+                f"recipe version {self.version} is not supported (this rq: {RECIPE_VERSION})",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise RqInputError(message)
-        # Tuples keep the recipe hashable and its JSON stable whatever sequence the caller passed.
-        object.__setattr__(self, "op_types", tuple(self.op_types))
+        if self.op_types is not None:
+            unsupported = [t for t in self.op_types if t not in ORT_QUANTIZABLE_OP_TYPES]
+            if unsupported:
+                raise RqInputError(
+                    f"onnxruntime cannot quantize op type(s) {', '.join(unsupported)}; it can quantize: "
+                    f"{', '.join(ORT_QUANTIZABLE_OP_TYPES)}"
+                )
+            # Tuples keep the recipe hashable and its JSON stable whatever sequence the caller passed.
+            object.__setattr__(self, "op_types", tuple(self.op_types))
         object.__setattr__(self, "exclude_nodes", tuple(self.exclude_nodes))
 
     def _check_types(self) -> None:
@@ -94,8 +136,9 @@ class QuantRecipe:
         for name in ("backend", "format", "activation_type", "weight_type", "calibration"):
             if not isinstance(getattr(self, name), str):
                 raise RqInputError(f"recipe {name} must be a string, not {getattr(self, name)!r}")
-        if not isinstance(self.per_channel, bool):
-            raise RqInputError(f"recipe per_channel must be true or false, not {self.per_channel!r}")
+        for name in ("per_channel", "bias_correction"):
+            if not isinstance(getattr(self, name), bool):
+                raise RqInputError(f"recipe {name} must be true or false, not {getattr(self, name)!r}")
         if self.reduce_range is not None and not isinstance(self.reduce_range, bool):
             raise RqInputError(f"recipe reduce_range must be true, false or null, not {self.reduce_range!r}")
         if not (is_int(self.percentile) or isinstance(self.percentile, float)):
@@ -109,6 +152,8 @@ class QuantRecipe:
             raise RqInputError(f"recipe num_bins must be a whole number or null, not {self.num_bins!r}")
         for name in ("op_types", "exclude_nodes"):
             value = getattr(self, name)
+            if value is None and name == "op_types":
+                continue
             if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
                 raise RqInputError(f"recipe {name} must be a list of names, not {value!r}")
             if not all(isinstance(v, str) and v for v in value):
@@ -117,7 +162,7 @@ class QuantRecipe:
     @property
     def bins(self) -> int | None:
         """Histogram bins actually used by the calibration method (None for minmax)."""
-        if self.calibration == "minmax":
+        if self.calibration in ("minmax", "mean-minmax"):
             return None
         return self.num_bins or DEFAULT_BINS[self.calibration]
 
@@ -126,7 +171,7 @@ class QuantRecipe:
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        data["op_types"] = list(self.op_types)
+        data["op_types"] = None if self.op_types is None else list(self.op_types)
         data["exclude_nodes"] = list(self.exclude_nodes)
         return data
 
@@ -140,6 +185,12 @@ class QuantRecipe:
         if unknown:
             raise RqInputError(f"unknown recipe field(s): {', '.join(unknown)}")
         values = dict(data)
+        if values.get("version") == 1:
+            # Version 1 had no placement (op types always explicit, Conv/Gemm/MatMul by default) and no bias
+            # correction: the same recipe in version 2 names its op types and leaves bias correction off.
+            values["version"] = RECIPE_VERSION
+            values.setdefault("op_types", list(LEGACY_OP_TYPES))
+            values.setdefault("bias_correction", False)
         for key in ("op_types", "exclude_nodes"):
             # Only JSON lists: tuple("Conv") would be ('C', 'o', 'n', 'v'); __post_init__ rejects the rest.
             if isinstance(values.get(key), list):
@@ -166,6 +217,10 @@ class QuantRecipe:
         if self.reduce_range:
             parts.append("rr")
         parts.append(self.calibration if self.calibration != "percentile" else f"p{self.percentile:g}")
+        if self.op_types is not None:
+            parts.append("ops")
+        if not self.bias_correction:
+            parts.append("nobc")
         if self.activation_type != "uint8" or self.weight_type != "int8":
             parts.append(f"{self.activation_type[0]}{self.weight_type[0]}")
         if self.backend != "ort":

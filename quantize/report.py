@@ -855,13 +855,33 @@ def _stage_blocks(data: dict) -> list[Block]:
     return [("h2", "Stage timings"), ("table", ["Stage", "Time"], rows)]
 
 
+def _ops_by_type(ops) -> str:
+    """`Conv 53/53, Relu 49/49 fused; FP32: 1 excluded by the user` from a `quantized_ops` dict."""
+    if not isinstance(ops, dict) or not isinstance(ops.get("by_type"), dict):
+        return ""
+    fused = ops.get("fused") if isinstance(ops.get("fused"), dict) else {}
+    parts = []
+    for kind, counts in sorted(ops["by_type"].items()):
+        if isinstance(counts, list) and len(counts) == 2:
+            parts.append(f"{kind} {counts[0]}/{counts[1]}" + (" fused" if fused.get(kind) else ""))
+        else:
+            parts.append(f"{kind} {counts}")
+    text = ", ".join(parts)
+    fp32 = ops.get("fp32") if isinstance(ops.get("fp32"), dict) else {}
+    reasons: dict[str, int] = {}
+    for entry in fp32.values():
+        if isinstance(entry, list) and len(entry) == 2:
+            reasons[str(entry[1])] = reasons.get(str(entry[1]), 0) + 1
+    if reasons:
+        text += "; FP32: " + ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
+    return text
+
+
 def _artifact_blocks(data: dict) -> list[Block]:
     rows = []
     for v in _variants(data):
         ops = v.get("quantized_ops")
-        by_type = ""
-        if isinstance(ops, dict) and isinstance(ops.get("by_type"), dict):
-            by_type = ", ".join(f"{k} {n}" for k, n in sorted(ops["by_type"].items()))
+        by_type = _ops_by_type(ops)
         rows.append(
             [
                 str(v.get("name", "?")),

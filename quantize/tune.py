@@ -237,14 +237,13 @@ def step_figures(fp32: PoolRun, int8: PoolRun) -> StepFigures:
 
 
 def candidate_nodes(prepared_path: Path, recipe: QuantRecipe) -> list[str]:
+    from quantize.placement import ANCHORS, place
     from quantize.prepare import load_model
 
     model = load_model(prepared_path, load_weights=False)
-    return [
-        n.name
-        for n in model.graph.node
-        if n.op_type in recipe.op_types and n.name not in recipe.exclude_nodes
-    ]
+    types = {n.name: n.op_type for n in model.graph.node}
+    # The compute nodes: an activation, pooling or reshape placed after one goes back to FP32 with it.
+    return [name for name in place(model, recipe).nodes if types[name] in ANCHORS]
 
 
 def _int8_name(name: str, int8_tensors: set[str]) -> str | None:

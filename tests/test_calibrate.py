@@ -175,3 +175,64 @@ def test_calibrator_options():
         "percentile": 99.9,
         "symmetric": False,
     }
+
+
+def _one_conv(path: Path) -> Path:
+    """input [N,1,2,2] → 1×1 Conv (weight 1, bias 0) → Relu → Flatten: every tensor is the input, then ≥ 0."""
+    inits = [
+        onnx.numpy_helper.from_array(np.ones((1, 1, 1, 1), np.float32), "w"),
+        onnx.numpy_helper.from_array(np.zeros(1, np.float32), "b"),
+    ]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["input", "w", "b"], ["conv_out"], name="conv"),
+            helper.make_node("Relu", ["conv_out"], ["relu_out"], name="relu"),
+            helper.make_node("Flatten", ["relu_out"], ["logits"], name="flatten"),
+        ],
+        "one_conv",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 2, 2])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
+    return path
+
+
+def test_mean_minmax_is_the_mean_of_per_batch_extremes(tmp_path):
+    model = _one_conv(tmp_path / "one.onnx")
+    batches = [
+        np.array([[[[-1.0, 0.0], [0.5, 1.0]]]], np.float32),  # min −1, max 1
+        np.array([[[[-3.0, 0.0], [2.0, 3.0]]]], np.float32),  # min −3, max 3
+        np.array([[[[0.0, 0.0], [1.0, 5.0]]]], np.float32),  # min 0, max 5
+    ]
+    mean = calibrate(model, "input", iter(batches), QuantRecipe(calibration="mean-minmax"), tmp_path).ranges()
+    assert mean["input"] == pytest.approx((-4 / 3, 3.0))
+    assert mean["relu_out"] == pytest.approx((0.0, 3.0))
+    plain = calibrate(model, "input", iter(batches), QuantRecipe(calibration="minmax"), tmp_path).ranges()
+    assert plain["input"] == pytest.approx((-3.0, 5.0))
+
+
+def test_mse_range_clips_a_lone_outlier_and_keeps_a_plain_range():
+    from quantize.calibrate import mse_range
+
+    rng = np.random.default_rng(0)
+    values = rng.uniform(0, 1, 1_000_000)
+    hist, edges = np.histogram(np.append(values, 10.0), 2048, range=(-10, 10))
+    low, high = mse_range(hist, edges, 0.0, 10.0)
+    # Error of [0, h]: (10 − h)² for the outlier + 1e6·(h/255)²/12 for rounding the rest, minimal at
+    # h = 10 / (1 + 1e6/(255²·12)) ≈ 4.38: the grid point 4.4 (s = 0.44), not the full 10.
+    assert low == 0.0 and high == pytest.approx(4.4)
+    # A lone outlier among few values costs more clipped than the rounding it saves: it is kept.
+    hist, edges = np.histogram(np.append(values[:1000], 10.0), 2048, range=(-10, 10))
+    assert mse_range(hist, edges, 0.0, 10.0) == pytest.approx((0.0, 10.0))
+
+
+def test_mse_calibration_streams_and_stays_inside_the_observed_range(tmp_path):
+    model = _one_conv(tmp_path / "one.onnx")
+    rng = np.random.default_rng(1)
+    batches = [rng.normal(0, 1, (4, 1, 2, 2)).astype(np.float32) for _ in range(5)]
+    ranges = calibrate(model, "input", iter(batches), QuantRecipe(calibration="mse"), tmp_path).ranges()
+    low, high = ranges["input"]
+    observed = np.concatenate([b.ravel() for b in batches])
+    assert observed.min() <= low < 0 < high <= observed.max()
+    assert high >= np.percentile(observed, 90) and low <= np.percentile(observed, 10)

@@ -51,7 +51,17 @@ def test_resnet50_int8_agrees_with_fp32(tmp_path):
     quantize_seconds = time.perf_counter() - started
     assert result.output.is_file()
     assert result.images_used == 100
-    assert result.quantized_ops.quantized == result.quantized_ops.candidates > 50
+    ops = result.quantized_ops
+    # Placement from the graph: every Conv, every Relu folded, residual Adds and pooling; FP32 only the head,
+    # the Flatten before it and the input Add with a constant (not a residual).
+    assert ops.by_type["Conv"] == [53, 53] and ops.fused == {"Relu": 49}
+    assert ops.quantized == ops.candidates - 3 > 100
+    assert sorted(reason for _t, reason in ops.fp32.values()) == [
+        "classifier head, kept FP32 (it writes the logits)",
+        "its output feeds only FP32 nodes",
+        "not a residual Add of two quantized activations",
+    ]
+    assert result.bias_correction is not None and len(result.bias_correction.corrected) == 53
 
     dataset = discover_dataset(VAL)
     samples = select_samples(dataset, VAL_IMAGES, seed=0)

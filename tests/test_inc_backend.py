@@ -37,7 +37,14 @@ pytestmark = pytest.mark.inc
 CALIB = random_inputs(16, seed=21)
 TEST = random_inputs(8, seed=22)  # not the calibration inputs
 BATCH = 4
-RECIPE = QuantRecipe(backend="inc", calibration="minmax", samples=len(CALIB), reduce_range=False)
+RECIPE = QuantRecipe(
+    backend="inc",
+    calibration="minmax",
+    samples=len(CALIB),
+    reduce_range=False,
+    op_types=("Conv", "Gemm", "MatMul"),
+    bias_correction=False,  # what the pipeline hands INC (see quantize_model)
+)
 
 
 def batches():
@@ -100,6 +107,23 @@ def test_config_tuning_criterion():
     assert conf.tuning_criterion.timeout == 30
 
 
+def test_placement_from_the_graph_maps_to_conv_gemm_matmul():
+    notes: list[str] = []
+    conf = recipe_to_inc_config(
+        RECIPE.with_changes(op_types=None, bias_correction=True),
+        tune=False,
+        max_drop_pt=None,
+        max_trials=1,
+        timeout_s=0,
+        notes=notes,
+    )
+    assert conf.op_type_dict["Relu"]["activation"]["dtype"] == ["fp32"]
+    assert conf.op_type_dict["Conv"]["weight"]["dtype"] == ["int8"]
+    assert conf.op_type_dict["Gemm"]["activation"]["dtype"] == ["uint8"]
+    assert any("placement from the graph" in n for n in notes)
+    assert any("not bias-corrected" in n for n in notes)  # on by default: INC runs without it, and says so
+
+
 @pytest.mark.parametrize(
     ("changes", "words"),
     [
@@ -109,6 +133,8 @@ def test_config_tuning_criterion():
         ({"calibration": "percentile", "percentile": 99.9}, "99.999"),
         ({"calibration": "entropy", "num_bins": 512}, "128"),
         ({"op_types": ("Gemm",), "calibration": "entropy"}, "minmax"),
+        ({"calibration": "mse"}, "mse"),
+        ({"calibration": "mean-minmax"}, "mean-minmax"),
     ],
 )
 def test_config_refuses_what_inc_cannot_do(changes, words):
@@ -151,7 +177,7 @@ def test_quantizes_tiny_cnn(tiny_prepared, tmp_path, fmt):
     recipe = RECIPE.with_changes(format=fmt)
     outcome, int8 = quantize(tiny_prepared, tmp_path, recipe)
     assert outcome.goal_met is None and outcome.trials == [] and outcome.fallback_nodes == []
-    ops = count_quantized(onnx.load(str(tiny_prepared.path)), int8, recipe.op_types)
+    ops = count_quantized(onnx.load(str(tiny_prepared.path)), int8, recipe)
     assert ops.by_type["Conv"][0] > 0 and ops.by_type["Gemm"] == [1, 1]
     # Only the recipe's op types are quantized: Relu and GlobalAveragePool stay float.
     assert not any(n.op_type.startswith("QLinear") and n.op_type != "QLinearConv" for n in int8.graph.node)
@@ -164,7 +190,7 @@ def test_quantizes_tiny_cnn(tiny_prepared, tmp_path, fmt):
 def test_op_types_and_exclusions(tiny_prepared, tmp_path):
     recipe = RECIPE.with_changes(op_types=("Conv", "Gemm"), exclude_nodes=("fc",))
     outcome, int8 = quantize(tiny_prepared, tmp_path, recipe)
-    ops = count_quantized(onnx.load(str(tiny_prepared.path)), int8, recipe.op_types)
+    ops = count_quantized(onnx.load(str(tiny_prepared.path)), int8, recipe)
     assert ops.by_type["Conv"][0] == ops.by_type["Conv"][1] and ops.by_type["Gemm"] == [0, 1]
     assert outcome.fallback_nodes == []  # an excluded node is not a fallback
 
@@ -172,7 +198,7 @@ def test_op_types_and_exclusions(tiny_prepared, tmp_path):
 def test_v2_opset7_through_prepare(v2_model, tmp_path):
     prepared = prepare_model(v2_model, tmp_path)
     outcome, int8 = quantize(prepared, tmp_path)
-    ops = count_quantized(onnx.load(str(prepared.path)), int8, RECIPE.op_types)
+    ops = count_quantized(onnx.load(str(prepared.path)), int8, RECIPE)
     assert ops.quantized > 0
     out = run(outcome.output, TEST)
     assert out.shape == (len(TEST), 10) and np.isfinite(out).all()
@@ -259,7 +285,7 @@ def test_tuning_falls_back_until_goal_met(tiny_prepared, tmp_path):
     assert outcome.best_accuracy == pytest.approx(99.6)
     assert outcome.fallback_nodes == ["fc"]
     assert outcome.notes == []
-    ops = count_quantized(onnx.load(str(tiny_prepared.path)), int8, RECIPE.op_types)
+    ops = count_quantized(onnx.load(str(tiny_prepared.path)), int8, RECIPE)
     assert ops.by_type["Conv"][0] > 0 and ops.by_type["Gemm"][0] == 0
 
 

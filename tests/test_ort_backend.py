@@ -11,7 +11,7 @@ from tiny_models import CLASSES, random_inputs
 from quantize.calibrate import calibrate
 from quantize.ort_backend import count_quantized, quantize_with_ort
 from quantize.prepare import prepare_model
-from quantize.recipe import QuantRecipe
+from quantize.recipe import LEGACY_OP_TYPES, QuantRecipe
 
 CALIB = random_inputs(32, seed=11)
 TEST = random_inputs(16, seed=12)  # not the calibration inputs
@@ -34,11 +34,13 @@ class Setup:
         self.reference = run(self.prepared.path, TEST)
 
     def quantize(self, tmp_path, **changes):
+        # These tests pin the op types (the override); placement from the graph: tests/test_placement.py.
+        changes.setdefault("op_types", LEGACY_OP_TYPES)
         recipe = QuantRecipe(calibration="minmax", reduce_range=False).with_changes(**changes)
         out = tmp_path / f"{recipe.label()}.onnx"
         quantize_with_ort(self.prepared.path, self.ranges, recipe, out, self.workdir)
         int8 = onnx.load(str(out))
-        return out, int8, count_quantized(self.fp32, int8, recipe.op_types)
+        return out, int8, count_quantized(self.fp32, int8, recipe)
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +98,9 @@ def test_describe(tiny, tmp_path):
     _, _, ops = tiny.quantize(tmp_path)
     assert ops.describe() == "3/3 (Conv 2/2, Gemm 1/1) of 7 nodes"
     assert ops.to_dict()["by_type"] == {"Conv": [2, 2], "Gemm": [1, 1]}
+    _, _, ops = tiny.quantize(tmp_path, exclude_nodes=("fc",))
+    assert ops.describe() == "2/3 (Conv 2/2, Gemm 0/1) of 7 nodes; FP32: 1 excluded by the user"
+    assert ops.to_dict()["fp32"] == {"fc": ["Gemm", "excluded by the user"]}
 
 
 @pytest.mark.parametrize("fmt", ["qdq", "qoperator"])
@@ -143,6 +148,6 @@ def test_reduce_range_must_be_resolved(tiny, tmp_path):
 
 
 def test_count_quantized_on_the_float_model(tiny):
-    ops = count_quantized(tiny.fp32, tiny.fp32, ("Conv", "Gemm", "MatMul"))
+    ops = count_quantized(tiny.fp32, tiny.fp32, QuantRecipe(op_types=LEGACY_OP_TYPES))
     assert (ops.quantized, ops.candidates) == (0, 3)
     assert "MatMul" not in ops.by_type  # only types present in the model

@@ -73,7 +73,12 @@ def test_quantize_model_end_to_end(which, request, calib_dir, tmp_path, avx2_cpu
     assert result.images_used == 16 and result.skipped == []
     assert result.calibration_dataset.layout == "wnid-folders"
     assert len(result.calibration_files) == 16
-    assert result.quantized_ops.quantized == result.quantized_ops.candidates > 0
+    ops = result.quantized_ops
+    # Every candidate is quantized, or listed as FP32 with the placement's reason (none by the user).
+    assert ops.quantized + len(ops.fp32) == ops.candidates > 0
+    assert ops.by_type["Conv"][0] == ops.by_type["Conv"][1] and ops.by_type["Gemm"] == [0, 1]
+    assert ops.fp32["fc"] == ["Gemm", "classifier head, kept FP32 (it writes the logits)"]
+    assert all(reason != "excluded by the user" for _t, reason in ops.fp32.values())
     assert result.fp32_bytes == model.stat().st_size and result.int8_bytes == output.stat().st_size
     assert set(result.seconds) == {"prepare", "calibrate", "quantize"}
 
@@ -97,8 +102,17 @@ def test_v2_model_is_upgraded_on_the_way(v2_model, calib_dir, tmp_path, avx2_cpu
     result = quantize(v2_model, calib_dir, tmp_path / "v2-int8.onnx", cpu=avx2_cpu)
     steps = " | ".join(result.prepared.steps)
     assert "opset 7 → 13" in steps
-    # 5 convolutions + the 4 pre-activation BatchNormalizations rewritten as depthwise 1×1 Convs
-    assert result.quantized_ops.by_type == {"Conv": [9, 9], "Gemm": [1, 1]}
+    by_type = result.quantized_ops.by_type
+    # 5 convolutions + the 4 pre-activation BatchNormalizations rewritten as depthwise 1×1 Convs; the head
+    # (and the Flatten that only feeds it) stays FP32.
+    assert by_type["Conv"] == [9, 9] and by_type["Gemm"] == [0, 1]
+    # With every BatchNormalization now a Conv, the residual Adds, the Relus (folded) and the pooling after the
+    # last pre-activation all run in integer arithmetic.
+    assert by_type["Add"] == [2, 2] and by_type["Relu"] == [5, 5] and by_type["GlobalAveragePool"] == [1, 1]
+    assert result.quantized_ops.fp32 == {
+        "flatten": ["Flatten", "its output feeds only FP32 nodes"],
+        "fc": ["Gemm", "classifier head, kept FP32 (it writes the logits)"],
+    }
     assert onnx.load(str(result.output)).opset_import[0].version >= 13
 
 

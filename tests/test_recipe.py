@@ -7,7 +7,7 @@ import json
 import pytest
 
 from calibration.errors import RqInputError
-from quantize.recipe import DEFAULT_BINS, DEFAULT_OP_TYPES, RECIPE_VERSION, QuantRecipe
+from quantize.recipe import DEFAULT_BINS, LEGACY_OP_TYPES, RECIPE_VERSION, QuantRecipe
 
 
 def test_defaults():
@@ -20,13 +20,29 @@ def test_defaults():
     assert r.calibration == "percentile" and r.percentile == 99.999
     assert r.bins == DEFAULT_BINS["percentile"] == 2048
     assert (r.samples, r.seed, r.batch_size) == (100, 0, 8)
-    assert r.op_types == DEFAULT_OP_TYPES == ("Conv", "Gemm", "MatMul")
+    assert r.op_types is None  # placement decided from the graph (quantize.placement)
+    assert r.bias_correction is True
     assert r.exclude_nodes == ()
-    assert r.version == RECIPE_VERSION
+    assert r.version == RECIPE_VERSION == 2
+
+
+def test_version_1_recipe_is_converted():
+    """A version-1 file meant Conv/Gemm/MatMul when it named no op types, and had no bias correction."""
+    old = QuantRecipe.from_dict({"version": 1, "calibration": "minmax"})
+    assert old.version == 2 and old.op_types == LEGACY_OP_TYPES and old.bias_correction is False
+    named = QuantRecipe.from_dict({"version": 1, "op_types": ["Conv"]})
+    assert named.op_types == ("Conv",)
+
+
+def test_op_type_ort_cannot_quantize_is_named():
+    with pytest.raises(RqInputError, match=r"cannot quantize op type\(s\) BatchNormalization, Foo"):
+        QuantRecipe(op_types=("Conv", "BatchNormalization", "Foo"))
 
 
 def test_bins_per_method():
     assert QuantRecipe(calibration="minmax").bins is None
+    assert QuantRecipe(calibration="mean-minmax").bins is None
+    assert QuantRecipe(calibration="mse").bins == 2048
     assert QuantRecipe(calibration="entropy").bins == 2048  # not ORT's 128, which degenerates to MinMax
     assert QuantRecipe(calibration="entropy", num_bins=512).bins == 512
 
@@ -57,7 +73,9 @@ def test_json_round_trip(recipe):
     back = QuantRecipe.from_json(text)
     assert back == recipe
     assert back.digest() == recipe.digest()
-    assert isinstance(back.op_types, tuple) and isinstance(back.exclude_nodes, tuple)
+    assert (back.op_types is None or isinstance(back.op_types, tuple)) and isinstance(
+        back.exclude_nodes, tuple
+    )
     assert QuantRecipe.from_dict(recipe.to_dict()) == recipe
     hash(back)  # frozen and tuple-valued: usable as a cache key
 
@@ -86,7 +104,7 @@ def test_from_json_bad_text(text, fragment):
         ({"weight_type": "float16"}, "weight type"),
         # onnxruntime's quantize_static refuses this pair (after the whole calibration): refuse it up front
         ({"activation_type": "int8", "weight_type": "uint8"}, "int8 activations with uint8 weights"),
-        ({"calibration": "mse"}, "calibration"),
+        ({"calibration": "kl"}, "calibration"),
         ({"percentile": 0.0}, "percentile"),
         ({"percentile": 100.5}, "percentile"),
         ({"percentile": float("nan")}, "percentile"),
@@ -94,7 +112,9 @@ def test_from_json_bad_text(text, fragment):
         ({"samples": 0}, "samples"),
         ({"batch_size": 0}, "batch size"),
         ({"op_types": ()}, "op_types"),
-        ({"version": 2}, "version"),
+        ({"version": 3}, "version"),
+        ({"num_bins": 512, "calibration": "mean-minmax"}, "bins"),
+        ({"bias_correction": "yes"}, "bias_correction"),
         # Wrong types, as a hand-written recipe JSON may hold them: one-line RqInputError, never a TypeError
         # (an internal error) and never a silently mangled recipe.
         ({"samples": "100"}, "samples"),
@@ -136,8 +156,12 @@ def test_digest_stable_and_sensitive():
     base = QuantRecipe()
     assert base.digest() == QuantRecipe().digest()
     assert len(base.digest()) == 12 and int(base.digest(), 16) >= 0
-    assert QuantRecipe(op_types=["Conv", "Gemm", "MatMul"]).digest() == base.digest()
+    assert QuantRecipe(op_types=["Conv", "Gemm", "MatMul"]).digest() != base.digest()  # an override
     variants = [
+        base.with_changes(op_types=("Conv", "Gemm", "MatMul")),
+        base.with_changes(bias_correction=not base.bias_correction),
+        base.with_changes(calibration="mse"),
+        base.with_changes(calibration="mean-minmax"),
         base.with_changes(format="qoperator"),
         base.with_changes(per_channel=False),
         base.with_changes(reduce_range=True),
@@ -162,3 +186,5 @@ def test_label():
     assert QuantRecipe(activation_type="int8").label() == "qdq-pc-p99.999-ii"
     assert QuantRecipe(backend="inc", calibration="minmax").label() == "inc-qdq-pc-minmax"
     assert QuantRecipe(reduce_range=False).label() == QuantRecipe().label()
+    # Departures from the defaults show: an op-types override, bias correction off.
+    assert QuantRecipe(op_types=("Conv",), bias_correction=False).label() == "qdq-pc-p99.999-ops-nobc"
