@@ -581,7 +581,7 @@ def test_non_finite_recipe_field_is_rejected(inputs, place, value):
         (["--samples", "0"], "--samples must be ≥ 1, not 0"),
         (["--batch-size", "0"], "--batch-size must be ≥ 1"),
         (["--percentile", "101"], "--percentile must be in (0, 100]"),
-        (["--calibration", "minmax", "--bins", "256"], "--bins applies to entropy and percentile"),
+        (["--calibration", "minmax", "--bins", "256"], "--bins applies to entropy, percentile and mse"),
         (["--workers", "0"], "--workers must be ≥ 1"),
     ],
 )

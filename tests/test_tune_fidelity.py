@@ -64,17 +64,30 @@ def setup(tmp_path_factory) -> dict:
 
 
 class Recorder:
-    """Records every image decoded while `quantize.pipeline.tune_fallback` runs."""
+    """Records every image decoded while `quantize.pipeline.tune_fallback` runs, except while it rebuilds a
+    candidate model: quantizing reads the calibration images (bias correction's statistics), which are
+    calibration's, the same for every candidate, and never a basis for choosing."""
 
     def __init__(self, monkeypatch):
         self.active = False
         self.paths: set[Path] = set()
+        self.calibration_reads: set[Path] = set()
         real_load, real_tune = preprocess.load_image, pipeline_module.tune_fallback
+        real_quantize = pipeline_module.quantize_prepared
 
         def load_image(path, spec):
             if self.active:
                 self.paths.add(Path(path).resolve())
+            else:
+                self.calibration_reads.add(Path(path).resolve())
             return real_load(path, spec)
+
+        def quantize_prepared(prepared, calibration, *args, **kwargs):
+            was, self.active = self.active, False
+            try:
+                return real_quantize(prepared, calibration, *args, **kwargs)
+            finally:
+                self.active = was
 
         def tune_fallback(**kwargs):
             self.active = True
@@ -85,6 +98,7 @@ class Recorder:
 
         monkeypatch.setattr(preprocess, "load_image", load_image)
         monkeypatch.setattr(pipeline_module, "tune_fallback", tune_fallback)
+        monkeypatch.setattr(pipeline_module, "quantize_prepared", quantize_prepared)
 
 
 def _cli(setup, val: Path, tmp_path: Path) -> dict:
