@@ -154,6 +154,12 @@ HEADERS = [
 ]
 
 
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
 def markdown(results: list[dict], args, skipped: list[str]) -> str:
     images = next((r["report"]["variants"][1]["drop"]["n"] for r in results if "report" in r), None)
     from quantize.cpu import detect_cpu
@@ -161,7 +167,7 @@ def markdown(results: list[dict], args, skipped: list[str]) -> str:
     lines = [
         f"rq model matrix — rq defaults, {args.calib} calibration (100 images by default), "
         f"{images if images is not None else '?'} images of {args.val}; CPU: {detect_cpu().describe()}; "
-        f"{platform.python_version()}",
+        f"Python {platform.python_version()}, onnxruntime {_ort_version()}",
         "",
         "| " + " | ".join(HEADERS) + " |",
         "|" + "|".join("---" for _ in HEADERS) + "|",
