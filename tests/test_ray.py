@@ -93,7 +93,11 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     calib = base / "calib"
     make_class_folders(calib, {wnid(0): 4, wnid(1): 4}, size=(48, 40))
     int8 = base / "int8.onnx"
-    recipe = QuantRecipe(samples=8, per_channel=False)
+    # Coarse on purpose (per-tensor, v1's op types, no bias correction): the paired statistics compared below
+    # need predictions that differ between FP32 and INT8.
+    recipe = QuantRecipe(
+        samples=8, per_channel=False, op_types=("Conv", "Gemm", "MatMul"), bias_correction=False
+    )
     quantize_model(fp32, calib, output=int8, recipe=recipe, spec=SMALL_SPEC, cpu=x86_cpu("avx2"))
     val = base / "val"
     make_class_folders(val, {wnid(2): 12, wnid(5): 12, wnid(9): 11}, size=(48, 40))
@@ -333,7 +337,7 @@ def test_two_raylet_cluster_through_the_command_line(inputs, two_raylets, tmp_pa
     out = tmp_path / "int8.onnx"
     result = _rq(
         "quantize", inputs["fp32"], "--calib", inputs["calib"], "--samples", 8, "--per-tensor",
-        "--out", out, "--val", inputs["val"], "--eval-batch", 4, "--ray", two_raylets["address"],
+        "--op-types", "Conv,Gemm,MatMul", "--no-bias-correction", "--out", out, "--val", inputs["val"], "--eval-batch", 4, "--ray", two_raylets["address"],
         "--report-dir", tmp_path / "reports", "--json", *SPEC_ARGS,
         env=two_raylets["env"],
     )  # fmt: skip
