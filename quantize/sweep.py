@@ -243,6 +243,9 @@ def run_sweep(
                 run.models[0].correct_top5,
                 run.labels,
             )
+            val_skipped = list(run.skipped)
+            # The skip list first: a cache with fp32.npz always has its skip list beside it.
+            atomic_write_text(skipped_cache, json.dumps([[str(p), r] for p, r in val_skipped], indent=2))
             _save_npz(fp32_cache, predictions=fp32_pred, top5=fp32_top5, labels=labels_arr)
 
         calibrations: dict[tuple, CalibrationRun] = {}

@@ -261,3 +261,30 @@ def test_cached_rerun_report_still_describes_the_calibration(inputs, first_sweep
     assert data["calibration"] is not None
     for key in ("folder", "layout", "images_used", "skipped", "file_list_sha256"):
         assert data["calibration"][key] == first_sweep["data"]["calibration"][key]
+
+
+def test_unreadable_validation_image_is_reported_fresh_and_cached(tmp_path):
+    """A broken image in the validation folder is counted and named in the sweep's report, on the first run
+    and on a rerun served from the cache (the FP32 pass, which finds the skip, is not run again)."""
+    model = sensitive_model(tmp_path / "tiny1000.onnx", n_sensitive=0)
+    calib, val = tmp_path / "calib", tmp_path / "val"
+    make_class_folders(calib, {wnid(0): 4, wnid(1): 4}, size=(48, 40))
+    make_class_folders(val, {wnid(2): 3, wnid(3): 3}, size=(48, 40))
+    broken = val / wnid(2) / "broken.JPEG"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg at all")
+    reports = tmp_path / "reports"
+    args = ["sweep", model, "--calib", calib, "--val", val, "--json", *SWEEP, "--grid", "weights"]
+    args += ["--report-dir", reports]
+    seen = []
+    for _run_number in (1, 2):
+        result = invoke(*args)
+        assert result.exit_code == 0, all_output(result)
+        data = json.loads(result.stdout)
+        validate_report(data)
+        skipped = data["validation"]["skipped"]
+        assert [Path(p).name for p, _reason in skipped] == ["broken.JPEG"], skipped
+        assert data["validation"]["images"] == 6
+        md = (reports / data["run_id"] / "report.md").read_text()
+        assert "Skipped files (1)" in md and "broken.JPEG" in md
+        seen.append([v.get("cached") for v in data["variants"][1:]])
+    assert not any(seen[0]) and all(seen[1])  # the second run came from the cache
