@@ -415,7 +415,7 @@ def quantize(
     tune_fraction: Annotated[
         float, typer.Option(help="Share of --val images used to tune; the rest confirms the result.")
     ] = 0.5,
-    eval_batch: Annotated[int, typer.Option(help="Batch size of the validation pass.")] = 32,
+    eval_batch: Annotated[int, typer.Option(help="Batch size of the validation and tuning passes.")] = 32,
     ray: RayOpt = None,
     bench: Annotated[
         bool, typer.Option("--bench", help="Benchmark FP32 vs INT8 (interleaved) afterwards.")
@@ -521,6 +521,7 @@ def quantize(
                     holdout_images=holdout_images if holdout_images is not None else 1_000_000,
                     never_use=tuple(s.path for s in val_samples),
                     ray=runner,
+                    eval_batch=eval_batch,
                 )
         ensure_writable_dir(report_dir)
         with progress_bar() as bar:
