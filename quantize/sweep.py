@@ -269,13 +269,10 @@ def run_sweep(
         seconds["prepare"] = time.perf_counter() - started
 
         fp32_cache = cache_dir / "fp32.npz"
-        val_skipped: list[tuple[Path, str]] = []
-        skipped_cache = cache_dir / "fp32-skipped.json"
         if fp32_cache.is_file():
             data = np.load(fp32_cache)
             fp32_pred, fp32_top5, labels_arr = data["predictions"], data["top5"], data["labels"]
-            if skipped_cache.is_file():
-                val_skipped = [(Path(p), r) for p, r in json.loads(skipped_cache.read_text())]
+            val_skipped = [(Path(p), r) for p, r in json.loads(str(data["skipped"]))]
         else:
             log("validate FP32")
             started = time.perf_counter()
@@ -287,9 +284,12 @@ def run_sweep(
                 run.labels,
             )
             val_skipped = list(run.skipped)
-            # The skip list first: a cache with fp32.npz always has its skip list beside it.
-            atomic_write_text(skipped_cache, json.dumps([[str(p), r] for p, r in val_skipped], indent=2))
-            _save_npz(fp32_cache, predictions=fp32_pred, top5=fp32_top5, labels=labels_arr)
+            # The images the FP32 pass could not read go into the same file (one atomic write), as JSON: a
+            # rerun served from the cache reports them too.
+            skipped_json = np.array(json.dumps([[str(p), r] for p, r in val_skipped]))
+            _save_npz(
+                fp32_cache, predictions=fp32_pred, top5=fp32_top5, labels=labels_arr, skipped=skipped_json
+            )
 
         calibrations: dict[tuple, CalibrationRun] = {}
         calibration_seconds: dict[tuple, float] = {}
