@@ -317,9 +317,10 @@ def quantize(
     model: Annotated[
         str | None,
         typer.Argument(
+            metavar="MODEL",
             help="FP32 ONNX classifier (any opset; zoo opset-7 files are upgraded), or a model of "
             "models/manifest.json by name (resnet50-v2, resnet50-v2-7), fetched into models/ when absent. "
-            "Default: the manifest's default model (resnet50-v2)."
+            "Default: the manifest's default model (resnet50-v2).",
         ),
     ] = None,
     out: Annotated[
