@@ -313,10 +313,16 @@ def _summary_table(result) -> Table:
 
 @app.command()
 def quantize(
-    model: Annotated[
-        Path, typer.Argument(help="FP32 ONNX classifier (any opset; zoo opset-7 files are upgraded).")
-    ],
     calib: Annotated[Path, typer.Option("--calib", help="Folder of calibration images (labels not needed).")],
+    model: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="MODEL",
+            help="FP32 ONNX classifier (any opset; zoo opset-7 files are upgraded), or a model of "
+            "models/manifest.json by name (resnet50-v2, resnet50-v2-7), fetched into models/ when absent. "
+            "Default: the manifest's default model (resnet50-v2).",
+        ),
+    ] = None,
     out: Annotated[
         Path | None,
         typer.Option("--out", "-o", help="Output file (default: <model>-int8.onnx in this folder)."),
@@ -415,7 +421,7 @@ def quantize(
     tune_fraction: Annotated[
         float, typer.Option(help="Share of --val images used to tune; the rest confirms the result.")
     ] = 0.5,
-    eval_batch: Annotated[int, typer.Option(help="Batch size of the validation pass.")] = 32,
+    eval_batch: Annotated[int, typer.Option(help="Batch size of the validation and tuning passes.")] = 32,
     ray: RayOpt = None,
     bench: Annotated[
         bool, typer.Option("--bench", help="Benchmark FP32 vs INT8 (interleaved) afterwards.")
@@ -437,6 +443,7 @@ def quantize(
 
     from quantize import runtimes
     from quantize.bench import bench_models
+    from quantize.fetch import fetch_with_progress, model_argument
     from quantize.fidelity import DEFAULT_HOLDOUT_IMAGES
     from quantize.pipeline import Progress, quantize_model
     from quantize.report import write_report
@@ -503,6 +510,10 @@ def quantize(
             raise RqInputError("--ray runs models in onnxruntime only; drop --runtime or --ray")
         if ray is not None and val is None:
             raise RqInputError("--ray runs the validation on a Ray cluster: it needs --val")
+        # Last of the option checks, first of the work: a named or default model may be downloaded.
+        model = model_argument(
+            model, fetcher=lambda entry, dest: fetch_with_progress(entry, dest, console=err)
+        )
         runner = stack.enter_context(ray_session(ray))
         val_dataset = val_samples = None
         tune_request = None
@@ -521,6 +532,7 @@ def quantize(
                     holdout_images=holdout_images if holdout_images is not None else 1_000_000,
                     never_use=tuple(s.path for s in val_samples),
                     ray=runner,
+                    eval_batch=eval_batch,
                 )
         ensure_writable_dir(report_dir)
         with progress_bar() as bar:

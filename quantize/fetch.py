@@ -313,6 +313,73 @@ def resolve(name: str, manifest: Mapping[str, ModelEntry]) -> ModelEntry:
     raise FetchError(f"unknown model {name!r}; known models: {known or 'none (the manifest is empty)'}")
 
 
+#: Where `rq fetch` puts models and where `rq quantize` without a model file looks for them (relative to the
+#: current folder, as `rq fetch --dest`'s default).
+DEFAULT_MODELS_DIR = Path("models")
+
+
+def default_model_name(path: Path | str | None = None) -> str:
+    """The manifest's `"default"` model (the one `rq quantize` uses when no model is given); without that
+    key, its first entry."""
+    entries = load_manifest(path)
+    manifest_path = Path(path) if path is not None else DEFAULT_MANIFEST_PATH
+    name = json.loads(manifest_path.read_text(encoding="utf-8")).get("default")
+    if name is None:
+        if not entries:
+            raise ManifestError(f"model manifest {manifest_path} has no models")
+        return next(iter(entries))
+    if not isinstance(name, str) or name not in entries:
+        raise ManifestError(
+            f"model manifest {manifest_path}: 'default' must name one of its models, got {_short(name)}"
+        )
+    return name
+
+
+def model_argument(
+    model: str | None,
+    *,
+    manifest: Path | str | None = None,
+    models_dir: Path | str = DEFAULT_MODELS_DIR,
+    fetcher: Callable[[ModelEntry, Path], Path] | None = None,
+) -> Path:
+    """The model file a command's optional MODEL argument names.
+
+    A path (an existing file, or anything with a folder or an `.onnx` suffix) is returned as given. A
+    manifest name or alias (`resnet50-v2`, `resnet50-v2-7`), or no argument at all (the manifest's default
+    model), is the verified file `models_dir/<filename>`, downloaded and verified first when absent
+    (`fetcher(entry, models_dir)`, default :func:`fetch`). When that is impossible (offline, no URL) the
+    error is one line saying which file to put where, and nothing is left behind (not even `models_dir`).
+    """
+    if model is not None:
+        path = Path(model).expanduser()
+        if path.exists() or path.suffix.lower() == ".onnx" or "/" in model or os.sep in model:
+            return path
+    entries = load_manifest(manifest)
+    name = model if model is not None else default_model_name(manifest)
+    try:
+        entry = resolve(name, entries)
+    except FetchError:
+        known = ", ".join(sorted({n for e in entries.values() for n in (e.name, *e.aliases)}))
+        raise FetchError(
+            f"model {model!r} is neither a file nor a model of the manifest (known models: {known})"
+        ) from None
+    models_dir = Path(models_dir)
+    target = models_dir / entry.filename
+    if is_verified(entry, target):
+        return target
+    put = f"put {entry.filename} (sha256 {entry.sha256}) at {target}"
+    if entry.url is None:
+        raise FetchError(f"{_no_url_message(entry, target)}")
+    created = not models_dir.exists()
+    try:
+        return (fetcher or fetch)(entry, models_dir)
+    except FetchError as exc:
+        if created:
+            with contextlib.suppress(OSError):
+                models_dir.rmdir()  # only when empty: fetch has removed its partial file
+        raise FetchError(f"model {entry.name} is not in {models_dir}/ and {exc}; {put}") from None
+
+
 # --------------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------------

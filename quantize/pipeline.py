@@ -224,6 +224,8 @@ class CalibrationRun:
     bias_correction: BiasCorrectionReport | None = None  # of the last model quantized with these ranges
     # Input means bias correction computed with these ranges: tuning's steps reuse them.
     bias_statistics: dict = field(default_factory=dict)
+    # Image-decoding processes (`--workers`): INC's own calibration passes use them too.
+    workers: int | None = None
 
     def files(self) -> list[Path]:
         return [s.path for s in self.samples]
@@ -292,6 +294,7 @@ def run_calibration(
         skipped=list(stream.skipped),
         smoke_sample=sample,
         seconds=time.perf_counter() - started,
+        workers=workers,
     )
 
 
@@ -302,7 +305,7 @@ def _inc_batches(
     batch = prepared.signature.fixed_batch or recipe.batch_size
 
     def make_batches():
-        stream = BatchStream(calibration.samples, spec, batch_size=batch)
+        stream = BatchStream(calibration.samples, spec, batch_size=batch, workers=calibration.workers)
         with stream:
             for item in stream:
                 yield _padded(item.images, batch) if prepared.signature.fixed_batch else item.images
@@ -548,7 +551,14 @@ def quantize_model(
                 scratch,
                 workdir,
                 eval_func=lambda path: (
-                    evaluate([path], list(tune.tune_samples), spec, workers=workers, ray=tune.ray)
+                    evaluate(
+                        [path],
+                        list(tune.tune_samples),
+                        spec,
+                        batch_size=tune.eval_batch,
+                        workers=workers,
+                        ray=tune.ray,
+                    )
                     .models[0]
                     .top1
                 ),
@@ -584,6 +594,7 @@ def quantize_model(
                 ),
                 workdir=workdir,
                 workers=workers,
+                eval_batch=tune.eval_batch,
                 log=log,
             )
             seconds["tune"] = tuning.seconds

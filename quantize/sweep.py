@@ -3,8 +3,9 @@
 The model is prepared once and each distinct calibration (method, percentile, bins, sample) runs once; every
 recipe then only re-quantizes. Each finished recipe is cached under `<report-dir>/.sweep-cache/<key>/` (its
 INT8 model, per-image predictions, and a summary keyed by the recipe's digest), where the key covers the model
-file, the preprocessing, the calibration and validation image lists: an interrupted sweep resumes where it
-stopped, and a changed input starts a fresh cache. Benchmarks are not cached: the models are benchmarked
+file, the preprocessing, the calibration and validation image lists, the labels files' contents and the
+versions of rq and its runtime (`cache_key`): an interrupted sweep resumes where it stopped, and a changed
+input starts a fresh cache. Benchmarks are not cached: the models are benchmarked
 together, interleaved, at the end, so that the machine's drift hits them all alike.
 """
 
@@ -167,6 +168,48 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
         np.savez(tmp, **arrays)
 
 
+def cache_key(
+    model: Path,
+    spec: PreprocessSpec,
+    *,
+    calib_files: list[Path],
+    calib_root: Path,
+    val_files: list[Path],
+    val_root: Path,
+    labels: Path | None,
+    val_labels: Path | None,
+    backends: set[str],
+) -> str:
+    """The sweep cache's folder name: everything a cached result depends on, besides the recipe itself.
+
+    The labels files count by content (a corrected labels file changes every accuracy), and the versions of
+    rq, ONNX Runtime (which quantizes and runs the models), onnx and, when the grid uses it, INC count too:
+    a cached result is never reused under another runtime."""
+    import onnx
+    import onnxruntime
+
+    from quantize import __version__
+
+    versions = {"rq": __version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__}
+    if "inc" in backends:
+        from quantize.inc_backend import require_inc
+
+        versions["neural-compressor"] = require_inc()
+    material = json.dumps(
+        {
+            "model": sha256_file(model),
+            "spec": spec.to_dict(),
+            "calib": file_list_sha256(calib_files, calib_root),
+            "val": file_list_sha256(val_files, val_root),
+            "labels": sha256_file(Path(labels)) if labels is not None else None,
+            "val_labels": sha256_file(Path(val_labels)) if val_labels is not None else None,
+            "versions": versions,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(material.encode()).hexdigest()[:16]
+
+
 def run_sweep(
     model: Path,
     calib: Path,
@@ -204,18 +247,18 @@ def run_sweep(
     val_dataset, val_set = validation_samples(val, val_labels, val_limit)
     seconds: dict[str, float] = {}
 
-    # Everything a cached result depends on, besides the recipe itself.
-    calib_files_hint = [s.path for s in calib_dataset.samples]
-    key_material = json.dumps(
-        {
-            "model": sha256_file(model),
-            "spec": spec.to_dict(),
-            "calib": file_list_sha256(calib_files_hint, calib_dataset.root),
-            "val": file_list_sha256([s.path for s in val_set], val_dataset.root),
-        },
-        sort_keys=True,
+    cache_name = cache_key(
+        model,
+        spec,
+        calib_files=[s.path for s in calib_dataset.samples],
+        calib_root=calib_dataset.root,
+        val_files=[s.path for s in val_set],
+        val_root=val_dataset.root,
+        labels=labels,
+        val_labels=val_labels,
+        backends={r.backend for r in recipes},
     )
-    cache_dir = Path(report_dir) / ".sweep-cache" / hashlib.sha256(key_material.encode()).hexdigest()[:16]
+    cache_dir = Path(report_dir) / ".sweep-cache" / cache_name
     cache_dir.mkdir(parents=True, exist_ok=True)
 
     with work_folder("rq-sweep-") as workdir:
@@ -226,13 +269,10 @@ def run_sweep(
         seconds["prepare"] = time.perf_counter() - started
 
         fp32_cache = cache_dir / "fp32.npz"
-        val_skipped: list[tuple[Path, str]] = []
-        skipped_cache = cache_dir / "fp32-skipped.json"
         if fp32_cache.is_file():
             data = np.load(fp32_cache)
             fp32_pred, fp32_top5, labels_arr = data["predictions"], data["top5"], data["labels"]
-            if skipped_cache.is_file():
-                val_skipped = [(Path(p), r) for p, r in json.loads(skipped_cache.read_text())]
+            val_skipped = [(Path(p), r) for p, r in json.loads(str(data["skipped"]))]
         else:
             log("validate FP32")
             started = time.perf_counter()
@@ -243,7 +283,13 @@ def run_sweep(
                 run.models[0].correct_top5,
                 run.labels,
             )
-            _save_npz(fp32_cache, predictions=fp32_pred, top5=fp32_top5, labels=labels_arr)
+            val_skipped = list(run.skipped)
+            # The images the FP32 pass could not read go into the same file (one atomic write), as JSON: a
+            # rerun served from the cache reports them too.
+            skipped_json = np.array(json.dumps([[str(p), r] for p, r in val_skipped]))
+            _save_npz(
+                fp32_cache, predictions=fp32_pred, top5=fp32_top5, labels=labels_arr, skipped=skipped_json
+            )
 
         calibrations: dict[tuple, CalibrationRun] = {}
         calibration_seconds: dict[tuple, float] = {}

@@ -56,6 +56,7 @@ class TuneRequest:
     # a held-back calibration image could be one of them).
     never_use: tuple[Path, ...] = ()
     ray: object = None  # a quantize.distributed.RayRunner: the tuning passes run on that Ray cluster
+    eval_batch: int = 32  # batch size of the tuning's validation passes (`--eval-batch`)
 
 
 def split_for_tuning(

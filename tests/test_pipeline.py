@@ -318,3 +318,29 @@ def test_each_calibration_method(method, v2_model, calib_dir, tmp_path, avx2_cpu
     assert result.ranges.method == method
     assert QuantRecipe.from_json(read_model_metadata(result.output)[METADATA_KEY]).calibration == method
     assert run(result.output, random_inputs(2)).shape == (2, CLASSES)
+
+
+def test_inc_calibration_passes_decode_with_the_workers_asked_for(
+    tiny_model, calib_dir, tmp_path, monkeypatch
+):
+    """`--workers` reaches INC's own calibration passes (built here without INC: `_inc_batches` is what
+    `quantize_with_inc` reads the images through)."""
+    from calibration import discover_dataset
+    from quantize.prepare import prepare_model
+
+    seen: list = []
+    real_stream = pipeline.BatchStream
+
+    def recording_stream(*args, **kwargs):
+        seen.append(kwargs.get("workers"))
+        return real_stream(*args, **kwargs)
+
+    recipe = QuantRecipe(backend="inc", samples=4)
+    prepared = prepare_model(tiny_model, tmp_path)
+    calibration = pipeline.run_calibration(
+        prepared, discover_dataset(calib_dir), recipe, SMALL_SPEC, tmp_path, workers=2
+    )
+    monkeypatch.setattr(pipeline, "BatchStream", recording_stream)
+    make_batches, _batch = pipeline._inc_batches(prepared, calibration, recipe, SMALL_SPEC)
+    images = sum(len(b) for b in make_batches())
+    assert seen == [2] and images == 4

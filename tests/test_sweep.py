@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from calib_images import make_class_folders
+from calib_images import make_class_folders, write_rgb
 from conftest import x86_cpu
 from test_cli_quantize import ENV, all_output, assert_one_line_error
 from test_evaluate import wnid
@@ -261,3 +261,65 @@ def test_cached_rerun_report_still_describes_the_calibration(inputs, first_sweep
     assert data["calibration"] is not None
     for key in ("folder", "layout", "images_used", "skipped", "file_list_sha256"):
         assert data["calibration"][key] == first_sweep["data"]["calibration"][key]
+
+
+def test_unreadable_validation_image_is_reported_fresh_and_cached(tmp_path):
+    """A broken image in the validation folder is counted and named in the sweep's report, on the first run
+    and on a rerun served from the cache (the FP32 pass, which finds the skip, is not run again)."""
+    model = sensitive_model(tmp_path / "tiny1000.onnx", n_sensitive=0)
+    calib, val = tmp_path / "calib", tmp_path / "val"
+    make_class_folders(calib, {wnid(0): 4, wnid(1): 4}, size=(48, 40))
+    make_class_folders(val, {wnid(2): 3, wnid(3): 3}, size=(48, 40))
+    broken = val / wnid(2) / "broken.JPEG"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg at all")
+    reports = tmp_path / "reports"
+    args = ["sweep", model, "--calib", calib, "--val", val, "--json", *SWEEP, "--grid", "weights"]
+    args += ["--report-dir", reports]
+    seen = []
+    for _run_number in (1, 2):
+        result = invoke(*args)
+        assert result.exit_code == 0, all_output(result)
+        data = json.loads(result.stdout)
+        validate_report(data)
+        skipped = data["validation"]["skipped"]
+        assert [Path(p).name for p, _reason in skipped] == ["broken.JPEG"], skipped
+        assert data["validation"]["images"] == 6
+        md = (reports / data["run_id"] / "report.md").read_text()
+        assert "Skipped files (1)" in md and "broken.JPEG" in md
+        seen.append([v.get("cached") for v in data["variants"][1:]])
+    assert not any(seen[0]) and all(seen[1])  # the second run came from the cache
+
+
+@pytest.fixture
+def flat_val_with_labels(inputs, tmp_path) -> dict[str, Path]:
+    """The module's model and calibration images; a flat validation folder labelled by a val.txt file."""
+    val = tmp_path / "flat-val"
+    for i in range(4):
+        write_rgb(val / f"img_{i}.JPEG", size=(48, 40), seed=50 + i)
+    labels = tmp_path / "val.txt"
+    labels.write_text("".join(f"img_{i}.JPEG {i % 2}\n" for i in range(4)))
+    return {"model": inputs["model"], "calib": inputs["calib"], "val": val, "val_labels": labels}
+
+
+def test_a_changed_labels_file_misses_the_cache(flat_val_with_labels, tmp_path, monkeypatch):
+    counter = CountingQuantize()
+    monkeypatch.setattr(sweep_module, "quantize_prepared", counter)
+    data = flat_val_with_labels
+    first = _run(data, tmp_path / "r", val_labels=data["val_labels"])
+    data["val_labels"].write_text("".join(f"img_{i}.JPEG {2 + i % 2}\n" for i in range(4)))  # same path
+    second = _run(data, tmp_path / "r", val_labels=data["val_labels"])
+    assert second.cache_dir != first.cache_dir
+    assert not any(e.cached for e in second.entries) and len(counter.calls) == 6
+    assert list(second.labels) == [2, 3, 2, 3] and list(first.labels) == [0, 1, 0, 1]
+
+
+def test_another_onnxruntime_version_misses_the_cache(inputs, tmp_path, monkeypatch):
+    import onnxruntime
+
+    counter = CountingQuantize()
+    monkeypatch.setattr(sweep_module, "quantize_prepared", counter)
+    first = _run(inputs, tmp_path)
+    monkeypatch.setattr(onnxruntime, "__version__", onnxruntime.__version__ + ".post-test")
+    second = _run(inputs, tmp_path)
+    assert second.cache_dir != first.cache_dir
+    assert not any(e.cached for e in second.entries) and len(counter.calls) == 6

@@ -388,3 +388,27 @@ def test_cli_tune_falls_back_the_sensitive_node_and_gates_on_held_out_images(
     (run,) = [p for p in reports.iterdir() if p.is_dir()]
     assert "## Tuning" in (run / "report.md").read_text()
     assert json.loads(read_model_metadata(out)[METADATA_KEY])["exclude_nodes"] == ["conv_sensitive"]
+
+
+def test_cli_eval_batch_reaches_the_tuning_passes(
+    sensitive, sensitive_val, tune_calib, tmp_path, monkeypatch
+):
+    """`--eval-batch` is the batch size of tuning's validation passes too, not only of the confirmation."""
+    import quantize.tune as tune_module
+
+    batches: list[int] = []
+    real_pool = tune_module.run_pool
+
+    def recording_pool(path, samples, spec, batch, workers, ray=None):
+        batches.append(batch)
+        return real_pool(path, samples, spec, batch, workers, ray)
+
+    monkeypatch.setattr(tune_module, "run_pool", recording_pool)
+    monkeypatch.chdir(tmp_path)
+    args = [sensitive, "--calib", tune_calib, "--val", sensitive_val, "--max-drop", "0", "--tune"]
+    args += ["--out", tmp_path / "int8.onnx", "--report-dir", tmp_path / "reports", "--per-tensor"]
+    args += ["--calibration", "minmax", "--reduce-range", "--samples", "16", "--workers", "2"]
+    args += ["--resize", "36", "--crop", "32", "--op-types", "Conv,Gemm,MatMul", "--eval-batch", "3"]
+    result = CliRunner().invoke(app, ["quantize", *[str(a) for a in args]], env=ENV)
+    assert result.exit_code == 0, all_output(result)
+    assert len(batches) >= 2 and set(batches) == {3}
