@@ -259,6 +259,11 @@ class OpenVinoRuntime:
     name = "openvino"
     label = "openvino"
 
+    def __init__(self, extra_config: dict[str, str] | None = None):
+        # CPU plugin properties added to (and overriding) rq's: for experiments such as
+        # benchmarks/interleave_check.py --ov-config; rq's commands leave it empty.
+        self.extra_config = dict(extra_config or {})
+
     def _ov(self):
         try:
             import openvino
@@ -292,6 +297,7 @@ class OpenVinoRuntime:
         }
         if threads:
             config["INFERENCE_NUM_THREADS"] = str(threads)
+        config.update(self.extra_config)
         return OpenVinoSession(core, model, path, config, _has_int8(path))
 
 
