@@ -8,7 +8,8 @@ shape, what it runs on, in which precision). Three are built in:
 - ``openvino``: the OpenVINO runtime reading the ONNX file directly (``pip install 'rq-quant[openvino]'``),
   imported only when asked for. OpenVINO runs "FP32" in bf16 on CPUs with AVX512_BF16/AMX unless told
   otherwise, so rq always compiles with ``INFERENCE_PRECISION_HINT=f32`` and reports the precision the
-  compiled model says it uses;
+  compiled model says it uses; and with ``ENABLE_CPU_PINNING=NO`` (pinned, it was slowed by, and slowed, the
+  ORT sessions interleaved with it in one process: benchmarks/README.md);
 - ``ort-openvino``: ONNX Runtime with the OpenVINO execution provider, available only when the installed
   onnxruntime has that provider (the ``onnxruntime-openvino`` distribution, which replaces ``onnxruntime``).
 
@@ -294,6 +295,10 @@ class OpenVinoRuntime:
             "INFERENCE_PRECISION_HINT": "f32",
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": "1",
+            # Pinned TBB workers cannot leave a core another thread (an ORT session of the same process, any
+            # other process) holds: interleaved with ORT, or on a shared machine, OpenVINO then ran up to 1.5x
+            # slower than alone, and ORT beside it 1.25x slower. Unpinned, both equal alone (benchmarks/README.md).
+            "ENABLE_CPU_PINNING": "NO",
         }
         if threads:
             config["INFERENCE_NUM_THREADS"] = str(threads)

@@ -391,3 +391,19 @@ def test_sweep_unknown_runtime_is_one_line_exit_2(cli, sweep_inputs, tmp_path):
     )  # fmt: skip
     assert_one_line_error(result, "unknown runtime 'nope'")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.skipif(not HAS_OPENVINO, reason="needs the openvino extra")
+def test_openvino_compiles_unpinned_f32_and_takes_extra_properties(tiny_pair):
+    """Pinned OpenVINO threads slowed, and were slowed by, the ORT sessions interleaved with them
+    (benchmarks/README.md): rq compiles with pinning off; `extra_config` overrides rq's properties."""
+    fp32, _ = tiny_pair
+    session = runtimes.OpenVinoRuntime().open(fp32)
+    shape = [1 if not isinstance(d, int) else d for d in session.input_shape]
+    session.run(np.zeros(shape, np.float32))
+    compiled = session._request(1).get_compiled_model()
+    assert compiled.get_property("ENABLE_CPU_PINNING") is False
+    assert session.precision == "f32"
+    pinned = runtimes.OpenVinoRuntime({"ENABLE_CPU_PINNING": "YES"}).open(fp32)
+    pinned.run(np.zeros(shape, np.float32))
+    assert pinned._request(1).get_compiled_model().get_property("ENABLE_CPU_PINNING") is True
