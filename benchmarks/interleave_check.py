@@ -26,7 +26,8 @@ from quantize.bench import bench_models
 def _alone(model: str, runtime: str, args) -> dict[int, float]:
     """Median ms per batch of one model in one runtime, timed in a process of its own."""
     code = (
-        "import json,sys; from quantize.bench import bench_models; "
+        "import json,sys; from quantize.bench import bench_models; from quantize import runtimes; "
+        f"runtimes.get('openvino').extra_config.update({args.ov_config!r}); "
         f"r = bench_models([{model!r}], batch_sizes={args.batch!r}, runs={args.runs}, warmup={args.warmup}, "
         f"runtimes=[{runtime!r}], allow_spinning={args.spinning!r}, threads={args.threads!r}); "
         "print(json.dumps({row.batch: row.median_ms for row in r.rows}))"
@@ -46,7 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--spinning", action="store_true", help="let ORT's intra-op pools spin (rq: off)")
+    parser.add_argument(
+        "--ov-config",
+        default="",
+        help="OpenVINO CPU properties added to rq's, KEY=VALUE,… (e.g. ENABLE_CPU_PINNING=NO), alone and interleaved",
+    )
     args = parser.parse_args(argv)
+    args.ov_config = dict(kv.split("=", 1) for kv in args.ov_config.split(",") if kv.strip())
+    if args.ov_config:
+        from quantize import runtimes as runtimes_mod
+
+        runtimes_mod.get("openvino").extra_config.update(args.ov_config)
     args.batch = [int(b) for b in args.batch.split(",")]
     runtimes = [r.strip() for r in args.runtime.split(",") if r.strip()]
     pairs = [(m, rt) for rt in runtimes for m in args.models]
@@ -70,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     print(
         f"median of {args.rounds} rounds of {args.runs}-run medians; ORT spinning {'on' if args.spinning else 'off'}"
+        + (f"; OpenVINO {args.ov_config}" if args.ov_config else "")
     )
     print(
         f"{'model':40} {'runtime':9} {'batch':>5} {'alone ms':>10} {'interleaved ms':>15} {'inter/alone':>12}"
@@ -78,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         a = statistics.median(alone[key])
         t = statistics.median(together[key])
         print(f"{Path(key[0]).name:40} {key[1]:9} {key[2]:5d} {a:10.2f} {t:15.2f} {t / a:11.2f}×")
+    print("per round (alone | interleaved), ms:")
+    for key in sorted(alone, key=lambda k: (k[2], k[1], args.models.index(k[0]))):
+        a_text = " ".join(f"{x:.1f}" for x in alone[key])
+        t_text = " ".join(f"{x:.1f}" for x in together[key])
+        print(f"  {Path(key[0]).name} {key[1]} b{key[2]}: {a_text} | {t_text}")
     for rt in runtimes:
         for b in args.batch:
             base = [k for k in alone if k[1] == rt and k[2] == b and k[0] == args.models[0]]

@@ -1011,6 +1011,7 @@ def sweep(
     interpolation: InterpOpt = None,
     workers: WorkersOpt = None,
     ray: RayOpt = None,
+    runtime: RuntimeOpt = "ort",
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
 ) -> None:
     """Quantize, validate and benchmark a grid of recipes; report the accuracy/speed Pareto front.
@@ -1031,6 +1032,11 @@ def sweep(
             raise RqInputError("--bench-runs must be ≥ 1")
         if eval_batch < 1:
             raise RqInputError("--eval-batch must be ≥ 1")
+        from quantize import runtimes
+
+        chosen_runtimes = runtimes.parse(runtime)
+        if ray is not None and chosen_runtimes != ["ort"]:
+            raise RqInputError("--ray runs models in onnxruntime only; drop --runtime or --ray")
         ensure_writable_dir(report_dir)
         runner = stack.enter_context(ray_session(ray))
         result = run_sweep(
@@ -1050,6 +1056,7 @@ def sweep(
             workers=workers,
             log=lambda msg: err.print(f"[dim]· {escape(msg)}[/]", highlight=False),
             ray=runner,
+            runtimes=chosen_runtimes,
         )
         data = sweep_report(result, ["rq", *sys.argv[1:]], grid)
         paths = write_report(data, report_dir / data["run_id"])

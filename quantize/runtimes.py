@@ -8,7 +8,8 @@ shape, what it runs on, in which precision). Three are built in:
 - ``openvino``: the OpenVINO runtime reading the ONNX file directly (``pip install 'rq-quant[openvino]'``),
   imported only when asked for. OpenVINO runs "FP32" in bf16 on CPUs with AVX512_BF16/AMX unless told
   otherwise, so rq always compiles with ``INFERENCE_PRECISION_HINT=f32`` and reports the precision the
-  compiled model says it uses;
+  compiled model says it uses; and with ``ENABLE_CPU_PINNING=NO`` (pinned, it was slowed by, and slowed, the
+  ORT sessions interleaved with it in one process: benchmarks/README.md);
 - ``ort-openvino``: ONNX Runtime with the OpenVINO execution provider, available only when the installed
   onnxruntime has that provider (the ``onnxruntime-openvino`` distribution, which replaces ``onnxruntime``).
 
@@ -259,6 +260,11 @@ class OpenVinoRuntime:
     name = "openvino"
     label = "openvino"
 
+    def __init__(self, extra_config: dict[str, str] | None = None):
+        # CPU plugin properties added to (and overriding) rq's: for experiments such as
+        # benchmarks/interleave_check.py --ov-config; rq's commands leave it empty.
+        self.extra_config = dict(extra_config or {})
+
     def _ov(self):
         try:
             import openvino
@@ -289,9 +295,14 @@ class OpenVinoRuntime:
             "INFERENCE_PRECISION_HINT": "f32",
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": "1",
+            # Pinned TBB workers cannot leave a core another thread (an ORT session of the same process, any
+            # other process) holds: interleaved with ORT, or on a shared machine, OpenVINO then ran up to 1.5x
+            # slower than alone, and ORT beside it 1.25x slower. Unpinned, both equal alone (benchmarks/README.md).
+            "ENABLE_CPU_PINNING": "NO",
         }
         if threads:
             config["INFERENCE_NUM_THREADS"] = str(threads)
+        config.update(self.extra_config)
         return OpenVinoSession(core, model, path, config, _has_int8(path))
 
 

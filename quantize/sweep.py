@@ -5,7 +5,9 @@ recipe then only re-quantizes. Each finished recipe is cached under `<report-dir
 INT8 model, per-image predictions, and a summary keyed by the recipe's digest), where the key covers the model
 file, the preprocessing, the calibration and validation image lists, the labels files' contents and the
 versions of rq and its runtime (`cache_key`): an interrupted sweep resumes where it stopped, and a changed
-input starts a fresh cache. Benchmarks are not cached: the models are benchmarked
+input starts a fresh cache. With several runtimes (`runtimes`, like `--runtime` on bench/eval) every recipe's
+one INT8 file is validated and benchmarked in each; its predictions are cached per runtime and runtime version
+(`<digest>.<runtime tag>.npz`, see `runtime_tag`). Benchmarks are not cached: the models are benchmarked
 together, interleaved, at the end, so that the machine's drift hits them all alike.
 """
 
@@ -16,7 +18,7 @@ import hashlib
 import itertools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,6 +147,8 @@ class SweepEntry:
     top5_correct: np.ndarray
     cached: bool
     seconds: dict[str, float] = field(default_factory=dict)
+    runtime: str = "ort"  # the runtime these predictions came from (one entry per recipe and runtime)
+    model_index: int = 0  # the recipe's model in the benchmark (1-based; 0 is FP32)
 
 
 @dataclass
@@ -161,6 +165,18 @@ class SweepResult:
     prepared: object
     cache_dir: Path
     seconds: dict[str, float]
+    runtimes: list[str] = field(default_factory=lambda: ["ort"])
+    # FP32 (predictions, top-5 correctness) per runtime; the first runtime's are fp32_predictions above.
+    fp32_by_runtime: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+
+def runtime_tag(name: str) -> str:
+    """The cache files' name for predictions made in runtime `name`: its name and a digest of its version
+    (an upgraded runtime computes, and is cached, anew)."""
+    from quantize import runtimes as runtimes_mod
+
+    version = runtimes_mod.get(name).version()
+    return f"{name}-{hashlib.sha256(version.encode()).hexdigest()[:8]}"
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -230,14 +246,24 @@ def run_sweep(
     log: Callable[[str], None] = lambda _msg: None,
     progress: Progress | None = None,
     ray=None,
+    runtimes: Sequence[str] = ("ort",),
 ) -> SweepResult:
     """`ray`: a `quantize.distributed.RayRunner`: every validation pass runs on the cluster through Ray Data
     and each uncached recipe's quantization is a Ray task (submitted together after the calibrations, which
-    run once per calibration key here and are shared); finished recipes are cached as without Ray."""
+    run once per calibration key here and are shared); finished recipes are cached as without Ray.
+
+    `runtimes`: the runtimes (quantize.runtimes names) every model is validated and benchmarked in; entries
+    come recipe by recipe, one per runtime in this order."""
     model = Path(model)
     base = base or QuantRecipe()
     spec = spec or PreprocessSpec()
     cpu = cpu or detect_cpu()
+    from quantize import runtimes as runtimes_mod
+
+    runtimes = runtimes_mod.parse(list(runtimes))
+    if ray is not None and runtimes != ["ort"]:
+        raise RqInputError("--ray runs models in onnxruntime only; drop --runtime or --ray")
+    tags = {rt: runtime_tag(rt) for rt in runtimes}
     recipes = grid_recipes(grid, base, cpu)
     if any(r.backend == "inc" for r in recipes):
         from quantize.inc_backend import require_inc
@@ -268,32 +294,44 @@ def run_sweep(
         check_spec_matches(prepared.signature, spec)
         seconds["prepare"] = time.perf_counter() - started
 
-        fp32_cache = cache_dir / "fp32.npz"
-        if fp32_cache.is_file():
-            data = np.load(fp32_cache)
-            fp32_pred, fp32_top5, labels_arr = data["predictions"], data["top5"], data["labels"]
-            val_skipped = [(Path(p), r) for p, r in json.loads(str(data["skipped"]))]
-        else:
-            log("validate FP32")
-            started = time.perf_counter()
-            run = evaluate([model], val_set, spec, batch_size=eval_batch, workers=workers, ray=ray)
-            seconds["validate FP32"] = time.perf_counter() - started
-            fp32_pred, fp32_top5, labels_arr = (
-                run.models[0].predictions,
-                run.models[0].correct_top5,
-                run.labels,
-            )
-            val_skipped = list(run.skipped)
-            # The images the FP32 pass could not read go into the same file (one atomic write), as JSON: a
-            # rerun served from the cache reports them too.
-            skipped_json = np.array(json.dumps([[str(p), r] for p, r in val_skipped]))
-            _save_npz(
-                fp32_cache, predictions=fp32_pred, top5=fp32_top5, labels=labels_arr, skipped=skipped_json
-            )
+        def where(rt: str) -> str:
+            return "" if rt == runtimes[0] else f" · {rt}"
+
+        val_skipped: list[tuple[Path, str]] = []
+        labels_arr = None
+        fp32_by_runtime: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for rt in runtimes:
+            fp32_cache = cache_dir / f"fp32.{tags[rt]}.npz"
+            if fp32_cache.is_file():
+                data = np.load(fp32_cache)
+                pred, top5, rt_labels = data["predictions"], data["top5"], data["labels"]
+                rt_skipped = [(Path(p), r) for p, r in json.loads(str(data["skipped"]))]
+            else:
+                log(f"validate FP32{where(rt)}")
+                started = time.perf_counter()
+                run = evaluate(
+                    [model], val_set, spec, batch_size=eval_batch, workers=workers, ray=ray, runtime=rt
+                )
+                seconds[f"validate FP32{where(rt)}"] = time.perf_counter() - started
+                pred, top5, rt_labels = run.models[0].predictions, run.models[0].correct_top5, run.labels
+                rt_skipped = list(run.skipped)
+                # The images the FP32 pass could not read go into the same file (one atomic write), as JSON: a
+                # rerun served from the cache reports them too.
+                skipped_json = np.array(json.dumps([[str(p), r] for p, r in rt_skipped]))
+                _save_npz(fp32_cache, predictions=pred, top5=top5, labels=rt_labels, skipped=skipped_json)
+            if labels_arr is None:
+                labels_arr, val_skipped = rt_labels, rt_skipped
+            elif not np.array_equal(rt_labels, labels_arr):
+                raise RqInputError(
+                    "validation images changed during the sweep; delete the sweep cache and rerun"
+                )
+            fp32_by_runtime[rt] = (pred, top5)
+        fp32_pred, fp32_top5 = fp32_by_runtime[runtimes[0]]
 
         calibrations: dict[tuple, CalibrationRun] = {}
         calibration_seconds: dict[tuple, float] = {}
         entries: list[SweepEntry] = []
+        model_paths: list[Path] = []
         calib_summary: dict = {}
         jobs = None
         if ray is not None:
@@ -302,7 +340,7 @@ def run_sweep(
             jobs = QuantizeJobs(ray, prepared)
             for recipe in recipes:
                 digest = recipe.digest()
-                if all((cache_dir / f"{digest}{ext}").is_file() for ext in (".onnx", ".json", ".npz")):
+                if all((cache_dir / f"{digest}{ext}").is_file() for ext in (".onnx", ".json")):
                     continue
                 key = calibration_key(recipe)
                 if key not in calibrations:
@@ -316,68 +354,92 @@ def run_sweep(
             digest = recipe.digest()
             onnx_path = cache_dir / f"{digest}.onnx"
             summary_path = cache_dir / f"{digest}.json"
-            npz_path = cache_dir / f"{digest}.npz"
-            if onnx_path.is_file() and summary_path.is_file() and npz_path.is_file():
+            npz_paths = {rt: cache_dir / f"{digest}.{tags[rt]}.npz" for rt in runtimes}
+            model_paths.append(onnx_path)
+            model_cached = onnx_path.is_file() and summary_path.is_file()
+            timing: dict[str, float] = {}
+            if model_cached:
                 summary = json.loads(summary_path.read_text())
                 calib_summary = summary.get("calibration") or calib_summary
-                data = np.load(npz_path)
-                entries.append(
-                    SweepEntry(
-                        recipe, onnx_path, summary["quantized_ops"], data["predictions"], data["top5"], True
-                    )
-                )
-                log(f"[{index}/{len(recipes)}] {variant_name(recipe)}: cached")
-                continue
-            log(f"[{index}/{len(recipes)}] {variant_name(recipe)}")
-            timing: dict[str, float] = {}
-            key = calibration_key(recipe)
-            if key in calibration_seconds:
-                timing["calibrate"] = calibration_seconds.pop(key)
-            if key not in calibrations:
-                started = time.perf_counter()
-                calibrations[key] = run_calibration(
-                    prepared, calib_dataset, recipe, spec, workdir, workers=workers, progress=progress
-                )
-                timing["calibrate"] = time.perf_counter() - started
-            calibration = calibrations[key]
-            calib_summary = {
-                "folder": str(calib_dataset.root),
-                "layout": calib_dataset.layout,
-                "images_used": calibration.used,
-                "skipped": [[str(p), r] for p, r in calibration.skipped],
-                "file_list_sha256": file_list_sha256(calibration.files(), calib_dataset.root),
-                "seconds": round(calibration.seconds, 3),
-            }
-            started = time.perf_counter()
-            if jobs is not None and digest in jobs:
-                ops, timing["quantize"] = jobs.collect(digest, onnx_path)
+                ops_dict = summary["quantized_ops"]
+                if all(p.is_file() for p in npz_paths.values()):
+                    log(f"[{index}/{len(recipes)}] {variant_name(recipe)}: cached")
+                else:
+                    log(f"[{index}/{len(recipes)}] {variant_name(recipe)}: cached model, validate")
             else:
-                ops: QuantizedOps = quantize_prepared(prepared, calibration, recipe, spec, onnx_path, workdir)
-                timing["quantize"] = time.perf_counter() - started
-            started = time.perf_counter()
-            run = evaluate([onnx_path], val_set, spec, batch_size=eval_batch, workers=workers, ray=ray)
-            timing["validate"] = time.perf_counter() - started
-            if not np.array_equal(run.labels, labels_arr):
-                raise RqInputError(
-                    "validation images changed during the sweep; delete the sweep cache and rerun"
+                log(f"[{index}/{len(recipes)}] {variant_name(recipe)}")
+                key = calibration_key(recipe)
+                if key in calibration_seconds:
+                    timing["calibrate"] = calibration_seconds.pop(key)
+                if key not in calibrations:
+                    started = time.perf_counter()
+                    calibrations[key] = run_calibration(
+                        prepared, calib_dataset, recipe, spec, workdir, workers=workers, progress=progress
+                    )
+                    timing["calibrate"] = time.perf_counter() - started
+                calibration = calibrations[key]
+                calib_summary = {
+                    "folder": str(calib_dataset.root),
+                    "layout": calib_dataset.layout,
+                    "images_used": calibration.used,
+                    "skipped": [[str(p), r] for p, r in calibration.skipped],
+                    "file_list_sha256": file_list_sha256(calibration.files(), calib_dataset.root),
+                    "seconds": round(calibration.seconds, 3),
+                }
+                started = time.perf_counter()
+                if jobs is not None and digest in jobs:
+                    ops, timing["quantize"] = jobs.collect(digest, onnx_path)
+                else:
+                    ops: QuantizedOps = quantize_prepared(
+                        prepared, calibration, recipe, spec, onnx_path, workdir
+                    )
+                    timing["quantize"] = time.perf_counter() - started
+                ops_dict = ops.to_dict()
+                summary = {
+                    "recipe": recipe.to_dict(),
+                    "quantized_ops": ops_dict,
+                    "seconds": timing,
+                    "calibration": calib_summary,
+                }
+                atomic_write_text(summary_path, json.dumps(summary, indent=2))
+            # The one INT8 file, validated in every runtime (its predictions cached per runtime and version).
+            for rt in runtimes:
+                npz_path = npz_paths[rt]
+                rt_timing = dict(timing) if rt == runtimes[0] else {}
+                if npz_path.is_file():
+                    data = np.load(npz_path)
+                    pred, top5 = data["predictions"], data["top5"]
+                    cached = model_cached
+                else:
+                    started = time.perf_counter()
+                    run = evaluate(
+                        [onnx_path],
+                        val_set,
+                        spec,
+                        batch_size=eval_batch,
+                        workers=workers,
+                        ray=ray,
+                        runtime=rt,
+                    )
+                    rt_timing["validate"] = time.perf_counter() - started
+                    if not np.array_equal(run.labels, labels_arr):
+                        raise RqInputError(
+                            "validation images changed during the sweep; delete the sweep cache and rerun"
+                        )
+                    pred, top5 = run.models[0].predictions, run.models[0].correct_top5
+                    _save_npz(npz_path, predictions=pred, top5=top5)
+                    cached = False
+                entries.append(
+                    SweepEntry(recipe, onnx_path, ops_dict, pred, top5, cached, rt_timing, rt, index)
                 )
-            pred, top5 = run.models[0].predictions, run.models[0].correct_top5
-            _save_npz(npz_path, predictions=pred, top5=top5)
-            summary = {
-                "recipe": recipe.to_dict(),
-                "quantized_ops": ops.to_dict(),
-                "seconds": timing,
-                "calibration": calib_summary,
-            }
-            atomic_write_text(summary_path, json.dumps(summary, indent=2))
-            entries.append(SweepEntry(recipe, onnx_path, ops.to_dict(), pred, top5, False, timing))
 
     bench = None
     if bench_batches:
-        log("bench (FP32 and every INT8 variant, interleaved)")
+        where_all = "" if runtimes == ["ort"] else f" in {', '.join(runtimes)}"
+        log(f"bench (FP32 and every INT8 variant, interleaved{where_all})")
         started = time.perf_counter()
         bench = bench_models(
-            [model] + [e.model_path for e in entries], batch_sizes=bench_batches, runs=bench_runs
+            [model, *model_paths], batch_sizes=bench_batches, runs=bench_runs, runtimes=runtimes
         )
         seconds["bench"] = time.perf_counter() - started
 
@@ -408,6 +470,8 @@ def run_sweep(
         prepared=prepared,
         cache_dir=cache_dir,
         seconds=seconds,
+        runtimes=runtimes,
+        fp32_by_runtime=fp32_by_runtime,
     )
 
 
@@ -415,51 +479,67 @@ def sweep_report(result: SweepResult, command: list[str], grid: str) -> dict:
     from quantize.report_data import bench_by_batch, build_report, variant
 
     labels = result.labels
-    fp32_correct = result.fp32_predictions == labels
-    variants = [
-        variant(
-            "FP32",
+    runtimes = result.runtimes
+    fp32_by_runtime = result.fp32_by_runtime or {
+        runtimes[0]: (result.fp32_predictions, result.fp32_top5_correct)
+    }
+    # One name per recipe (labels that leave a varied field out get the digest), then " · <runtime>" for
+    # every runtime after the first, as `rq quantize --runtime` names its rows.
+    names: dict[str, str] = {}
+    for entry in result.entries:
+        digest = entry.recipe.digest()
+        if digest not in names:
+            name = variant_name(entry.recipe)
+            if name == "FP32" or name in names.values():
+                name = f"{name} ({digest[:6]})"
+            names[digest] = name
+    variants = []
+    for rt in runtimes:
+        suffix = "" if rt == runtimes[0] else f" · {rt}"
+        fp32_pred, fp32_top5 = fp32_by_runtime[rt]
+        fp32_correct = fp32_pred == labels
+        fp32 = variant(
+            f"FP32{suffix}",
             "fp32",
             result.model,
             accuracy={
                 "top1": round(100 * float(fp32_correct.mean()), 4),
-                "top5": round(100 * float(result.fp32_top5_correct.mean()), 4),
+                "top5": round(100 * float(fp32_top5.mean()), 4),
                 "images": len(labels),
             },
-            bench=bench_by_batch(result.bench, 0),
+            bench=bench_by_batch(result.bench, 0, rt),
         )
-    ]
-    for i, entry in enumerate(result.entries, 1):
-        correct = entry.predictions == labels
-        drop = paired_drop(
-            fp32_correct, correct, disagreements=int((entry.predictions != result.fp32_predictions).sum())
-        )
-        name = variant_name(entry.recipe)
-        if any(
-            v["name"] == name for v in variants
-        ):  # labels that leave a varied field out: keep names unique
-            name = f"{name} ({entry.recipe.digest()[:6]})"
-        item = variant(
-            name,
-            "int8",
-            entry.model_path,
-            recipe=entry.recipe,
-            accuracy={
-                "top1": round(100 * float(correct.mean()), 4),
-                "top5": round(100 * float(entry.top5_correct.mean()), 4),
-                "images": len(labels),
-            },
-            drop=drop,
-            bench=bench_by_batch(result.bench, i),
-        )
-        item["quantized_ops"] = entry.quantized_ops
-        item["cached"] = entry.cached
-        variants.append(item)
-    notes = [f"grid {grid!r}: {len(result.entries)} recipes; cache {result.cache_dir}"]
+        fp32["runtime"] = rt
+        variants.append(fp32)
+        for entry in (e for e in result.entries if e.runtime == rt):
+            correct = entry.predictions == labels
+            drop = paired_drop(
+                fp32_correct, correct, disagreements=int((entry.predictions != fp32_pred).sum())
+            )
+            item = variant(
+                names[entry.recipe.digest()] + suffix,
+                "int8",
+                entry.model_path,
+                recipe=entry.recipe,
+                accuracy={
+                    "top1": round(100 * float(correct.mean()), 4),
+                    "top5": round(100 * float(entry.top5_correct.mean()), 4),
+                    "images": len(labels),
+                },
+                drop=drop,
+                bench=bench_by_batch(result.bench, entry.model_index, rt),
+            )
+            item["quantized_ops"] = entry.quantized_ops
+            item["cached"] = entry.cached
+            item["runtime"] = rt
+            variants.append(item)
+    notes = [f"grid {grid!r}: {len(names)} recipes; cache {result.cache_dir}"]
     dropped = unsupported_values(grid, result.entries[0].recipe if result.entries else QuantRecipe())
     if dropped:
         notes.append(f"left out of the grid (this rq's recipe does not support them): {dropped}")
-    cached = sum(e.cached for e in result.entries)
+    cached = len({e.recipe.digest() for e in result.entries if e.cached})
+    if len(runtimes) > 1:
+        notes.append(f"every recipe validated and benchmarked in {', '.join(runtimes)}")
     if cached:
         notes.append(f"{cached} recipe(s) reused from the cache of an earlier (interrupted) sweep")
     return build_report(

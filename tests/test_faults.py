@@ -41,6 +41,7 @@ from quantize.exits import (
     handle_signals,
     uninterruptible,
 )
+from quantize.sweep import runtime_tag
 
 DRIVER = Path(__file__).with_name("fault_driver.py")
 SMALL = ["--resize", "36", "--crop", "32", "--samples", "8", "--batch-size", "4", "--workers", "2"]
@@ -226,7 +227,8 @@ def test_sigterm_during_a_sweep(inputs, place):
     # completed sweep cache entries (the FP32 evaluation ran before the signal) stay for a resume; nothing else
     assert listing(place["cwd"]) == [] and listing(place["tmp"]) == []
     files = [p for p in place["out"].rglob("*") if p.is_file()]
-    assert [p.name for p in files] == ["fp32.npz"], listing(place["out"])
+    # FP32 predictions are cached per runtime and runtime version (quantize.sweep.runtime_tag)
+    assert [p.name for p in files] == [f"fp32.{runtime_tag('ort')}.npz"], listing(place["out"])
     assert files[0].parent.parent.name == ".sweep-cache"
 
 

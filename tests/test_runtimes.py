@@ -15,15 +15,18 @@ import numpy as np
 import onnx
 import pytest
 from calib_images import make_class_folders
+from conftest import x86_cpu
 from onnx.reference import ReferenceEvaluator
 from test_cli_eval_bench_report import SMALL, K, invoke
 from test_cli_quantize import all_output, assert_one_line_error
 from test_evaluate import onehot_model, onehot_row, wnid
 from test_tune import sensitive_model
-from tiny_models import tiny_cnn
+from tiny_models import SMALL_SPEC, tiny_cnn
 
+import quantize.sweep as sweep_module
 from calibration.errors import RqInputError
 from quantize import runtimes
+from quantize.recipe import QuantRecipe
 from quantize.report import validate_report
 
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
@@ -264,3 +267,143 @@ def test_quantize_validates_and_benches_in_every_runtime(cli, fake_runtimes, tmp
 def test_ray_with_another_runtime_is_one_line_exit_2(cli, fake_runtimes, tiny_pair, tmp_path):
     result = cli("eval", tiny_pair[0], "--data", tmp_path, "--runtime", "reference", "--ray", "local")
     assert_one_line_error(result, "--ray runs models in onnxruntime only")
+
+
+class CountingEvaluate:
+    """Wraps quantize.sweep.evaluate and records the runtime of every validation pass."""
+
+    def __init__(self, real):
+        self.real = real
+        self.runtimes: list[str] = []
+
+    def __call__(self, models, samples, spec, **kwargs):
+        self.runtimes.append(kwargs.get("runtime", "ort"))
+        return self.real(models, samples, spec, **kwargs)
+
+
+@pytest.fixture()
+def sweep_inputs(tmp_path) -> dict[str, Path]:
+    model = sensitive_model(tmp_path / "tiny1000.onnx", n_sensitive=0)
+    calib = tmp_path / "calib"
+    make_class_folders(calib, {wnid(0): 4, wnid(1): 4}, size=(48, 40))
+    val = tmp_path / "val"
+    make_class_folders(val, {wnid(0): 3, wnid(1): 3}, size=(48, 40))
+    return {"model": model, "calib": calib, "val": val}
+
+
+SWEEP = ["--grid", "weights", "--bench-batch", "1", "--bench-runs", "1", "--samples", "8", "--workers", "2"]
+
+
+def test_sweep_validates_and_benches_every_recipe_in_every_runtime(
+    cli, fake_runtimes, sweep_inputs, tmp_path
+):
+    reports = tmp_path / "reports"
+    result = cli(
+        "sweep", sweep_inputs["model"], "--calib", sweep_inputs["calib"], "--val", sweep_inputs["val"],
+        "--report-dir", reports, "--runtime", "ort,reference", "--json", *SWEEP, *SMALL,
+    )  # fmt: skip
+    assert result.exit_code == 0, all_output(result)
+    data = json.loads(result.stdout)
+    validate_report(data)
+    variants = data["variants"]
+    int8 = [v["name"] for v in variants if v["kind"] == "int8" and v["runtime"] == "ort"]
+    assert len(int8) >= 2 and not any("·" in n for n in int8)
+    # rows per (variant, runtime): FP32 and every recipe in ort, then the same in reference
+    assert [v["name"] for v in variants] == [
+        "FP32",
+        *int8,
+        "FP32 · reference",
+        *(f"{n} · reference" for n in int8),
+    ]
+    assert [v["runtime"] for v in variants] == ["ort"] * (len(int8) + 1) + ["reference"] * (len(int8) + 1)
+    by_name = {v["name"]: v for v in variants}
+    for v in variants:
+        assert v["accuracy"]["images"] == 6, v["name"]  # validated in its own runtime
+        figures = v["bench"]["1"]
+        assert figures["runtime"] == v["runtime"]
+        assert "ratio_to_ort_fp32" in figures
+    assert by_name["FP32 · reference"]["bench"]["1"]["ratio_to_fp32"] == 1.0
+    for name in int8:  # the same INT8 file in both runtimes
+        assert by_name[name]["sha256"] == by_name[f"{name} · reference"]["sha256"]
+        assert by_name[f"{name} · reference"]["drop"] is not None
+    assert any("validated and benchmarked in ort, reference" in n for n in data["notes"])
+
+
+def test_sweep_cache_is_per_runtime_and_version(fake_runtimes, sweep_inputs, tmp_path, monkeypatch):
+    def run(names):
+        return sweep_module.run_sweep(
+            sweep_inputs["model"], sweep_inputs["calib"], sweep_inputs["val"], grid="weights",
+            base=QuantRecipe(samples=8), spec=SMALL_SPEC, report_dir=tmp_path, bench_batches=[], workers=2,
+            cpu=x86_cpu("avx2"), runtimes=names,
+        )  # fmt: skip
+
+    quantized: list[str] = []
+    real_quantize = sweep_module.quantize_prepared
+
+    def counting_quantize(*args):
+        quantized.append(args[2].digest())
+        return real_quantize(*args)
+
+    monkeypatch.setattr(sweep_module, "quantize_prepared", counting_quantize)
+    evaluated = CountingEvaluate(sweep_module.evaluate)
+    monkeypatch.setattr(sweep_module, "evaluate", evaluated)
+
+    first = run(["ort"])
+    recipes = len(quantized)
+    assert recipes >= 2 and evaluated.runtimes == ["ort"] * (recipes + 1)
+    # adding a runtime validates FP32 and every recipe there, and re-quantizes nothing
+    second = run(["ort", "reference"])
+    assert len(quantized) == recipes
+    assert evaluated.runtimes[recipes + 1 :] == ["reference"] * (recipes + 1)
+    assert [(e.runtime, e.cached) for e in second.entries] == [("ort", True), ("reference", False)] * recipes
+    assert second.cache_dir == first.cache_dir
+    # everything cached: nothing evaluated
+    before = len(evaluated.runtimes)
+    third = run(["ort", "reference"])
+    assert len(evaluated.runtimes) == before and all(e.cached for e in third.entries)
+
+    # another version of the runtime: its predictions are made anew, the INT8 files are reused
+    class NewerReference(ReferenceRuntime):
+        def version(self) -> str:
+            return "onnx.reference 99.0"
+
+    tag = sweep_module.runtime_tag("reference")
+    runtimes.register(NewerReference())
+    assert sweep_module.runtime_tag("reference") != tag
+    fourth = run(["ort", "reference"])
+    assert evaluated.runtimes[before:] == ["reference"] * (recipes + 1)
+    assert len(quantized) == recipes
+    assert [e.cached for e in fourth.entries if e.runtime == "reference"] == [False] * recipes
+
+
+def test_sweep_with_ray_and_another_runtime_is_one_line_exit_2(cli, fake_runtimes, sweep_inputs, tmp_path):
+    result = cli(
+        "sweep", sweep_inputs["model"], "--calib", sweep_inputs["calib"], "--val", sweep_inputs["val"],
+        "--runtime", "reference", "--ray", "local", "--report-dir", tmp_path / "r",
+    )  # fmt: skip
+    assert_one_line_error(result, "--ray runs models in onnxruntime only")
+
+
+def test_sweep_unknown_runtime_is_one_line_exit_2(cli, sweep_inputs, tmp_path):
+    result = cli(
+        "sweep", sweep_inputs["model"], "--calib", sweep_inputs["calib"], "--val", sweep_inputs["val"],
+        "--runtime", "ort,nope", "--report-dir", tmp_path / "r",
+    )  # fmt: skip
+    assert_one_line_error(result, "unknown runtime 'nope'")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.skipif(not HAS_OPENVINO, reason="needs the openvino extra")
+def test_openvino_compiles_unpinned_f32_and_takes_extra_properties(tiny_pair):
+    """Pinned OpenVINO threads slowed, and were slowed by, the ORT sessions interleaved with them
+    (benchmarks/README.md): rq compiles with pinning off; `extra_config` overrides rq's properties."""
+    fp32, _ = tiny_pair
+    session = runtimes.OpenVinoRuntime().open(fp32)
+    shape = [1 if not isinstance(d, int) else d for d in session.input_shape]
+    session.run(np.zeros(shape, np.float32))
+    compiled = session._request(1).get_compiled_model()
+    assert compiled.get_property("ENABLE_CPU_PINNING") is False
+    assert session.precision == "f32"
+    pinned = runtimes.OpenVinoRuntime({"ENABLE_CPU_PINNING": "YES"}).open(fp32)
+    pinned.run(np.zeros(shape, np.float32))
+    assert pinned._request(1).get_compiled_model().get_property("ENABLE_CPU_PINNING") is True
