@@ -118,16 +118,21 @@ def run_model(session: ort.InferenceSession, input_name: str, images: np.ndarray
     A fixed-batch model gets full batches: the images are cut into chunks and the last one is padded by
     repeating its last image; the padding's outputs are dropped.
     """
-    batch = fixed_batch(session)
+    return _in_fixed_batches(lambda x: session.run(None, {input_name: x})[0], images, fixed_batch(session))
+
+
+def _in_fixed_batches(run, images: np.ndarray, batch: int | None) -> np.ndarray:
+    """`run(images)`, or, for a model with a fixed batch, `run` on full chunks (the last one padded by repeating
+    its last image; the padding's outputs dropped)."""
     if batch is None or len(images) == batch:
-        return session.run(None, {input_name: images})[0]
+        return run(images)
     outputs = []
     for start in range(0, len(images), batch):
         chunk = images[start : start + batch]
         count = len(chunk)
         if count < batch:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - count, axis=0)])
-        outputs.append(session.run(None, {input_name: chunk})[0][:count])
+        outputs.append(run(chunk)[:count])
     return np.concatenate(outputs)
 
 
@@ -157,17 +162,7 @@ def _classes_and_offset(session, path: Path) -> tuple[str, int]:
 def _run_any(session, images: np.ndarray) -> np.ndarray:
     """`run_model` for a quantize.runtimes session (fixed batch: full chunks, the last one padded)."""
     first = session.input_shape[0] if session.input_shape else None
-    batch = first if isinstance(first, int) and first > 0 else None
-    if batch is None or len(images) == batch:
-        return session.run(images)
-    outputs = []
-    for start in range(0, len(images), batch):
-        chunk = images[start : start + batch]
-        count = len(chunk)
-        if count < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - count, axis=0)])
-        outputs.append(session.run(chunk)[:count])
-    return np.concatenate(outputs)
+    return _in_fixed_batches(session.run, images, first if isinstance(first, int) and first > 0 else None)
 
 
 def open_in_runtime(path: Path, runtime: str = "ort", threads: int | None = None):
