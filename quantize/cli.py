@@ -733,45 +733,30 @@ def _quantize_report(
     from quantize.report_data import accuracy_of, bench_by_batch, build_report, variant
 
     validations = validations or {}
-    variants = [
-        variant(
-            "FP32",
-            "fp32",
-            result.prepared.source,
-            accuracy=accuracy_of(validation, 0),
-            bench=bench_by_batch(bench_result, 0),
-        ),
-        variant(
-            f"INT8 {result.recipe.label()}",
-            "int8",
-            result.output,
-            recipe=result.recipe,
-            quantized_ops=result.quantized_ops,
-            accuracy=accuracy_of(validation, 1),
-            drop=validation.drop if validation else None,
-            bench=bench_by_batch(bench_result, 1),
-        ),
-    ]
-    # One (FP32, INT8) pair per further runtime: the same files, validated and timed there.
-    for rt in list(runtimes)[1:]:
-        other = validations.get(rt)
+    variants = []
+    # One (FP32, INT8) pair per runtime: the same files, validated and timed there (the first runtime's pair
+    # is unsuffixed and uses the first benchmarked runtime's figures).
+    for i, rt in enumerate(runtimes):
+        suffix, checked, bench_rt = (
+            ("", validation, None) if i == 0 else (f" · {rt}", validations.get(rt), rt)
+        )
         variants += [
             variant(
-                f"FP32 · {rt}",
+                f"FP32{suffix}",
                 "fp32",
                 result.prepared.source,
-                accuracy=accuracy_of(other, 0),
-                bench=bench_by_batch(bench_result, 0, rt),
+                accuracy=accuracy_of(checked, 0),
+                bench=bench_by_batch(bench_result, 0, bench_rt),
             ),
             variant(
-                f"INT8 {result.recipe.label()} · {rt}",
+                f"INT8 {result.recipe.label()}{suffix}",
                 "int8",
                 result.output,
                 recipe=result.recipe,
                 quantized_ops=result.quantized_ops,
-                accuracy=accuracy_of(other, 1),
-                drop=other.drop if other else None,
-                bench=bench_by_batch(bench_result, 1, rt),
+                accuracy=accuracy_of(checked, 1),
+                drop=checked.drop if checked else None,
+                bench=bench_by_batch(bench_result, 1, bench_rt),
             ),
         ]
     pair_runtimes = [rt for rt in runtimes for _ in ("fp32", "int8")]  # variants come in (FP32, INT8) pairs
