@@ -22,7 +22,7 @@ import numpy as np
 from calibration.errors import RqInputError
 from quantize import runtimes as runtimes_mod
 from quantize.cpu import CpuInfo, detect_cpu, int8_speedup_note, physical_core_count
-from quantize.runtimes import first_line
+from quantize.exits import ort_reason
 
 PROVIDER = "CPUExecutionProvider"
 
@@ -202,7 +202,7 @@ def _open(runtime, path: Path, threads: int, allow_spinning: bool):
     except RqInputError:
         raise
     except Exception as e:  # a runtime's own exception types
-        raise RqInputError(f"cannot load {path} in {runtime.label}: {first_line(e)}") from e
+        raise RqInputError(f"cannot load {path} in {runtime.label}: {ort_reason(e)}") from e
 
 
 def _check_input(path: Path, sess) -> list[int | str | None]:
@@ -234,7 +234,7 @@ def _run(sess, x: np.ndarray, path: Path, batch: int, label: str, cpu: list[int]
     except RqInputError:
         raise
     except Exception as e:
-        raise RqInputError(f"{path} failed to run in {label} at batch {batch}: {first_line(e)}") from e
+        raise RqInputError(f"{path} failed to run in {label} at batch {batch}: {ort_reason(e)}") from e
     if cpu is not None:
         cpu.append(c1 - c0)
     return t1 - t0

@@ -84,11 +84,6 @@ class EvalRun:
         } | ({"cluster": dict(self.cluster)} if self.cluster else {})
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def open_session(path: Path, threads: int | None = None) -> ort.InferenceSession:
     """An ORT CPU session, or a one-line RqInputError with ORT's reason."""
     path = Path(path)

@@ -40,11 +40,6 @@ _INT8_OPS = {
 }
 
 
-def first_line(exc: BaseException) -> str:
-    """An exception's message on one plain line (ONNX Runtime's ``[ONNXRuntimeError] : N : CODE :`` dropped)."""
-    return ort_reason(exc)
-
-
 class Session(Protocol):
     """What rq needs from an opened model, whatever runs it."""
 
@@ -199,7 +194,7 @@ def ov_reason(exc: BaseException) -> str:
     """OpenVINO's message without its source locations: the lines that say what is wrong, on one line."""
     lines = [ln.strip(" -") for ln in str(exc).splitlines() if ln.strip(" -")]
     useful = [ln for ln in lines if not _OV_NOISE.search(ln)]
-    return " ".join(useful) if useful else first_line(exc)
+    return " ".join(useful) if useful else ort_reason(exc)
 
 
 def _ov_dims(partial_shape) -> list[int | str | None]:
