@@ -22,9 +22,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calibration import BatchStream, PreprocessSpec
-from quantize.cpu import detect_cpu
-from quantize.evaluate import evaluate, inference_only_throughput
-from quantize.validate import validation_samples
+from quantize.measure.cpu import detect_cpu
+from quantize.measure.evaluate import evaluate, inference_only_throughput
+from quantize.measure.validate import validation_samples
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
     python benchmarks/bench_fp32_int8.py FP32.onnx INT8.onnx [--batch 1,8] [--runs 30] [--threads N]
                                          [--warmup 3] [--seed 0] [--json out.json]
 
-A thin wrapper over :func:`quantize.bench.bench_models`: prints the rich table (speed vs #1 is the FP32
+A thin wrapper over :func:`quantize.measure.bench.bench_models`: prints the rich table (speed vs #1 is the FP32
 median divided by the INT8 median, so > 1 means INT8 is faster) and, with ``--json``, writes the full
 result including every sample.
 """
@@ -24,7 +24,7 @@ from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
 
 from calibration.errors import RqInputError  # noqa: E402
-from quantize.bench import bench_models  # noqa: E402
+from quantize.measure.bench import bench_models  # noqa: E402
 
 
 def _batch_list(text: str) -> list[int]:

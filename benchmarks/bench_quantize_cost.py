@@ -49,7 +49,7 @@ def _runs_in_ort(path: str, input_name: str) -> str:
 
 def run_rq(args, queue) -> None:
     from calibration import PreprocessSpec
-    from quantize.cpu import detect_cpu
+    from quantize.measure.cpu import detect_cpu
     from quantize.pipeline import quantize_model
     from quantize.recipe import QuantRecipe
 
@@ -88,7 +88,7 @@ def run_plain(args, queue) -> None:
 
         model_path = args.model
         if args.plain_input == "prepared":
-            from quantize.prepare import prepare_model
+            from quantize.graph.prepare import prepare_model
 
             model_path = str(prepare_model(args.model, Path(args.workdir)).path)
         graph = onnx.load(model_path, load_external_data=False)

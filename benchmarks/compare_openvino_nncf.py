@@ -33,9 +33,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calibration import BatchStream, PreprocessSpec, discover_dataset, select_samples
-from quantize import runtimes
-from quantize.evaluate import evaluate
-from quantize.validate import validation_samples
+from quantize.measure import runtimes
+from quantize.measure.evaluate import evaluate
+from quantize.measure.validate import validation_samples
 
 
 def nncf_quantize(fp32: Path, calib: Path, spec: PreprocessSpec, samples: int, out_dir: Path) -> Path:

@@ -20,13 +20,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quantize.bench import bench_models
+from quantize.measure.bench import bench_models
 
 
 def _alone(model: str, runtime: str, args) -> dict[int, float]:
     """Median ms per batch of one model in one runtime, timed in a process of its own."""
     code = (
-        "import json,sys; from quantize.bench import bench_models; from quantize import runtimes; "
+        "import json,sys; from quantize.measure.bench import bench_models; from quantize.measure import runtimes; "
         f"runtimes.get('openvino').extra_config.update({args.ov_config!r}); "
         f"r = bench_models([{model!r}], batch_sizes={args.batch!r}, runs={args.runs}, warmup={args.warmup}, "
         f"runtimes=[{runtime!r}], allow_spinning={args.spinning!r}, threads={args.threads!r}); "
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.ov_config = dict(kv.split("=", 1) for kv in args.ov_config.split(",") if kv.strip())
     if args.ov_config:
-        from quantize import runtimes as runtimes_mod
+        from quantize.measure import runtimes as runtimes_mod
 
         runtimes_mod.get("openvino").extra_config.update(args.ov_config)
     args.batch = [int(b) for b in args.batch.split(",")]

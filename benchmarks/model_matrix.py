@@ -162,7 +162,7 @@ def _ort_version() -> str:
 
 def markdown(results: list[dict], args, skipped: list[str]) -> str:
     images = next((r["report"]["variants"][1]["drop"]["n"] for r in results if "report" in r), None)
-    from quantize.cpu import detect_cpu
+    from quantize.measure.cpu import detect_cpu
 
     lines = [
         f"rq model matrix — rq defaults, {args.calib} calibration (100 images by default), "

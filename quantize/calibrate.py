@@ -21,7 +21,7 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, c
 from onnxruntime.quantization.calibrate import TensorData, TensorsData
 
 from calibration.errors import RqInputError
-from quantize.prepare import _quiet
+from quantize.graph.prepare import _quiet
 from quantize.recipe import QuantRecipe
 
 ORT_METHODS = {
@@ -152,7 +152,7 @@ def calibrate(
     Tensors of the recipe's op types (or, with placement from the graph, of every op type placement may
     quantize) are calibrated (their inputs and outputs), as `quantize_static` would.
     """
-    from quantize.placement import calibration_op_types
+    from quantize.graph.placement import calibration_op_types
 
     started = time.perf_counter()
     with _quiet():

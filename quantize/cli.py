@@ -441,14 +441,14 @@ def quantize(
     model and the report are still written.
     """
 
-    from quantize import runtimes
-    from quantize.bench import bench_models
     from quantize.fetch import fetch_with_progress, model_argument
-    from quantize.fidelity import DEFAULT_HOLDOUT_IMAGES
+    from quantize.measure import runtimes
+    from quantize.measure.bench import bench_models
+    from quantize.measure.fidelity import DEFAULT_HOLDOUT_IMAGES
+    from quantize.measure.validate import GATE_ON, Gate, validate, validation_samples
     from quantize.pipeline import Progress, quantize_model
-    from quantize.report import write_report
+    from quantize.report.document import write_report
     from quantize.tune import TuneRequest, split_for_tuning
-    from quantize.validate import GATE_ON, Gate, validate, validation_samples
 
     with user_errors(), contextlib.ExitStack() as stack:
         base = QuantRecipe()
@@ -659,7 +659,7 @@ def _write_report_after_model(write_report, data: dict, report_dir: Path, model:
 
 def _holdout_fidelity(model, result, spec, limit, batch_size, workers, bar):
     """Agreement / SQNR / KL of INT8 vs FP32 on calibration images calibration did not read (no labels)."""
-    from quantize.fidelity import held_back_samples, measure_fidelity
+    from quantize.measure.fidelity import held_back_samples, measure_fidelity
 
     held = held_back_samples(result.calibration_dataset, result.calibration_files, limit, result.recipe.seed)
     if not held:
@@ -707,7 +707,7 @@ def _fidelity_table(fidelity) -> Table:
 
 
 def check_evaluable(model: Path) -> None:
-    from quantize.evaluate import check_classifier_outputs, open_session
+    from quantize.measure.evaluate import check_classifier_outputs, open_session
 
     if model.is_file():
         check_classifier_outputs(open_session(model), model)
@@ -730,7 +730,7 @@ def ensure_writable_dir(directory: Path) -> None:
 def _quantize_report(
     result, validation, gate, bench_result, fidelity=None, validations=None, runtimes=("ort",)
 ) -> dict:
-    from quantize.report_data import accuracy_of, bench_by_batch, build_report, variant
+    from quantize.report.data import accuracy_of, bench_by_batch, build_report, variant
 
     validations = validations or {}
     variants = []
@@ -864,10 +864,10 @@ def eval_(
 ) -> None:
     """Top-1 and top-5 accuracy of ONNX classifiers on a labelled ImageNet folder."""
 
-    from quantize import runtimes
-    from quantize.evaluate import evaluate
-    from quantize.stats import paired_drop
-    from quantize.validate import validation_samples
+    from quantize.measure import runtimes
+    from quantize.measure.evaluate import evaluate
+    from quantize.measure.stats import paired_drop
+    from quantize.measure.validate import validation_samples
 
     with user_errors():
         if batch < 1:
@@ -1003,7 +1003,7 @@ def sweep(
 
     Finished recipes are cached under REPORT_DIR/.sweep-cache/, so an interrupted sweep resumes.
     """
-    from quantize.report import write_report
+    from quantize.report.document import write_report
     from quantize.sweep import run_sweep, sweep_report
 
     with user_errors(), contextlib.ExitStack() as stack:
@@ -1017,7 +1017,7 @@ def sweep(
             raise RqInputError("--bench-runs must be ≥ 1")
         if eval_batch < 1:
             raise RqInputError("--eval-batch must be ≥ 1")
-        from quantize import runtimes
+        from quantize.measure import runtimes
 
         chosen_runtimes = runtimes.parse(runtime)
         if ray is not None and chosen_runtimes != ["ort"]:
@@ -1110,11 +1110,11 @@ def inspect(
 ) -> None:
     """Per-node weight and activation SQNR / cosine of an INT8 model against FP32, worst first."""
     from calibration import BatchStream, discover_dataset, select_samples
-    from quantize.cpu import detect_cpu
-    from quantize.inspection import inspect_models
-    from quantize.prepare import prepare_model
-    from quantize.report import write_report
-    from quantize.report_data import build_report, variant
+    from quantize.graph.inspection import inspect_models
+    from quantize.graph.prepare import prepare_model
+    from quantize.measure.cpu import detect_cpu
+    from quantize.report.data import build_report, variant
+    from quantize.report.document import write_report
 
     with user_errors():
         if samples < 1:
@@ -1166,7 +1166,7 @@ def report(
     directory: Annotated[Path, typer.Argument(help="A report folder holding report.json.")],
 ) -> None:
     """Re-render report.md and report.html from a report folder's report.json."""
-    from quantize.report import render_report
+    from quantize.report.document import render_report
 
     with user_errors():
         paths = render_report(directory)
@@ -1203,8 +1203,8 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Latency and throughput of models, run interleaved (A B A B …) so drift hits all alike."""
-    from quantize import runtimes
-    from quantize.bench import bench_models
+    from quantize.measure import runtimes
+    from quantize.measure.bench import bench_models
 
     with user_errors():
         batches = _parse_batches(batch)

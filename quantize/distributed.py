@@ -223,8 +223,8 @@ class RayRunner:
         batch_size: int = 32,
         on_images: Callable[[int], None] | None = None,
     ):
-        """The same `EvalRun` `quantize.evaluate.evaluate` returns, computed on the cluster."""
-        from quantize.evaluate import evaluation_result
+        """The same `EvalRun` `quantize.measure.evaluate.evaluate` returns, computed on the cluster."""
+        from quantize.measure.evaluate import evaluation_result
 
         run = self._run(models, samples, spec, batch_size=batch_size, on_images=on_images, keep_logits=False)
         return evaluation_result(
@@ -249,7 +249,7 @@ class RayRunner:
         return run.logits[0][run.kept], run.labels, run.paths
 
     def _run(self, models, samples, spec, *, batch_size, on_images, keep_logits) -> _ClusterRun:
-        from quantize.evaluate import check_evaluation_inputs, read_model_outputs
+        from quantize.measure.evaluate import check_evaluation_inputs, read_model_outputs
 
         check_evaluation_inputs(models, samples, batch_size)
         io = [read_model_outputs(Path(m)) for m in models]  # one-line errors before anything is shipped
@@ -421,7 +421,7 @@ class InferenceActor:
         self.keep_logits = keep_logits
 
     def __call__(self, batch: dict) -> dict:
-        from quantize.evaluate import run_model, top5_indices
+        from quantize.measure.evaluate import run_model, top5_indices
 
         ok = np.array([not e for e in batch["error"].tolist()], bool)
         images = np.ascontiguousarray(batch["image"][ok], dtype=np.float32)

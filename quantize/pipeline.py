@@ -22,16 +22,16 @@ import onnxruntime as ort
 from calibration import BatchStream, ImageDataset, PreprocessSpec, Sample, discover_dataset, select_samples
 from calibration.errors import RqInputError
 from quantize import __version__
+from quantize.backends.ort import QuantizedOps, count_quantized, quantize_with_ort
 from quantize.bias_correction import BiasCorrectionReport, correct_biases
 from quantize.calibrate import CalibrationRanges, calibrate
-from quantize.cpu import CpuInfo, IntegerKernelAdvice, advise_int8, detect_cpu
-from quantize.evaluate import evaluate
 from quantize.exits import QuantizerError, is_environment_error
-from quantize.fidelity import held_back_samples
 from quantize.files import atomic_output, work_folder
-from quantize.ort_backend import QuantizedOps, count_quantized, quantize_with_ort
-from quantize.placement import place, require_something
-from quantize.prepare import ModelError, PreparedModel, load_model, prepare_model
+from quantize.graph.placement import place, require_something
+from quantize.graph.prepare import ModelError, PreparedModel, load_model, prepare_model
+from quantize.measure.cpu import CpuInfo, IntegerKernelAdvice, advise_int8, detect_cpu
+from quantize.measure.evaluate import evaluate
+from quantize.measure.fidelity import held_back_samples
 from quantize.recipe import LEGACY_OP_TYPES, METADATA_KEY, QuantRecipe
 from quantize.tune import TuneReport, TuneRequest, TuneStep, tune_fallback
 
@@ -328,7 +328,7 @@ def produce_int8(
 ):
     """Run the recipe's backend into `scratch`. Returns INC's outcome for the INC backend, else None."""
     if recipe.backend == "inc":
-        from quantize.inc_backend import quantize_with_inc
+        from quantize.backends.inc import quantize_with_inc
 
         make_batches, batch = _inc_batches(prepared, calibration, recipe, spec)
         return quantize_with_inc(
@@ -504,7 +504,7 @@ def quantize_model(
     cpu = cpu or detect_cpu()
     output = Path(output) if output is not None else default_output_path(model)
     if recipe.backend == "inc":
-        from quantize.inc_backend import require_inc
+        from quantize.backends.inc import require_inc
 
         require_inc()  # fail before any work when the extra is not installed
     if not model.is_file():

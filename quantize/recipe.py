@@ -20,7 +20,7 @@ BACKENDS = ("ort", "inc")
 FORMATS = ("qdq", "qoperator")
 INT8_TYPES = ("uint8", "int8")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mean-minmax", "mse")
-# What `op_types=None` (placement decided from the graph, see quantize.placement) replaced as the default in
+# What `op_types=None` (placement decided from the graph, see quantize.graph.placement) replaced as the default in
 # recipe version 2, and what a version-1 recipe without op types meant.
 LEGACY_OP_TYPES = ("Conv", "Gemm", "MatMul")
 # Op types an `op_types` override may name: those ONNX Runtime's QDQ quantizer handles and runs with integer
@@ -59,7 +59,7 @@ DEFAULT_BINS = {"entropy": 2048, "percentile": 2048, "mse": 2048}
 
 @dataclass(frozen=True)
 class QuantRecipe:
-    """How to quantize. `reduce_range=None` means "decide from the CPU" (see quantize.cpu.advise_int8)."""
+    """How to quantize. `reduce_range=None` means "decide from the CPU" (see quantize.measure.cpu.advise_int8)."""
 
     backend: str = "ort"
     format: str = "qdq"
@@ -73,7 +73,7 @@ class QuantRecipe:
     samples: int = 100
     seed: int = 0
     batch_size: int = 8
-    # None: placement decided from the graph (quantize.placement); a tuple: exactly these op types.
+    # None: placement decided from the graph (quantize.graph.placement); a tuple: exactly these op types.
     op_types: tuple[str, ...] | None = None
     exclude_nodes: tuple[str, ...] = field(default_factory=tuple)
     # Fold the mean shift INT8 causes in each Conv/Gemm output channel back into its bias

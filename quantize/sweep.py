@@ -26,12 +26,15 @@ import numpy as np
 
 from calibration import PreprocessSpec, discover_dataset, select_samples
 from calibration.errors import RqInputError
-from quantize.bench import BenchResult, bench_models
-from quantize.cpu import CpuInfo, advise_int8, detect_cpu
-from quantize.evaluate import evaluate
+from quantize.backends.ort import QuantizedOps
 from quantize.fetch import sha256_file
 from quantize.files import atomic_output, atomic_write_text, work_folder
-from quantize.ort_backend import QuantizedOps
+from quantize.graph.prepare import prepare_model
+from quantize.measure.bench import BenchResult, bench_models
+from quantize.measure.cpu import CpuInfo, advise_int8, detect_cpu
+from quantize.measure.evaluate import evaluate
+from quantize.measure.stats import paired_drop
+from quantize.measure.validate import count_overlap, validation_samples
 from quantize.pipeline import (
     CalibrationRun,
     Progress,
@@ -41,10 +44,7 @@ from quantize.pipeline import (
     quantize_prepared,
     run_calibration,
 )
-from quantize.prepare import prepare_model
 from quantize.recipe import QuantRecipe
-from quantize.stats import paired_drop
-from quantize.validate import count_overlap, validation_samples
 
 #: Conv/Gemm/MatMul only: the placement rq used before it decided from the graph (kept as the comparison).
 LEGACY_OP_TYPES = ("Conv", "Gemm", "MatMul")
@@ -173,7 +173,7 @@ class SweepResult:
 def runtime_tag(name: str) -> str:
     """The cache files' name for predictions made in runtime `name`: its name and a digest of its version
     (an upgraded runtime computes, and is cached, anew)."""
-    from quantize import runtimes as runtimes_mod
+    from quantize.measure import runtimes as runtimes_mod
 
     version = runtimes_mod.get(name).version()
     return f"{name}-{hashlib.sha256(version.encode()).hexdigest()[:8]}"
@@ -208,7 +208,7 @@ def cache_key(
 
     versions = {"rq": __version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__}
     if "inc" in backends:
-        from quantize.inc_backend import require_inc
+        from quantize.backends.inc import require_inc
 
         versions["neural-compressor"] = require_inc()
     material = json.dumps(
@@ -252,13 +252,13 @@ def run_sweep(
     and each uncached recipe's quantization is a Ray task (submitted together after the calibrations, which
     run once per calibration key here and are shared); finished recipes are cached as without Ray.
 
-    `runtimes`: the runtimes (quantize.runtimes names) every model is validated and benchmarked in; entries
+    `runtimes`: the runtimes (quantize.measure.runtimes names) every model is validated and benchmarked in; entries
     come recipe by recipe, one per runtime in this order."""
     model = Path(model)
     base = base or QuantRecipe()
     spec = spec or PreprocessSpec()
     cpu = cpu or detect_cpu()
-    from quantize import runtimes as runtimes_mod
+    from quantize.measure import runtimes as runtimes_mod
 
     runtimes = runtimes_mod.parse(list(runtimes))
     if ray is not None and runtimes != ["ort"]:
@@ -266,7 +266,7 @@ def run_sweep(
     tags = {rt: runtime_tag(rt) for rt in runtimes}
     recipes = grid_recipes(grid, base, cpu)
     if any(r.backend == "inc" for r in recipes):
-        from quantize.inc_backend import require_inc
+        from quantize.backends.inc import require_inc
 
         require_inc()
     calib_dataset = discover_dataset(calib, labels)
@@ -476,7 +476,7 @@ def run_sweep(
 
 
 def sweep_report(result: SweepResult, command: list[str], grid: str) -> dict:
-    from quantize.report_data import bench_by_batch, build_report, variant
+    from quantize.report.data import bench_by_batch, build_report, variant
 
     labels = result.labels
     runtimes = result.runtimes

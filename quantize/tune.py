@@ -35,9 +35,9 @@ import numpy as np
 
 from calibration import BatchStream, PreprocessSpec, Sample
 from calibration.errors import RqInputError
-from quantize.evaluate import open_session, run_model
-from quantize.fidelity import compare_logits
-from quantize.inspection import DEQUANT_SUFFIX, _run_all, _session, _with_outputs
+from quantize.graph.inspection import DEQUANT_SUFFIX, _run_all, _session, _with_outputs
+from quantize.measure.evaluate import open_session, run_model
+from quantize.measure.fidelity import compare_logits
 from quantize.recipe import QuantRecipe
 
 
@@ -238,8 +238,8 @@ def step_figures(fp32: PoolRun, int8: PoolRun) -> StepFigures:
 
 
 def candidate_nodes(prepared_path: Path, recipe: QuantRecipe) -> list[str]:
-    from quantize.placement import ANCHORS, place
-    from quantize.prepare import load_model
+    from quantize.graph.placement import ANCHORS, place
+    from quantize.graph.prepare import load_model
 
     model = load_model(prepared_path, load_weights=False)
     types = {n.name: n.op_type for n in model.graph.node}
@@ -336,7 +336,7 @@ def one_pass_sensitivity(
     re-quantization of the activated output do. Reported in dB as −10·log10(noise) (low = sensitive; a node
     whose tensors could not be matched gets 200 dB and is ranked last).
     """
-    from quantize.prepare import load_model
+    from quantize.graph.prepare import load_model
 
     fp32 = load_model(prepared_path)
     int8 = load_model(int8_path)
@@ -402,8 +402,8 @@ def tune_fallback(
     `sensitivity_samples` (calibration images), less any of `request.never_use` (the confirmation images,
     which are named only to be left out: --calib and --val may share images).
     """
-    from quantize.bench import bench_models
-    from quantize.validate import _identity
+    from quantize.measure.bench import bench_models
+    from quantize.measure.validate import _identity
 
     started = time.perf_counter()
     forbidden = {_identity(Path(p)) for p in request.never_use}

@@ -11,7 +11,7 @@ import pytest
 from calib_images import make_class_folders
 from tiny_models import tiny_cnn, v2_shaped_opset7
 
-from quantize.cpu import CpuInfo, detect_cpu
+from quantize.measure.cpu import CpuInfo, detect_cpu
 
 #: Real ImageNet class ids (indices 0 and 1 of the synset list).
 WNIDS = ("n01440764", "n01443537")

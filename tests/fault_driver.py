@@ -31,11 +31,11 @@ def _send(signals: list[int]) -> None:
 
 def install(stage: str, signals: list[int]) -> None:
     import quantize  # first: it keeps onnxruntime's telemetry files out of $TMPDIR
-    import quantize.bench
+    import quantize.graph.prepare
+    import quantize.measure.bench
+    import quantize.measure.validate
     import quantize.pipeline
-    import quantize.prepare
-    import quantize.report
-    import quantize.validate
+    import quantize.report.document
 
     if stage == "prepare":
         import onnxruntime.quantization.shape_inference as shape_inference
@@ -70,7 +70,7 @@ def install(stage: str, signals: list[int]) -> None:
 
         quantize.pipeline.quantize_with_ort = quantize_with_ort
     elif stage == "publish":
-        original_save = quantize.prepare.onnx.save_model
+        original_save = quantize.graph.prepare.onnx.save_model
 
         def save_model(model, path, *args, **kwargs):
             if not os.path.basename(str(path)).startswith("."):  # not the temporary file beside --out
@@ -83,9 +83,9 @@ def install(stage: str, signals: list[int]) -> None:
                 fh.write(data[len(data) // 2 :])
             return None
 
-        quantize.prepare.onnx.save_model = save_model
+        quantize.graph.prepare.onnx.save_model = save_model
     elif stage in ("validate", "bench"):
-        module = quantize.validate if stage == "validate" else quantize.bench
+        module = quantize.measure.validate if stage == "validate" else quantize.measure.bench
         name = "validate" if stage == "validate" else "bench_models"
         original_stage = getattr(module, name)
 
@@ -95,14 +95,14 @@ def install(stage: str, signals: list[int]) -> None:
 
         setattr(module, name, started)
     elif stage == "report":
-        original_write = quantize.report.atomic_write_text
+        original_write = quantize.report.document.atomic_write_text
 
         def atomic_write_text(path, text):
-            if os.path.basename(str(path)) == quantize.report.MD_NAME:
+            if os.path.basename(str(path)) == quantize.report.document.MD_NAME:
                 _send(signals)
             return original_write(path, text)
 
-        quantize.report.atomic_write_text = atomic_write_text
+        quantize.report.document.atomic_write_text = atomic_write_text
     elif stage == "cleanup":
         original_rmtree = shutil.rmtree
 

@@ -10,8 +10,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from calibration.errors import RqInputError
-from quantize.bench import BenchResult, bench_models
-from quantize.cpu import detect_cpu
+from quantize.measure.bench import BenchResult, bench_models
+from quantize.measure.cpu import detect_cpu
 
 
 def _tiny_model(path, *, hw: int = 8, out_channels: int = 4, batch: int | str = "N", seed: int = 0):

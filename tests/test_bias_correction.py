@@ -107,8 +107,8 @@ def test_conv_with_padding_mean_matches_fp32(tmp_path):
     """A padded 3×3 Conv quantized by ORT: after correction, per-channel output means agree with FP32."""
     from tiny_models import random_inputs
 
+    from quantize.backends.ort import quantize_with_ort
     from quantize.calibrate import calibrate
-    from quantize.ort_backend import quantize_with_ort
     from quantize.recipe import QuantRecipe
 
     rng = np.random.default_rng(0)

@@ -13,7 +13,7 @@ from tiny_models import random_inputs
 
 from calibration.errors import RqInputError
 from quantize.calibrate import CalibrationRanges, calibrate, calibrator_options
-from quantize.prepare import prepare_model
+from quantize.graph.prepare import prepare_model
 from quantize.recipe import QuantRecipe
 
 N_IMAGES = 48

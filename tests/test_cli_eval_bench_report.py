@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from quantize.cli import EXIT_BAD_INPUT, app
 from quantize.fetch import sha256_file
-from quantize.report import validate_report
+from quantize.report.document import validate_report
 
 SMALL = ["--resize", "36", "--crop", "32"]
 K, J = 3, 7
@@ -292,14 +292,14 @@ def test_two_runs_in_the_same_second_keep_both_reports(cli, calib_dir, tmp_path,
     (scripts, CI matrices) must not overwrite each other's report. The clock is frozen to make it certain."""
     import datetime
 
-    import quantize.report_data
+    import quantize.report.data
 
     class Frozen(datetime.datetime):
         @classmethod
         def now(cls, tz=None):
             return cls(2025, 1, 2, 3, 4, 5, tzinfo=tz)
 
-    monkeypatch.setattr(quantize.report_data, "_dt", SimpleNamespace(datetime=Frozen, UTC=datetime.UTC))
+    monkeypatch.setattr(quantize.report.data, "_dt", SimpleNamespace(datetime=Frozen, UTC=datetime.UTC))
     model = tiny_cnn(tmp_path / "tiny.onnx")
     reports = tmp_path / "reports"
     for name in ("a", "b"):

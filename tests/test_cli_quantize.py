@@ -13,7 +13,7 @@ from tiny_models import non4d_input, tiny_cnn, two_inputs
 from typer.testing import CliRunner
 
 from quantize.cli import EXIT_BAD_INPUT, app
-from quantize.cpu import advise_int8, detect_cpu
+from quantize.measure.cpu import advise_int8, detect_cpu
 
 SMALL = ["--resize", "36", "--crop", "32", "--samples", "8", "--batch-size", "4", "--workers", "2"]
 ENV = {"COLUMNS": "200", "RQ_CPU_FLAGS": "avx2", "RQ_DEBUG": None, "NO_COLOR": "1"}

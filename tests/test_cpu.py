@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from quantize.cpu import (
+from quantize.measure.cpu import (
     ENV_FLAGS,
     CpuInfo,
     IntegerKernelAdvice,

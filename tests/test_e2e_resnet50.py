@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 
 from calibration import BatchStream, PreprocessSpec, discover_dataset, select_samples
-from quantize.cpu import detect_cpu
+from quantize.measure.cpu import detect_cpu
 from quantize.pipeline import quantize_model
 from quantize.recipe import QuantRecipe
 

@@ -1,4 +1,4 @@
-"""`quantize.evaluate.evaluate` on tiny models whose answer is known in advance.
+"""`quantize.measure.evaluate.evaluate` on tiny models whose answer is known in advance.
 
 The "one-hot" models ignore their input: ``input → ReduceMean → Flatten → Mul 0 → Add <constant row>``, so
 every image gets the same logits and the top-1 / top-5 sets are fixed by construction. With images of two
@@ -19,8 +19,8 @@ from tiny_models import SMALL_SPEC, bad_output_rank, tiny_cnn
 
 from calibration import discover_dataset, load_synsets
 from calibration.errors import RqInputError
-from quantize.evaluate import evaluate, require_labels
-from quantize.validate import validation_samples
+from quantize.measure.evaluate import evaluate, require_labels
+from quantize.measure.validate import validation_samples
 
 HW = 32
 

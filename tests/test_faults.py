@@ -26,8 +26,8 @@ from tiny_models import conv_channel_mismatch, gemm_feature_mismatch, tiny_cnn, 
 from typer.testing import CliRunner
 
 import quantize.files
+import quantize.graph.prepare
 import quantize.pipeline
-import quantize.prepare
 from calibration.errors import RqInputError
 from quantize.cli import app
 from quantize.exits import (
@@ -338,7 +338,7 @@ def _enospc(*_args, **_kwargs):
 
 
 def test_full_output_folder_patched_write(inputs, place, monkeypatch):
-    real_save = quantize.prepare.onnx.save_model
+    real_save = quantize.graph.prepare.onnx.save_model
 
     def save_model(model, path, *args, **kwargs):
         if not Path(str(path)).name.startswith("."):  # the scratch copy in the work folder
@@ -346,7 +346,7 @@ def test_full_output_folder_patched_write(inputs, place, monkeypatch):
         Path(path).write_bytes(model.SerializeToString()[:100])  # half-written, then the disk is full
         _enospc()
 
-    monkeypatch.setattr(quantize.prepare.onnx, "save_model", save_model)
+    monkeypatch.setattr(quantize.graph.prepare.onnx, "save_model", save_model)
     code, text = invoke(*quantize_args(inputs, place))
     assert code == EXIT_ENVIRONMENT, text
     assert_one_line(text, "environment error", "no space left on device", str(place["out"] / "o.onnx"))
@@ -354,7 +354,9 @@ def test_full_output_folder_patched_write(inputs, place, monkeypatch):
 
 
 def test_full_tmpdir_patched_write(inputs, place, monkeypatch):
-    monkeypatch.setattr(quantize.prepare, "_save", _enospc)  # the first file rq writes in its work folder
+    monkeypatch.setattr(
+        quantize.graph.prepare, "_save", _enospc
+    )  # the first file rq writes in its work folder
     code, text = invoke(*quantize_args(inputs, place))
     assert code == EXIT_ENVIRONMENT, text
     assert_one_line(text, "environment error", "no space left on device", f"{place['tmp']}/rq-")
@@ -455,7 +457,7 @@ def test_symbolic_shape_inference_writes_nothing_into_the_cwd_and_runs_once(inpu
     work.mkdir()
     upgraded = work / "upgraded.onnx"
     upgraded.write_bytes(inputs["gemm"].read_bytes())
-    prepared = quantize.prepare.PreparedModel(
+    prepared = quantize.graph.prepare.PreparedModel(
         source=inputs["gemm"],
         path=work / "prepared.onnx",
         signature=None,
@@ -463,7 +465,7 @@ def test_symbolic_shape_inference_writes_nothing_into_the_cwd_and_runs_once(inpu
         original_ir_version=8,
     )
     with contextlib.suppress(RqInputError):
-        quantize.prepare._run_quant_pre_process(upgraded, prepared)
+        quantize.graph.prepare._run_quant_pre_process(upgraded, prepared)
     assert listing(place["cwd"]) == []
     assert len(calls) == 1, calls  # the fallback does not run it a second time
     assert Path(calls[0]).is_relative_to(work)  # it ran from inside rq's work folder
@@ -629,10 +631,10 @@ def test_recipe_file_with_a_utf8_bom_is_accepted(inputs, place):
 
 def test_report_json_is_strict_json_even_with_non_finite_figures(tmp_path):
     """A NaN figure (e.g. INC's unmeasured baseline) is written as null, never as a bare NaN."""
-    from quantize.cpu import detect_cpu
-    from quantize.prepare import prepare_model
-    from quantize.report import render_report, write_report
-    from quantize.report_data import build_report, variant
+    from quantize.graph.prepare import prepare_model
+    from quantize.measure.cpu import detect_cpu
+    from quantize.report.data import build_report, variant
+    from quantize.report.document import render_report, write_report
 
     model = tiny_cnn(tmp_path / "m.onnx")
     work = tmp_path / "work"

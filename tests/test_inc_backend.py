@@ -19,7 +19,7 @@ pytest.importorskip("neural_compressor")
 from tiny_models import random_inputs
 
 from calibration.errors import RqInputError
-from quantize.inc_backend import (
+from quantize.backends.inc import (
     INC_INSTALL_HINT,
     IncCalibrationLoader,
     fp32_candidates,
@@ -28,8 +28,8 @@ from quantize.inc_backend import (
     recipe_to_inc_config,
     require_inc,
 )
-from quantize.ort_backend import count_quantized
-from quantize.prepare import prepare_model
+from quantize.backends.ort import count_quantized
+from quantize.graph.prepare import prepare_model
 from quantize.recipe import QuantRecipe
 
 pytestmark = pytest.mark.inc

@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 
 from calibration.errors import RqInputError
-from quantize.inc_backend import INC_INSTALL_HINT, require_inc
+from quantize.backends.inc import INC_INSTALL_HINT, require_inc
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("neural_compressor") is not None,
@@ -24,6 +24,6 @@ def test_require_inc_says_how_to_install():
 
 
 def test_module_imports_without_inc():
-    import quantize.inc_backend as backend
+    import quantize.backends.inc as backend
 
     assert backend.IncOutcome.__dataclass_fields__["goal_met"]

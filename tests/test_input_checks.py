@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from calibration import discover_dataset, select_samples
 from calibration.errors import RqInputError
 from quantize.cli import app
-from quantize.evaluate import evaluate
+from quantize.measure.evaluate import evaluate
 from quantize.pipeline import file_list_sha256, quantize_model
 from quantize.recipe import QuantRecipe
 

@@ -1,4 +1,4 @@
-"""Per-node quantization error (`quantize.inspection.inspect_models`, `rq inspect`)."""
+"""Per-node quantization error (`quantize.graph.inspection.inspect_models`, `rq inspect`)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 from calibration import BatchStream, discover_dataset, select_samples
 from calibration.errors import RqInputError
 from quantize.cli import app
-from quantize.inspection import inspect_models, sqnr_db
+from quantize.graph.inspection import inspect_models, sqnr_db
+from quantize.graph.prepare import load_model, prepare_model
 from quantize.pipeline import quantize_model
-from quantize.prepare import load_model, prepare_model
 from quantize.recipe import QuantRecipe
 
 SMALL = ["--resize", "36", "--crop", "32"]

@@ -16,7 +16,7 @@ from test_evaluate import onehot_model, onehot_row, wnid
 from test_runtimes import cli, tiny_pair  # noqa: F401  (fixtures)
 from tiny_models import random_inputs
 
-from quantize import runtimes
+from quantize.measure import runtimes
 
 pytest.importorskip("openvino")
 pytestmark = pytest.mark.openvino

@@ -8,9 +8,9 @@ import onnxruntime as ort
 import pytest
 from tiny_models import CLASSES, random_inputs
 
+from quantize.backends.ort import count_quantized, quantize_with_ort
 from quantize.calibrate import calibrate
-from quantize.ort_backend import count_quantized, quantize_with_ort
-from quantize.prepare import prepare_model
+from quantize.graph.prepare import prepare_model
 from quantize.recipe import LEGACY_OP_TYPES, QuantRecipe
 
 CALIB = random_inputs(32, seed=11)

@@ -326,7 +326,7 @@ def test_inc_calibration_passes_decode_with_the_workers_asked_for(
     """`--workers` reaches INC's own calibration passes (built here without INC: `_inc_batches` is what
     `quantize_with_inc` reads the images through)."""
     from calibration import discover_dataset
-    from quantize.prepare import prepare_model
+    from quantize.graph.prepare import prepare_model
 
     seen: list = []
     real_stream = pipeline.BatchStream

@@ -22,7 +22,7 @@ from tiny_models import (
 )
 
 from calibration.errors import RqInputError
-from quantize.prepare import (
+from quantize.graph.prepare import (
     ModelError,
     atomic_save,
     classifier_signature,
@@ -80,7 +80,7 @@ def test_prepare_upgrades_v2_opset7(v2_model, tmp_path):
     assert not initializers & {i.name for i in model.graph.input}
     bns = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
     assert not bns, (
-        "pre-activation BNs (no Conv to fold into) become depthwise 1×1 Convs (quantize/rewrite.py)"
+        "pre-activation BNs (no Conv to fold into) become depthwise 1×1 Convs (quantize/graph/rewrite.py)"
     )
     assert any("depthwise 1×1 Conv" in s for s in prepared.steps)
     for node in model.graph.node:
@@ -284,9 +284,9 @@ def test_v2_builder_roundtrip(tmp_path):
 
 def test_atomic_save_refuses_unwritable_folder(tiny_model, tmp_path, monkeypatch):
     """What a read-only folder looks like to atomic_save, simulated so that it also runs as root."""
-    import quantize.prepare
+    import quantize.graph.prepare
 
-    monkeypatch.setattr(quantize.prepare.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(quantize.graph.prepare.os, "access", lambda path, mode: False)
     with pytest.raises(RqInputError, match="not writable"):
         atomic_save(onnx.load(str(tiny_model)), tmp_path / "out.onnx")
     assert list(tmp_path.iterdir()) == []

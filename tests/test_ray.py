@@ -43,10 +43,10 @@ from tiny_models import SMALL_SPEC  # noqa: E402
 
 from calibration import discover_dataset  # noqa: E402
 from quantize.distributed import RayRunner  # noqa: E402
-from quantize.evaluate import evaluate  # noqa: E402
+from quantize.measure.evaluate import evaluate  # noqa: E402
+from quantize.measure.validate import validate, validation_samples  # noqa: E402
 from quantize.pipeline import quantize_model  # noqa: E402
 from quantize.recipe import QuantRecipe  # noqa: E402
-from quantize.validate import validate, validation_samples  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -359,8 +359,8 @@ def test_two_raylet_cluster_through_the_command_line(inputs, two_raylets, tmp_pa
         "import sys, json, numpy as np\n"
         "from tiny_models import SMALL_SPEC\n"
         "from quantize.distributed import RayRunner\n"
-        "from quantize.evaluate import evaluate\n"
-        "from quantize.validate import validation_samples\n"
+        "from quantize.measure.evaluate import evaluate\n"
+        "from quantize.measure.validate import validation_samples\n"
         "_, samples = validation_samples(sys.argv[1], None, None)\n"
         "with RayRunner(sys.argv[2]) as r:\n"
         "    run = evaluate(sys.argv[3:], samples, SMALL_SPEC, batch_size=4, ray=r)\n"

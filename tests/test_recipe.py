@@ -20,7 +20,7 @@ def test_defaults():
     assert r.calibration == "percentile" and r.percentile == 99.999
     assert r.bins == DEFAULT_BINS["percentile"] == 2048
     assert (r.samples, r.seed, r.batch_size) == (100, 0, 8)
-    assert r.op_types is None  # placement decided from the graph (quantize.placement)
+    assert r.op_types is None  # placement decided from the graph (quantize.graph.placement)
     assert r.bias_correction is True
     assert r.exclude_nodes == ()
     assert r.version == RECIPE_VERSION == 2

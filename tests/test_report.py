@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from calibration.errors import RqInputError
-from quantize.report import (
+from quantize.measure.stats import paired_drop
+from quantize.report.document import (
     PLOT_MISSING,
     plot_accuracy_vs_speed,
     render_html,
@@ -20,7 +21,6 @@ from quantize.report import (
     validate_report,
     write_report,
 )
-from quantize.stats import paired_drop
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

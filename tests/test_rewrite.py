@@ -13,11 +13,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from tiny_models import HW, SMALL_SPEC, random_inputs
 
-import quantize.rewrite as rewrite
+import quantize.graph.rewrite as rewrite
+from quantize.graph.prepare import prepare_model
+from quantize.graph.rewrite import rewrite_batchnorms
 from quantize.pipeline import quantize_model
-from quantize.prepare import prepare_model
 from quantize.recipe import QuantRecipe
-from quantize.rewrite import rewrite_batchnorms
 
 #: Q/DQ on Add, Relu and pooling too (until the placement-from-the-graph recipe is the default).
 FULL_OPS = ("Conv", "Gemm", "MatMul", "Add", "Relu", "MaxPool", "GlobalAveragePool")

@@ -1,4 +1,4 @@
-"""The runtime seam (quantize/runtimes.py) and --runtime on rq bench / eval / quantize.
+"""The runtime seam (quantize/measure/runtimes.py) and --runtime on rq bench / eval / quantize.
 
 The second runtime here is real, not a stand-in for ONNX Runtime: ``onnx.reference.ReferenceEvaluator``
 (numpy), registered in the seam like any runtime. "picky" is the same runtime refusing quantized files, as
@@ -25,9 +25,9 @@ from tiny_models import SMALL_SPEC, tiny_cnn
 
 import quantize.sweep as sweep_module
 from calibration.errors import RqInputError
-from quantize import runtimes
+from quantize.measure import runtimes
 from quantize.recipe import QuantRecipe
-from quantize.report import validate_report
+from quantize.report.document import validate_report
 
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from calibration.errors import RqInputError
-from quantize.stats import PairedDrop, clopper_pearson, mcnemar_p_value, paired_drop, pareto_front
+from quantize.measure.stats import PairedDrop, clopper_pearson, mcnemar_p_value, paired_drop, pareto_front
 
 
 def _flipped_pair() -> tuple[list[bool], list[bool]]:

@@ -99,7 +99,7 @@ def test_unknown_grid_is_an_input_error():
 
 
 def test_pareto_fronts_on_top1_and_on_agreement():
-    from quantize.report_data import mark_pareto
+    from quantize.report.data import mark_pareto
 
     def v(name, kind, top1, speed, agreement=None):
         drop = None if agreement is None else {"agreement_pct": agreement}

@@ -37,10 +37,10 @@ from typer.testing import CliRunner
 from calibration import Sample, load_image, load_synsets
 from calibration.errors import RqInputError
 from quantize.cli import app
+from quantize.measure.validate import validation_samples
 from quantize.pipeline import quantize_model, read_model_metadata
 from quantize.recipe import METADATA_KEY, QuantRecipe
 from quantize.tune import TuneRequest, split_for_tuning
-from quantize.validate import validation_samples
 
 HW = 32
 #: Per-tensor MinMax: the recipe under which conv_sensitive breaks. 7-bit weights (reduce_range) keep the

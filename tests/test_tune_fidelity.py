@@ -26,9 +26,9 @@ import quantize.pipeline as pipeline_module
 import quantize.tune as tune_module
 from calibration import preprocess
 from quantize.cli import app
+from quantize.measure.validate import validation_samples
 from quantize.pipeline import quantize_model
 from quantize.tune import TuneRequest, split_for_tuning
-from quantize.validate import validation_samples
 
 TUNE_ARGS = ["--max-drop", "0", "--tune", "--per-tensor", "--calibration", "minmax", "--reduce-range"]
 TUNE_ARGS += ["--samples", "16", "--workers", "2", "--resize", "36", "--crop", "32", "--json"]

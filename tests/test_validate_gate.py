@@ -1,4 +1,4 @@
-"""Validation of INT8 against FP32 (`quantize.validate`): the paired drop, the gate, the calibration overlap,
+"""Validation of INT8 against FP32 (`quantize.measure.validate`): the paired drop, the gate, the calibration overlap,
 and `rq quantize --val/--max-drop` through the CLI with a model whose INT8 version really flips predictions.
 """
 
@@ -20,8 +20,8 @@ from tiny_models import SMALL_SPEC
 from typer.testing import CliRunner
 
 from quantize.cli import EXIT_BAD_INPUT, EXIT_GATE_FAILED, app
-from quantize.stats import paired_drop
-from quantize.validate import Gate, count_overlap, validate, validation_samples
+from quantize.measure.stats import paired_drop
+from quantize.measure.validate import Gate, count_overlap, validate, validation_samples
 
 K, J, OTHER = 3, 7, 11
 N_K, N_J = 6, 2

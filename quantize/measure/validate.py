@@ -9,8 +9,8 @@ from pathlib import Path
 
 from calibration import ImageDataset, PreprocessSpec, Sample, discover_dataset, select_samples
 from calibration.errors import RqInputError
-from quantize.evaluate import EvalRun, evaluate, require_labels
-from quantize.stats import PairedDrop, images_to_confirm, paired_drop
+from quantize.measure.evaluate import EvalRun, evaluate, require_labels
+from quantize.measure.stats import PairedDrop, images_to_confirm, paired_drop
 
 #: What the gate compares with --max-drop: the measured drop, or the upper bound of its 95% interval.
 GATE_ON = ("point", "ci")
@@ -54,7 +54,7 @@ class Gate:
     ``gate_on="point"`` (default) compares the measured drop with the limit; ``gate_on="ci"`` compares the
     upper bound of its confidence interval, so a pass means these images *show* the drop is within the
     limit. Either way, when the upper bound exceeds the limit the message says so in words, and roughly how
-    many images would confirm the goal (:func:`quantize.stats.images_to_confirm`).
+    many images would confirm the goal (:func:`quantize.measure.stats.images_to_confirm`).
 
     With tuning, the drop is measured on the images held out from tuning, and the gate also fails when the
     tuner found no configuration within the goal on its own images: the best model seen is still written,
@@ -227,7 +227,7 @@ def validate(
     runtime: str = "ort",
 ) -> Validation:
     """Evaluate FP32 and INT8 on `samples` in one pass (see `validation_samples`) and compare them pair-wise,
-    both run in `runtime` (quantize.runtimes)."""
+    both run in `runtime` (quantize.measure.runtimes)."""
     run = evaluate(
         [fp32, int8],
         samples,

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from calibration.errors import RqInputError
-from quantize import runtimes as runtimes_mod
-from quantize.cpu import CpuInfo, detect_cpu, int8_speedup_note, physical_core_count
 from quantize.exits import ort_reason
+from quantize.measure import runtimes as runtimes_mod
+from quantize.measure.cpu import CpuInfo, detect_cpu, int8_speedup_note, physical_core_count
 
 PROVIDER = "CPUExecutionProvider"
 
@@ -267,7 +267,7 @@ def bench_models(
 ) -> BenchResult:
     """Time every model at every batch size in every runtime, interleaved, and return the statistics.
 
-    Each model is opened in each runtime of ``runtimes`` (see quantize.runtimes; ORT: CPU provider, all graph
+    Each model is opened in each runtime of ``runtimes`` (see quantize.measure.runtimes; ORT: CPU provider, all graph
     optimizations, ``threads`` intra-op threads — default: physical cores —, one inter-op thread, no
     spinning). All models must take one float32 input of the same shape apart from the batch dim. Per batch
     size: ``warmup`` untimed runs per model and runtime, then ``runs`` rounds that run every (runtime, model)

@@ -1,4 +1,4 @@
-"""Assemble `report.json` (schema rq.report/1) from the results of the stages; rendering is quantize.report."""
+"""Assemble `report.json` (schema rq.report/1) from the results of the stages; rendering is quantize.report.document."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from quantize import __version__
-from quantize.bench import BenchResult
-from quantize.cpu import CpuInfo, IntegerKernelAdvice
+from quantize.backends.ort import QuantizedOps
 from quantize.fetch import sha256_file
-from quantize.ort_backend import QuantizedOps
-from quantize.prepare import PreparedModel
+from quantize.graph.prepare import PreparedModel
+from quantize.measure.bench import BenchResult
+from quantize.measure.cpu import CpuInfo, IntegerKernelAdvice
+from quantize.measure.stats import PairedDrop, pareto_front
+from quantize.measure.validate import Gate, Validation
 from quantize.recipe import QuantRecipe
-from quantize.stats import PairedDrop, pareto_front
-from quantize.validate import Gate, Validation
 
 SCHEMA = "rq.report/1"
 PACKAGES = ("onnxruntime", "onnx", "numpy", "pillow", "typer", "rich", "matplotlib", "neural-compressor")

@@ -132,7 +132,7 @@ def _in_fixed_batches(run, images: np.ndarray, batch: int | None) -> np.ndarray:
 
 
 def _classes_and_offset(session, path: Path) -> tuple[str, int]:
-    """(input name, label offset) of an ORT session or a quantize.runtimes session, or a one-line error."""
+    """(input name, label offset) of an ORT session or a quantize.measure.runtimes session, or a one-line error."""
     if hasattr(session, "get_inputs"):
         inputs = [(i.name, i.shape) for i in session.get_inputs()]
         output = session.get_outputs()[0]
@@ -155,14 +155,14 @@ def _classes_and_offset(session, path: Path) -> tuple[str, int]:
 
 
 def _run_any(session, images: np.ndarray) -> np.ndarray:
-    """`run_model` for a quantize.runtimes session (fixed batch: full chunks, the last one padded)."""
+    """`run_model` for a quantize.measure.runtimes session (fixed batch: full chunks, the last one padded)."""
     first = session.input_shape[0] if session.input_shape else None
     return _in_fixed_batches(session.run, images, first if isinstance(first, int) and first > 0 else None)
 
 
 def open_in_runtime(path: Path, runtime: str = "ort", threads: int | None = None):
-    """A quantize.runtimes session for evaluation (`model not found` / one-line load errors)."""
-    from quantize import runtimes
+    """A quantize.measure.runtimes session for evaluation (`model not found` / one-line load errors)."""
+    from quantize.measure import runtimes
 
     path = Path(path)
     rt = runtimes.get(runtime)
@@ -267,7 +267,7 @@ def evaluate(
     ray=None,
     runtime: str = "ort",
 ) -> EvalRun:
-    """Run every model on the same decoded batches in `runtime` (quantize.runtimes); per-image correctness.
+    """Run every model on the same decoded batches in `runtime` (quantize.measure.runtimes); per-image correctness.
 
     `ray`: a `quantize.distributed.RayRunner` to run on a Ray cluster instead of this machine's threads
     (same result object, same statistics; ONNX Runtime only)."""

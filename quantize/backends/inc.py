@@ -5,7 +5,7 @@ neural-compressor 3.7.1 is the last release that quantizes ONNX models, and it p
 its ONNX adaptor) onnx < 1.19, so it usually lives in its own virtual environment. Nothing here imports it at
 module level: `require_inc()` does, when the INC backend is actually used.
 
-INC always gets rq's *prepared* model (`quantize.prepare.prepare_model`): it rejects opset-7 files (the
+INC always gets rq's *prepared* model (`quantize.graph.prepare.prepare_model`): it rejects opset-7 files (the
 BatchNormalization `spatial` attribute). It calibrates with its own calibrators, streaming the caller's
 batches, and writes its scratch files (`nc_workspace`) under the caller's work folder, never into the current
 directory.
@@ -320,7 +320,7 @@ def fp32_candidates(model: onnx.ModelProto, op_types: Iterable[str]) -> list[str
     """Names of nodes of `op_types` that a (QDQ or QOperator) quantized graph still computes in float.
 
     QDQ: a float op counts as quantized when its activation and weight both come out of DequantizeLinear
-    (the rule of `quantize.ort_backend.count_quantized`); QOperator: any float op left is FP32.
+    (the rule of `quantize.backends.ort.count_quantized`); QOperator: any float op left is FP32.
     """
     op_types = set(op_types)
     produced_by = {out: node.op_type for node in model.graph.node for out in node.output}

@@ -28,7 +28,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 if TYPE_CHECKING:
-    from quantize.prepare import PreparedModel
+    from quantize.graph.prepare import PreparedModel
 
 #: Largest relative output difference (max |Δ| / max(1, max |original|)) accepted as "unchanged in FP32":
 #: reordered float arithmetic differs in the last bits; a wrong rewrite differs by O(1).
@@ -235,7 +235,7 @@ def rewrite_standalone_batchnorms(prepared: PreparedModel) -> None:
 
     Appends what was done to `prepared.steps` (or why nothing was done to `prepared.warnings`).
     """
-    from quantize.prepare import _save, load_model
+    from quantize.graph.prepare import _save, load_model
 
     path = Path(prepared.path)
     model = load_model(path)

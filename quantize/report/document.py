@@ -36,7 +36,7 @@ from typing import Any
 from calibration.errors import RqInputError
 from quantize.exits import environment_error, is_environment_error
 from quantize.files import atomic_write_text, json_text
-from quantize.stats import pareto_front
+from quantize.measure.stats import pareto_front
 
 SCHEMA = "rq.report/1"
 JSON_NAME = "report.json"

@@ -15,8 +15,8 @@ from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.calibrate import save_tensors_data
 
 from quantize.calibrate import CalibrationRanges
-from quantize.placement import FOLDED_ACTIVATIONS, PLACEMENT_OP_TYPES, place, require_something
-from quantize.prepare import _quiet, load_model
+from quantize.graph.placement import FOLDED_ACTIVATIONS, PLACEMENT_OP_TYPES, place, require_something
+from quantize.graph.prepare import _quiet, load_model
 from quantize.recipe import QuantRecipe
 
 QUANT_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}

@@ -23,7 +23,7 @@ from onnx import TensorProto
 from calibration.errors import RqInputError
 from quantize.exits import ORT_LOG_SEVERITY, is_environment_error, ort_reason
 from quantize.files import atomic_output, inside
-from quantize.rewrite import rewrite_standalone_batchnorms
+from quantize.graph.rewrite import rewrite_standalone_batchnorms
 
 TARGET_OPSET = 13
 MIN_IR_VERSION = 7
@@ -276,7 +276,9 @@ def prepare_model(source: Path | str, workdir: Path, *, pre_process: bool = True
         os.replace(upgraded, prepared.path)
     else:
         _run_quant_pre_process(upgraded, prepared)
-    rewrite_standalone_batchnorms(prepared)  # unfoldable BN → exact per-channel affine (quantize/rewrite.py)
+    rewrite_standalone_batchnorms(
+        prepared
+    )  # unfoldable BN → exact per-channel affine (quantize/graph/rewrite.py)
     prepared.signature = classifier_signature(load_model(prepared.path, load_weights=False), source.name)
     prepared.seconds = time.perf_counter() - started
     return prepared

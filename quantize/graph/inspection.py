@@ -20,7 +20,7 @@ from onnx import TensorProto, helper
 
 from calibration.errors import RqInputError
 from quantize.exits import ORT_LOG_SEVERITY, ort_reason
-from quantize.prepare import _quiet, load_model
+from quantize.graph.prepare import _quiet, load_model
 
 DEQUANT_SUFFIX = "_DequantizeLinear_Output"
 
@@ -135,7 +135,7 @@ def inspect_models(
     """Per-node errors, most damaged first. `fp32_path` must be the prepared graph the INT8 model came from."""
     fp32 = load_model(fp32_path)
     int8 = load_model(int8_path)
-    from quantize.ort_backend import QOPERATOR_FORMS
+    from quantize.backends.ort import QOPERATOR_FORMS
 
     qoperator_ops = {op for forms in QOPERATOR_FORMS.values() for op in forms}
     found = sorted({n.op_type for n in int8.graph.node if n.op_type in qoperator_ops})

@@ -27,9 +27,9 @@ import numpy as np
 
 from calibration import BatchStream, ImageDataset, PreprocessSpec, Sample
 from calibration.errors import RqInputError
-from quantize.evaluate import open_session, run_model
-from quantize.inspection import _Accumulator
-from quantize.stats import agreement
+from quantize.graph.inspection import _Accumulator
+from quantize.measure.evaluate import open_session, run_model
+from quantize.measure.stats import agreement
 
 #: Held-back calibration images measured by default when there is no --val (the time stays modest).
 DEFAULT_HOLDOUT_IMAGES = 500

@@ -1,0 +1,1 @@
+"""Quantization backends: ONNX Runtime static quantization (ort) and Intel Neural Compressor (inc)."""

@@ -1,0 +1,1 @@
+"""Graph work before and around quantization: preparation, exact rewrites, Q/DQ placement, inspection."""

@@ -1,0 +1,1 @@
+"""Measuring models: evaluation, statistics, fidelity, the gate, latency, CPU detection, runtimes."""
