@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from calibration.errors import RqEnvironmentError
+from calibration.errors import RqEnvironmentError, RqInputError
 from quantize.exits import environment_error, is_environment_error, uninterruptible
 
 
@@ -99,6 +99,41 @@ def inside(folder: Path) -> Iterator[None]:
         os.chdir(previous)
 
 
+def _writable(directory: Path) -> OSError | None:
+    """None when a file can be created in `directory` (tried, then removed), else the error."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        return exc
+    return None
+
+
+def check_output_path(output: Path) -> None:
+    """Fail (bad input) before any expensive work when the output file cannot be written."""
+    directory = output.parent
+    if output.exists() and output.is_dir():
+        raise RqInputError(f"output path is a folder: {output}")
+    if directory.exists() and not directory.is_dir():
+        raise RqInputError(f"output folder is a file, not a folder: {directory}")
+    if not directory.is_dir():
+        raise RqInputError(f"output folder does not exist: {directory}")
+    if _writable(directory) is not None:
+        raise RqInputError(f"output folder is not writable: {directory}")
+
+
+def ensure_writable_dir(directory: Path, what: str = "report folder") -> None:
+    """Check files can be written under `directory` (before any long work) without creating it yet."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RqInputError(f"{what} is not writable: {directory} ({existing} is not a folder)")
+    exc = _writable(existing)
+    if exc is not None:
+        raise RqInputError(f"{what} is not writable: {directory} ({exc.strerror or exc})") from None
+
+
 def finite_or_none(value):
     """`value` with every NaN/±inf float replaced by None (JSON's null), recursively."""
     if isinstance(value, float):
@@ -121,6 +156,8 @@ __all__ = [
     "RqEnvironmentError",
     "atomic_output",
     "atomic_write_text",
+    "check_output_path",
+    "ensure_writable_dir",
     "finite_or_none",
     "inside",
     "json_text",

@@ -5,11 +5,9 @@ The CLI is a thin layer over this function; tests and scripts call it directly.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,19 +19,19 @@ import onnxruntime as ort
 
 from calibration import BatchStream, ImageDataset, PreprocessSpec, Sample, discover_dataset, select_samples
 from calibration.errors import RqInputError
-from quantize import __version__
-from quantize.backends.ort import QuantizedOps, count_quantized, quantize_with_ort
-from quantize.bias_correction import BiasCorrectionReport, correct_biases
+from quantize import __version__, backends
+from quantize.backends.ort import QuantizedOps, count_quantized
+from quantize.bias_correction import BiasCorrectionReport
 from quantize.calibrate import CalibrationRanges, calibrate
-from quantize.exits import QuantizerError, is_environment_error
-from quantize.files import atomic_output, work_folder
+from quantize.exits import QuantizerError
+from quantize.files import atomic_output, check_output_path, work_folder
 from quantize.graph.placement import place, require_something
 from quantize.graph.prepare import ModelError, PreparedModel, load_model, prepare_model
 from quantize.measure.cpu import CpuInfo, IntegerKernelAdvice, advise_int8, detect_cpu
 from quantize.measure.evaluate import evaluate
 from quantize.measure.fidelity import held_back_samples
-from quantize.recipe import LEGACY_OP_TYPES, METADATA_KEY, QuantRecipe
-from quantize.tune import TuneReport, TuneRequest, TuneStep, tune_fallback
+from quantize.recipe import METADATA_KEY, QuantRecipe
+from quantize.tune import TuneReport, TuneRequest, tune_fallback
 
 PREPROCESS_METADATA_KEY = "rq.preprocess"
 
@@ -121,22 +119,6 @@ def default_output_path(model: Path, directory: Path | None = None) -> Path:
     return (directory or Path.cwd()) / f"{stem}-int8.onnx"
 
 
-def check_output_path(output: Path) -> None:
-    """Fail before any expensive work when the output cannot be written."""
-    directory = output.parent
-    if output.exists() and output.is_dir():
-        raise RqInputError(f"output path is a folder: {output}")
-    if directory.exists() and not directory.is_dir():
-        raise RqInputError(f"output folder is a file, not a folder: {directory}")
-    if not directory.is_dir():
-        raise RqInputError(f"output folder does not exist: {directory}")
-    try:
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError:
-        raise RqInputError(f"output folder is not writable: {directory}") from None
-
-
 def resolve_recipe(recipe: QuantRecipe, cpu: CpuInfo) -> tuple[QuantRecipe, IntegerKernelAdvice, str]:
     """Fill the CPU-dependent choices the user left open (reduce_range=None)."""
     advice = advise_int8(cpu)
@@ -145,12 +127,65 @@ def resolve_recipe(recipe: QuantRecipe, cpu: CpuInfo) -> tuple[QuantRecipe, Inte
     return recipe, advice, "user"
 
 
-def _padded(images: np.ndarray, batch: int) -> np.ndarray:
+def padded(images: np.ndarray, batch: int) -> np.ndarray:
     """Models with a fixed batch dimension need full batches: repeat the last image to fill one."""
     if len(images) == batch:
         return images
     fill = np.repeat(images[-1:], batch - len(images), axis=0)
     return np.concatenate([images, fill])
+
+
+class ModelBatches:
+    """The decoded batches of `samples` for a prepared model, padded when its batch dimension is fixed.
+
+    Iterate once; `used`/`skipped` count the images read, `first` keeps up to two images of the first batch
+    (to check the INT8 model runs). Close it (or use it as a context manager) to stop the decoding threads.
+    """
+
+    def __init__(
+        self,
+        prepared: PreparedModel,
+        samples: list[Sample],
+        spec: PreprocessSpec,
+        batch_size: int,
+        *,
+        workers: int | None = None,
+        on_image: Callable[[int], None] | None = None,
+    ):
+        self.fixed = prepared.signature.fixed_batch
+        self.batch = self.fixed or batch_size
+        self.stream = BatchStream(samples, spec, batch_size=self.batch, workers=workers, on_image=on_image)
+        self.first: np.ndarray | None = None
+
+    def __iter__(self):
+        for item in self.stream:
+            images = item.images
+            if self.first is None:
+                self.first = images[: min(len(images), 2)].copy()
+            yield padded(images, self.batch) if self.fixed else images
+
+    @property
+    def used(self) -> int:
+        return self.stream.used
+
+    @property
+    def skipped(self) -> list[tuple[Path, str]]:
+        return list(self.stream.skipped)
+
+    def close(self) -> None:
+        self.stream.close()
+
+    def __enter__(self) -> ModelBatches:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def model_batches(
+    prepared: PreparedModel, samples, spec: PreprocessSpec, batch_size: int, *, workers: int | None = None
+) -> ModelBatches:
+    return ModelBatches(prepared, list(samples), spec, batch_size, workers=workers)
 
 
 def _stamp_metadata(model: onnx.ModelProto, recipe: QuantRecipe, spec: PreprocessSpec, source: Path) -> None:
@@ -254,64 +289,38 @@ def run_calibration(
     workers: int | None = None,
     progress: Progress | None = None,
 ) -> CalibrationRun:
-    """Stream a deterministic sample of `dataset` through the prepared model's calibrator."""
+    """Stream a deterministic sample of `dataset` through the prepared model's calibrator.
+
+    A backend that calibrates by itself (`uses_rq_ranges` False) gets no ranges: only a smoke-test sample is
+    read here, and the backend reads the same samples again.
+    """
     progress = progress or Progress()
     started = time.perf_counter()
-    signature = prepared.signature
     samples = select_samples(dataset, recipe.samples, recipe.seed)
-    batch = signature.fixed_batch or recipe.batch_size
-    stream = BatchStream(
-        samples, spec, batch_size=batch, workers=workers, on_image=progress.calibration_advance
+    batches = ModelBatches(
+        prepared, samples, spec, recipe.batch_size, workers=workers, on_image=progress.calibration_advance
     )
     if progress.calibration_start:
         progress.calibration_start(len(samples))
-    first_batch: list[np.ndarray] = []
-
-    def batches():
-        for item in stream:
-            images = item.images
-            if not first_batch:
-                first_batch.append(images[: min(len(images), 2)].copy())
-            yield _padded(images, batch) if signature.fixed_batch else images
-
-    if recipe.backend == "inc":
-        # INC calibrates by itself (quantize_prepared hands it the same samples); only a smoke-test sample
-        # is read here.
-        with contextlib.closing(stream):
-            next(batches())
-        ranges = None
-    else:
-        with contextlib.closing(stream):
-            ranges = calibrate(prepared.path, signature.input_name, batches(), recipe, workdir)
-    sample = first_batch[0]
-    if signature.fixed_batch:
-        sample = _padded(sample[:1], signature.fixed_batch)
+    with batches:
+        if backends.get(recipe.backend).uses_rq_ranges:
+            ranges = calibrate(prepared.path, prepared.signature.input_name, iter(batches), recipe, workdir)
+        else:
+            next(iter(batches))
+            ranges = None
+    sample = batches.first
+    if batches.fixed:
+        sample = padded(sample[:1], batches.fixed)
     return CalibrationRun(
         dataset=dataset,
         samples=samples,
         ranges=ranges,
-        used=stream.used,
-        skipped=list(stream.skipped),
+        used=batches.used,
+        skipped=batches.skipped,
         smoke_sample=sample,
         seconds=time.perf_counter() - started,
         workers=workers,
     )
-
-
-def _inc_batches(
-    prepared: PreparedModel, calibration: CalibrationRun, recipe: QuantRecipe, spec: PreprocessSpec
-):
-    """A factory of fresh calibration passes for INC (it reads the images again for every trial)."""
-    batch = prepared.signature.fixed_batch or recipe.batch_size
-
-    def make_batches():
-        stream = BatchStream(calibration.samples, spec, batch_size=batch, workers=calibration.workers)
-        with stream:
-            for item in stream:
-                yield _padded(item.images, batch) if prepared.signature.fixed_batch else item.images
-            calibration.used, calibration.skipped = stream.used, list(stream.skipped)
-
-    return make_batches, batch
 
 
 def produce_int8(
@@ -321,73 +330,9 @@ def produce_int8(
     spec: PreprocessSpec,
     scratch: Path,
     workdir: Path,
-    *,
-    eval_func: Callable[[Path], float] | None = None,
-    tune: TuneRequest | None = None,
-    log: Callable[[str], None] = lambda _m: None,
-):
-    """Run the recipe's backend into `scratch`. Returns INC's outcome for the INC backend, else None."""
-    if recipe.backend == "inc":
-        from quantize.backends.inc import quantize_with_inc
-
-        make_batches, batch = _inc_batches(prepared, calibration, recipe, spec)
-        return quantize_with_inc(
-            prepared.path,
-            make_batches,
-            recipe,
-            scratch,
-            workdir,
-            batch_size=batch,
-            eval_func=eval_func,
-            max_drop_pt=tune.max_drop_pt if tune else None,
-            max_trials=tune.max_trials if tune else 20,
-            log=log,
-        )
-    try:
-        quantize_with_ort(prepared.path, calibration.ranges, recipe, scratch, workdir)
-    except RqInputError:
-        raise
-    except Exception as exc:
-        if is_environment_error(exc):
-            raise  # a full disk under the quantizer is the machine's failure, not the quantizer's
-        reason = str(exc).splitlines()[0] if str(exc) else ""
-        raise QuantizationFailed(f"onnxruntime's quantizer failed: {type(exc).__name__}: {reason}") from None
-    if recipe.bias_correction and recipe.format == "qoperator":
-        calibration.bias_correction = BiasCorrectionReport(
-            note="skipped: bias correction applies to QDQ models (this one is in QOperator format)"
-        )
-    elif recipe.bias_correction:
-        calibration.bias_correction = _correct_biases(prepared, calibration, recipe, spec, scratch)
-    else:
-        calibration.bias_correction = None
-    return None
-
-
-def _correct_biases(
-    prepared: PreparedModel,
-    calibration: CalibrationRun,
-    recipe: QuantRecipe,
-    spec: PreprocessSpec,
-    scratch: Path,
-) -> BiasCorrectionReport:
-    """Fold INT8's mean output shift of each Conv/Gemm channel into its bias, on the calibration images."""
-    batch = prepared.signature.fixed_batch or recipe.batch_size
-
-    def batches():
-        with BatchStream(calibration.samples, spec, batch_size=batch) as stream:
-            for item in stream:
-                yield _padded(item.images, batch) if prepared.signature.fixed_batch else item.images
-
-    int8 = load_model(scratch)
-    report = correct_biases(
-        load_model(prepared.path),
-        int8,
-        prepared.signature.input_name,
-        batches(),
-        cache=calibration.bias_statistics,
-    )
-    onnx.save_model(int8, str(scratch))
-    return report
+) -> None:
+    """Run the recipe's backend (quantize.backends) into `scratch`."""
+    backends.get(recipe.backend).quantize(prepared, calibration, recipe, spec, scratch, workdir)
 
 
 def publish_int8(
@@ -444,35 +389,42 @@ def quantize_prepared(
     return publish_int8(prepared, calibration, recipe, spec, scratch, output, tuning_fallback=tuning_fallback)
 
 
-def _inc_tune_report(outcome, tune: TuneRequest) -> TuneReport:
-    """INC's trials in the shape of rq's own tuning report."""
-    report = TuneReport(
-        backend="inc",
-        max_drop_pt=tune.max_drop_pt,
-        tune_images=len(tune.tune_samples),
-        fp32_top1=outcome.baseline_accuracy if outcome.baseline_accuracy is not None else float("nan"),
-        goal_met=bool(outcome.goal_met),
-        notes=list(outcome.notes),
-        seconds=outcome.seconds,
+def _tune(backend, prepared, calibration, recipe, spec, workdir, tune: TuneRequest, model, workers, log):
+    """(recipe, TuneReport, scratch model or None, seconds): the backend's own tuner, else rq's fallback tuner."""
+    if backend.has_tuner:
+        started = time.perf_counter()
+
+        def top1(path: Path) -> float:
+            run = evaluate(
+                [path],
+                list(tune.tune_samples),
+                spec,
+                batch_size=tune.eval_batch,
+                workers=workers,
+                ray=tune.ray,
+            )
+            return run.models[0].top1
+
+        tuned = backend.tune(prepared, calibration, recipe, spec, workdir, tune, top1, log)
+        return tuned.recipe, tuned.report, tuned.scratch, time.perf_counter() - started
+    recipe, report = tune_fallback(
+        quantize_to=lambda r, path: quantize_prepared(prepared, calibration, r, spec, path, workdir),
+        prepared_path=prepared.path,
+        fp32_path=model,
+        input_name=prepared.signature.input_name,
+        recipe=recipe,
+        spec=spec,
+        request=tune,
+        sensitivity_samples=calibration.samples,
+        holdout_samples=held_back_samples(
+            calibration.dataset, calibration.files(), tune.holdout_images, recipe.seed
+        ),
+        workdir=workdir,
+        workers=workers,
+        eval_batch=tune.eval_batch,
+        log=log,
     )
-    best = None
-    for trial in outcome.trials:
-        accuracy = trial.get("accuracy")
-        step = TuneStep(
-            step=int(trial["trial"]),
-            fallback=list(trial.get("fp32_nodes") or []),
-            added=None,
-            top1=float("nan") if accuracy is None else float(accuracy),
-            drop_pt=float("nan") if trial.get("drop_pt") is None else float(trial["drop_pt"]),
-            seconds=0.0,
-            error=trial.get("error"),
-        )
-        report.steps.append(step)
-        if accuracy is not None and (best is None or accuracy > best.top1):
-            best = step
-    report.chosen = best.step if best is not None else (report.steps[0].step if report.steps else 0)
-    report.notes.append("INC keeps only its best trial's model, so the speed of each trial was not measured")
-    return report
+    return recipe, report, None, report.seconds
 
 
 def quantize_model(
@@ -503,10 +455,8 @@ def quantize_model(
     progress = progress or Progress()
     cpu = cpu or detect_cpu()
     output = Path(output) if output is not None else default_output_path(model)
-    if recipe.backend == "inc":
-        from quantize.backends.inc import require_inc
-
-        require_inc()  # fail before any work when the extra is not installed
+    backend = backends.get(recipe.backend)
+    backend.require()  # fail before any work when its extra is not installed
     if not model.is_file():
         raise ModelError(
             f"model not found: {model}" if not model.exists() else f"model path is not a file: {model}"
@@ -515,10 +465,7 @@ def quantize_model(
     if output.resolve() == model.resolve():
         raise RqInputError("output path is the input model; choose another --out")
     recipe, advice, rr_source = resolve_recipe(recipe, cpu)
-    if recipe.backend == "inc":
-        # Placement from the graph and bias correction are ort-backend steps: INC gets the op types it always
-        # had, and the recipe recorded with its model says that no bias correction was done.
-        recipe = recipe.with_changes(op_types=recipe.op_types or LEGACY_OP_TYPES, bias_correction=False)
+    recipe = backend.adapt(recipe)
     dataset = discover_dataset(calib, labels)  # before the slow stages: a bad folder fails at once
     seconds: dict[str, float] = {}
 
@@ -537,71 +484,19 @@ def quantize_model(
             prepared, dataset, recipe, spec, workdir, workers=workers, progress=progress
         )
         seconds["calibrate"] = calibration.seconds
-        tuning = None
+        tuning = scratch = None
         user_excluded = recipe.exclude_nodes
-        if tune is not None and recipe.backend == "inc":
+        if tune is not None:
             stage("tune")
-            started = time.perf_counter()
-            scratch = workdir / "int8-inc-tuned.onnx"
-            outcome = produce_int8(
-                prepared,
-                calibration,
-                recipe,
-                spec,
-                scratch,
-                workdir,
-                eval_func=lambda path: (
-                    evaluate(
-                        [path],
-                        list(tune.tune_samples),
-                        spec,
-                        batch_size=tune.eval_batch,
-                        workers=workers,
-                        ray=tune.ray,
-                    )
-                    .models[0]
-                    .top1
-                ),
-                tune=tune,
-                log=log,
+            recipe, tuning, scratch, seconds["tune"] = _tune(
+                backend, prepared, calibration, recipe, spec, workdir, tune, model, workers, log
             )
-            tuning = _inc_tune_report(outcome, tune)
-            recipe = recipe.with_changes(exclude_nodes=recipe.exclude_nodes + tuple(outcome.fallback_nodes))
-            seconds["tune"] = time.perf_counter() - started
-            stage("quantize")
-            ops = publish_int8(
-                prepared,
-                calibration,
-                recipe,
-                spec,
-                scratch,
-                output,
-                tuning_fallback=tuple(n for n in recipe.exclude_nodes if n not in user_excluded),
-            )
-        elif tune is not None:
-            stage("tune")
-            recipe, tuning = tune_fallback(
-                quantize_to=lambda r, path: quantize_prepared(prepared, calibration, r, spec, path, workdir),
-                prepared_path=prepared.path,
-                fp32_path=model,
-                input_name=prepared.signature.input_name,
-                recipe=recipe,
-                spec=spec,
-                request=tune,
-                sensitivity_samples=calibration.samples,
-                holdout_samples=held_back_samples(
-                    dataset, calibration.files(), tune.holdout_images, recipe.seed
-                ),
-                workdir=workdir,
-                workers=workers,
-                eval_batch=tune.eval_batch,
-                log=log,
-            )
-            seconds["tune"] = tuning.seconds
-        if tuning is None or tuning.backend != "inc":
-            stage("quantize")
-            started = time.perf_counter()
-            fallback = tuple(n for n in recipe.exclude_nodes if n not in user_excluded) if tuning else ()
+        stage("quantize")
+        started = time.perf_counter()
+        fallback = tuple(n for n in recipe.exclude_nodes if n not in user_excluded) if tuning else ()
+        if scratch is not None:  # the backend's own tuner already produced the model: check and publish it
+            ops = publish_int8(prepared, calibration, recipe, spec, scratch, output, tuning_fallback=fallback)
+        else:
             ops = quantize_prepared(
                 prepared, calibration, recipe, spec, output, workdir, tuning_fallback=fallback
             )

@@ -26,6 +26,7 @@ import numpy as np
 
 from calibration import PreprocessSpec, discover_dataset, select_samples
 from calibration.errors import RqInputError
+from quantize import backends as registry
 from quantize.backends.ort import QuantizedOps
 from quantize.fetch import sha256_file
 from quantize.files import atomic_output, atomic_write_text, work_folder
@@ -44,10 +45,7 @@ from quantize.pipeline import (
     quantize_prepared,
     run_calibration,
 )
-from quantize.recipe import QuantRecipe
-
-#: Conv/Gemm/MatMul only: the placement rq used before it decided from the graph (kept as the comparison).
-LEGACY_OP_TYPES = ("Conv", "Gemm", "MatMul")
+from quantize.recipe import LEGACY_OP_TYPES, QuantRecipe
 
 GRIDS: dict[str, dict[str, tuple]] = {
     # The default grid answers the questions that decide INT8 accuracy on CNNs now: where the quantize nodes
@@ -207,10 +205,8 @@ def cache_key(
     from quantize import __version__
 
     versions = {"rq": __version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__}
-    if "inc" in backends:
-        from quantize.backends.inc import require_inc
-
-        versions["neural-compressor"] = require_inc()
+    for name in sorted(backends):
+        versions.update(registry.get(name).versions())
     material = json.dumps(
         {
             "model": sha256_file(model),
@@ -265,10 +261,8 @@ def run_sweep(
         raise RqInputError("--ray runs models in onnxruntime only; drop --runtime or --ray")
     tags = {rt: runtime_tag(rt) for rt in runtimes}
     recipes = grid_recipes(grid, base, cpu)
-    if any(r.backend == "inc" for r in recipes):
-        from quantize.backends.inc import require_inc
-
-        require_inc()
+    for name in dict.fromkeys(r.backend for r in recipes):
+        registry.get(name).require()  # before any work: a missing extra fails at once
     calib_dataset = discover_dataset(calib, labels)
     val_dataset, val_set = validation_samples(val, val_labels, val_limit)
     seconds: dict[str, float] = {}

@@ -419,7 +419,7 @@ def tune_fallback(
         (np.argmax(fp32_run.logits[:, offset:], axis=1) == fp32_run.labels)[labelled].mean()
     )
     report = TuneReport(
-        backend="ort",
+        backend=recipe.backend,
         max_drop_pt=request.max_drop_pt,
         tune_images=int(labelled.sum()),
         fp32_top1=fp32_top1,

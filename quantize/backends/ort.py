@@ -212,3 +212,74 @@ def quantize_with_ort(
                 "WeightSymmetric": True,
             },
         )
+
+
+class OrtBackend:
+    """ONNX Runtime's static quantization, fed the ranges of rq's calibrator; bias correction afterwards.
+
+    No tuner of its own: `--tune` runs rq's fallback tuner (quantize/tune.py) over `quantize`.
+    """
+
+    name = "ort"
+    uses_rq_ranges = True
+    has_tuner = False
+
+    def require(self) -> None:
+        return None  # onnxruntime is a core dependency
+
+    def versions(self) -> dict[str, str]:
+        return {}  # onnxruntime's version is in every cache key already
+
+    def adapt(self, recipe: QuantRecipe) -> QuantRecipe:
+        return recipe
+
+    def quantize(
+        self, prepared, calibration, recipe: QuantRecipe, spec, scratch: Path, workdir: Path
+    ) -> None:
+        from calibration.errors import RqInputError
+        from quantize.exits import is_environment_error
+        from quantize.pipeline import QuantizationFailed
+
+        try:
+            quantize_with_ort(prepared.path, calibration.ranges, recipe, scratch, workdir)
+        except RqInputError:
+            raise
+        except Exception as exc:
+            if is_environment_error(exc):
+                raise  # a full disk under the quantizer is the machine's failure, not the quantizer's
+            reason = str(exc).splitlines()[0] if str(exc) else ""
+            raise QuantizationFailed(
+                f"onnxruntime's quantizer failed: {type(exc).__name__}: {reason}"
+            ) from None
+        if recipe.bias_correction and recipe.format == "qoperator":
+            from quantize.bias_correction import BiasCorrectionReport
+
+            calibration.bias_correction = BiasCorrectionReport(
+                note="skipped: bias correction applies to QDQ models (this one is in QOperator format)"
+            )
+        elif recipe.bias_correction:
+            calibration.bias_correction = _correct_biases(prepared, calibration, recipe, spec, scratch)
+        else:
+            calibration.bias_correction = None
+
+    def tune(self, *args, **kwargs):
+        raise NotImplementedError(
+            "the ort backend has no tuner of its own (rq's fallback tuner runs instead)"
+        )
+
+
+def _correct_biases(prepared, calibration, recipe: QuantRecipe, spec, scratch: Path):
+    """Fold INT8's mean output shift of each Conv/Gemm channel into its bias, on the calibration images."""
+    from quantize.bias_correction import correct_biases
+    from quantize.pipeline import model_batches
+
+    int8 = load_model(scratch)
+    report = correct_biases(
+        load_model(prepared.path),
+        int8,
+        prepared.signature.input_name,
+        model_batches(prepared, calibration.samples, spec, recipe.batch_size),
+        cache=calibration.bias_statistics,
+    )
+    onnx.save_model(int8, str(scratch))
+    return report
