@@ -61,14 +61,14 @@ def install(stage: str, signals: list[int]) -> None:
 
         quantize.pipeline.calibrate = calibrate
     elif stage == "quantize":
-        original_quantize = quantize.pipeline.quantize_with_ort
+        original_quantize = quantize.backends.ort.quantize_with_ort
 
         def quantize_with_ort(*args, **kwargs):
             result = original_quantize(*args, **kwargs)
             _send(signals)
             return result
 
-        quantize.pipeline.quantize_with_ort = quantize_with_ort
+        quantize.backends.ort.quantize_with_ort = quantize_with_ort
     elif stage == "publish":
         original_save = quantize.graph.prepare.onnx.save_model
 

@@ -380,14 +380,14 @@ def test_full_report_folder_patched_write(inputs, place, monkeypatch):
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_output_folder_made_read_only_mid_run(inputs, place, monkeypatch):
-    real_quantize = quantize.pipeline.quantize_with_ort
+    real_quantize = quantize.backends.ort.quantize_with_ort
 
     def then_chmod(*args, **kwargs):
         result = real_quantize(*args, **kwargs)
         place["out"].chmod(0o500)  # after check_output_path, before the model is published
         return result
 
-    monkeypatch.setattr(quantize.pipeline, "quantize_with_ort", then_chmod)
+    monkeypatch.setattr(quantize.backends.ort, "quantize_with_ort", then_chmod)
     try:
         code, text = invoke(*quantize_args(inputs, place))
     finally:
@@ -494,7 +494,7 @@ def test_quantizer_crash_has_its_own_exit_code(inputs, place, monkeypatch):
     def crash(*_args, **_kwargs):
         raise RuntimeError("boom in the quantizer")
 
-    monkeypatch.setattr(quantize.pipeline, "quantize_with_ort", crash)
+    monkeypatch.setattr(quantize.backends.ort, "quantize_with_ort", crash)
     code, text = invoke(*quantize_args(inputs, place))
     assert code == EXIT_QUANTIZATION_FAILED, text
     assert_one_line(text, "quantization failed", "RuntimeError: boom in the quantizer", "nothing was written")
@@ -505,7 +505,7 @@ def test_full_disk_under_the_quantizer_is_an_environment_failure(inputs, place, 
     def full(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(quantize.pipeline, "quantize_with_ort", full)
+    monkeypatch.setattr(quantize.backends.ort, "quantize_with_ort", full)
     code, text = invoke(*quantize_args(inputs, place))
     assert code == EXIT_ENVIRONMENT, text
     assert_one_line(text, "environment error", "no space left on device", f"{place['tmp']}/rq-")
