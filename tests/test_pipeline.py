@@ -323,7 +323,7 @@ def test_each_calibration_method(method, v2_model, calib_dir, tmp_path, avx2_cpu
 def test_inc_calibration_passes_decode_with_the_workers_asked_for(
     tiny_model, calib_dir, tmp_path, monkeypatch
 ):
-    """`--workers` reaches INC's own calibration passes (built here without INC: `_inc_batches` is what
+    """`--workers` reaches INC's own calibration passes (built here without INC: `calibration_passes` is what
     `quantize_with_inc` reads the images through)."""
     from calibration import discover_dataset
     from quantize.graph.prepare import prepare_model
@@ -341,6 +341,8 @@ def test_inc_calibration_passes_decode_with_the_workers_asked_for(
         prepared, discover_dataset(calib_dir), recipe, SMALL_SPEC, tmp_path, workers=2
     )
     monkeypatch.setattr(pipeline, "BatchStream", recording_stream)
-    make_batches, _batch = pipeline._inc_batches(prepared, calibration, recipe, SMALL_SPEC)
+    from quantize.backends.inc import calibration_passes
+
+    make_batches, _batch = calibration_passes(prepared, calibration, recipe, SMALL_SPEC)
     images = sum(len(b) for b in make_batches())
     assert seen == [2] and images == 4
