@@ -45,11 +45,14 @@ class QuantizationFailed(QuantizerError):
 
 @dataclass
 class Progress:
-    """Callbacks the CLI uses to draw progress; all optional."""
+    """Callbacks a caller draws progress with; all optional."""
 
-    stage: Callable[[str], None] | None = None
+    stage: Callable[[str], None] | None = None  # a stage starts: "prepare", "calibrate", "validate (…)", …
     calibration_start: Callable[[int], None] | None = None  # number of images to read
     calibration_advance: Callable[[int], None] | None = None  # images consumed (skipped included)
+    # A counted pass starts (description, images): returns the callback that advances it (quantize.run).
+    task: Callable[[str, int], Callable[[int], None]] | None = None
+    note: Callable[[str], None] | None = None  # something the user should know (not an error)
 
 
 @dataclass

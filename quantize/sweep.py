@@ -34,7 +34,6 @@ from quantize.graph.prepare import prepare_model
 from quantize.measure.bench import BenchResult, bench_models
 from quantize.measure.cpu import CpuInfo, advise_int8, detect_cpu
 from quantize.measure.evaluate import evaluate
-from quantize.measure.stats import paired_drop
 from quantize.measure.validate import count_overlap, validation_samples
 from quantize.pipeline import (
     CalibrationRun,
@@ -467,87 +466,3 @@ def run_sweep(
         runtimes=runtimes,
         fp32_by_runtime=fp32_by_runtime,
     )
-
-
-def sweep_report(result: SweepResult, command: list[str], grid: str) -> dict:
-    from quantize.report.data import bench_by_batch, build_report, variant
-
-    labels = result.labels
-    runtimes = result.runtimes
-    fp32_by_runtime = result.fp32_by_runtime or {
-        runtimes[0]: (result.fp32_predictions, result.fp32_top5_correct)
-    }
-    # One name per recipe (labels that leave a varied field out get the digest), then " · <runtime>" for
-    # every runtime after the first, as `rq quantize --runtime` names its rows.
-    names: dict[str, str] = {}
-    for entry in result.entries:
-        digest = entry.recipe.digest()
-        if digest not in names:
-            name = variant_name(entry.recipe)
-            if name == "FP32" or name in names.values():
-                name = f"{name} ({digest[:6]})"
-            names[digest] = name
-    variants = []
-    for rt in runtimes:
-        suffix = "" if rt == runtimes[0] else f" · {rt}"
-        fp32_pred, fp32_top5 = fp32_by_runtime[rt]
-        fp32_correct = fp32_pred == labels
-        fp32 = variant(
-            f"FP32{suffix}",
-            "fp32",
-            result.model,
-            accuracy={
-                "top1": round(100 * float(fp32_correct.mean()), 4),
-                "top5": round(100 * float(fp32_top5.mean()), 4),
-                "images": len(labels),
-            },
-            bench=bench_by_batch(result.bench, 0, rt),
-        )
-        fp32["runtime"] = rt
-        variants.append(fp32)
-        for entry in (e for e in result.entries if e.runtime == rt):
-            correct = entry.predictions == labels
-            drop = paired_drop(
-                fp32_correct, correct, disagreements=int((entry.predictions != fp32_pred).sum())
-            )
-            item = variant(
-                names[entry.recipe.digest()] + suffix,
-                "int8",
-                entry.model_path,
-                recipe=entry.recipe,
-                accuracy={
-                    "top1": round(100 * float(correct.mean()), 4),
-                    "top5": round(100 * float(entry.top5_correct.mean()), 4),
-                    "images": len(labels),
-                },
-                drop=drop,
-                bench=bench_by_batch(result.bench, entry.model_index, rt),
-            )
-            item["quantized_ops"] = entry.quantized_ops
-            item["cached"] = entry.cached
-            item["runtime"] = rt
-            variants.append(item)
-    notes = [f"grid {grid!r}: {len(names)} recipes; cache {result.cache_dir}"]
-    dropped = unsupported_values(grid, result.entries[0].recipe if result.entries else QuantRecipe())
-    if dropped:
-        notes.append(f"left out of the grid (this rq's recipe does not support them): {dropped}")
-    cached = len({e.recipe.digest() for e in result.entries if e.cached})
-    if len(runtimes) > 1:
-        notes.append(f"every recipe validated and benchmarked in {', '.join(runtimes)}")
-    if cached:
-        notes.append(f"{cached} recipe(s) reused from the cache of an earlier (interrupted) sweep")
-    return build_report(
-        command=command,
-        model=result.model,
-        cpu=result.cpu,
-        advice=advise_int8(result.cpu),
-        prepared=result.prepared,
-        variants=variants,
-        calibration=result.calibration or None,
-        validation=None,
-        gate=None,
-        bench=result.bench,
-        stages=result.seconds,
-        notes=notes,
-        label=f"sweep-{grid}",
-    ) | {"validation": result.validation}

@@ -23,7 +23,8 @@ from quantize.cli import app
 from quantize.measure.stats import pareto_front
 from quantize.recipe import QuantRecipe
 from quantize.report.document import validate_report
-from quantize.sweep import GRIDS, grid_recipes, run_sweep, sweep_report, variant_name
+from quantize.report.data import sweep_report
+from quantize.sweep import GRIDS, grid_recipes, run_sweep, variant_name
 
 SWEEP = ["--grid", "calibration", "--bench-batch", "1", "--bench-runs", "1", "--resize", "36", "--crop", "32"]
 SWEEP += ["--samples", "8", "--workers", "2"]

@@ -1,4 +1,8 @@
-"""Assemble `report.json` (schema rq.report/1) from the results of the stages; rendering is quantize.report.document."""
+"""Assemble `report.json` (schema rq.report/1) from the results of the stages; rendering is quantize.report.document.
+
+Every report rq writes is assembled here: `quantize_report` (rq quantize, quantize.run), `sweep_report`
+(rq sweep) and `inspect_report` (rq inspect), all on `build_report`.
+"""
 
 from __future__ import annotations
 
@@ -185,3 +189,189 @@ def build_report(
         "bench": bench.to_dict() if bench else None,
         "notes": list(notes),
     }
+
+
+def quantize_report(
+    result,
+    validation: Validation | None,
+    gate: Gate | None,
+    bench_result: BenchResult | None,
+    fidelity=None,
+    validations: dict[str, Validation] | None = None,
+    runtimes: Sequence[str] = ("ort",),
+    *,
+    command: Sequence[str],
+) -> dict:
+    """report.json of a quantize run (`quantize.run.run`): `result` is its `pipeline.QuantizeResult`; one
+    (FP32, INT8) pair of variants per runtime validated or benchmarked in."""
+    validations = validations or {}
+    variants = []
+    # One (FP32, INT8) pair per runtime: the same files, validated and timed there (the first runtime's pair
+    # is unsuffixed and uses the first benchmarked runtime's figures).
+    for i, rt in enumerate(runtimes):
+        suffix, checked, bench_rt = (
+            ("", validation, None) if i == 0 else (f" · {rt}", validations.get(rt), rt)
+        )
+        variants += [
+            variant(
+                f"FP32{suffix}",
+                "fp32",
+                result.prepared.source,
+                accuracy=accuracy_of(checked, 0),
+                bench=bench_by_batch(bench_result, 0, bench_rt),
+            ),
+            variant(
+                f"INT8 {result.recipe.label()}{suffix}",
+                "int8",
+                result.output,
+                recipe=result.recipe,
+                quantized_ops=result.quantized_ops,
+                accuracy=accuracy_of(checked, 1),
+                drop=checked.drop if checked else None,
+                bench=bench_by_batch(bench_result, 1, bench_rt),
+            ),
+        ]
+    pair_runtimes = [rt for rt in runtimes for _ in ("fp32", "int8")]  # variants come in (FP32, INT8) pairs
+    for v, rt in zip(variants, pair_runtimes, strict=True):
+        v["runtime"] = rt
+    calibration = result.to_dict()["calibration"]
+    notes = []
+    if validation is not None and validation.overlap_with_calibration:
+        notes.append(
+            f"{validation.overlap_with_calibration} validation images are also calibration images: "
+            "the measured drop is optimistic"
+        )
+    if result.bias_correction is not None:
+        notes.append(f"bias correction: {result.bias_correction.describe()}")
+    if result.tuning is not None:
+        tuning = result.tuning
+        notes.append(
+            f"tuning ({tuning.backend}): {len(tuning.fallback_nodes)} node(s) fell back to FP32; the validation "
+            "figures are on the images held out from tuning"
+        )
+    data = build_report(
+        command=command,
+        model=result.prepared.source,
+        cpu=result.cpu,
+        advice=result.advice,
+        prepared=result.prepared,
+        variants=variants,
+        calibration=calibration,
+        validation=validation,
+        gate=gate,
+        bench=bench_result,
+        stages=result.seconds,
+        notes=notes,
+        label=result.recipe.label(),
+    )
+    if result.tuning is not None:
+        data["tuning"] = result.tuning.to_dict()
+    data["fidelity"] = fidelity.to_dict() if fidelity is not None else None
+    if result.bias_correction is not None:
+        data["bias_correction"] = result.bias_correction.to_dict()
+    return data
+
+
+def sweep_report(result, command: Sequence[str], grid: str) -> dict:
+    """report.json of `rq sweep` (`quantize.sweep.run_sweep`'s `SweepResult`): FP32 and one variant per recipe,
+    per runtime."""
+    from quantize.measure.cpu import advise_int8
+    from quantize.measure.stats import paired_drop
+    from quantize.sweep import unsupported_values, variant_name
+
+    labels = result.labels
+    runtimes = result.runtimes
+    fp32_by_runtime = result.fp32_by_runtime or {
+        runtimes[0]: (result.fp32_predictions, result.fp32_top5_correct)
+    }
+    # One name per recipe (labels that leave a varied field out get the digest), then " · <runtime>" for
+    # every runtime after the first, as `rq quantize --runtime` names its rows.
+    names: dict[str, str] = {}
+    for entry in result.entries:
+        digest = entry.recipe.digest()
+        if digest not in names:
+            name = variant_name(entry.recipe)
+            if name == "FP32" or name in names.values():
+                name = f"{name} ({digest[:6]})"
+            names[digest] = name
+    variants = []
+    for rt in runtimes:
+        suffix = "" if rt == runtimes[0] else f" · {rt}"
+        fp32_pred, fp32_top5 = fp32_by_runtime[rt]
+        fp32_correct = fp32_pred == labels
+        fp32 = variant(
+            f"FP32{suffix}",
+            "fp32",
+            result.model,
+            accuracy={
+                "top1": round(100 * float(fp32_correct.mean()), 4),
+                "top5": round(100 * float(fp32_top5.mean()), 4),
+                "images": len(labels),
+            },
+            bench=bench_by_batch(result.bench, 0, rt),
+        )
+        fp32["runtime"] = rt
+        variants.append(fp32)
+        for entry in (e for e in result.entries if e.runtime == rt):
+            correct = entry.predictions == labels
+            drop = paired_drop(
+                fp32_correct, correct, disagreements=int((entry.predictions != fp32_pred).sum())
+            )
+            item = variant(
+                names[entry.recipe.digest()] + suffix,
+                "int8",
+                entry.model_path,
+                recipe=entry.recipe,
+                accuracy={
+                    "top1": round(100 * float(correct.mean()), 4),
+                    "top5": round(100 * float(entry.top5_correct.mean()), 4),
+                    "images": len(labels),
+                },
+                drop=drop,
+                bench=bench_by_batch(result.bench, entry.model_index, rt),
+            )
+            item["quantized_ops"] = entry.quantized_ops
+            item["cached"] = entry.cached
+            item["runtime"] = rt
+            variants.append(item)
+    notes = [f"grid {grid!r}: {len(names)} recipes; cache {result.cache_dir}"]
+    dropped = unsupported_values(grid, result.entries[0].recipe if result.entries else QuantRecipe())
+    if dropped:
+        notes.append(f"left out of the grid (this rq's recipe does not support them): {dropped}")
+    cached = len({e.recipe.digest() for e in result.entries if e.cached})
+    if len(runtimes) > 1:
+        notes.append(f"every recipe validated and benchmarked in {', '.join(runtimes)}")
+    if cached:
+        notes.append(f"{cached} recipe(s) reused from the cache of an earlier (interrupted) sweep")
+    return build_report(
+        command=command,
+        model=result.model,
+        cpu=result.cpu,
+        advice=advise_int8(result.cpu),
+        prepared=result.prepared,
+        variants=variants,
+        calibration=result.calibration or None,
+        validation=None,
+        gate=None,
+        bench=result.bench,
+        stages=result.seconds,
+        notes=notes,
+        label=f"sweep-{grid}",
+    ) | {"validation": result.validation}
+
+
+def inspect_report(
+    command: Sequence[str], fp32: Path, int8: Path, prepared, cpu: CpuInfo, used: int, nodes
+) -> dict:
+    """report.json of `rq inspect`: the two models and every node's errors (`quantize.graph.inspection`)."""
+    data = build_report(
+        command=command,
+        model=fp32,
+        cpu=cpu,
+        advice=None,
+        prepared=prepared,
+        variants=[variant("FP32", "fp32", fp32), variant("INT8", "int8", int8)],
+        label="inspect",
+    )
+    data["inspection"] = {"images": used, "nodes": [n.to_dict() for n in nodes]}
+    return data
