@@ -1,6 +1,9 @@
-"""`quantize_model`: the one verb that runs prepare → calibrate → quantize and publishes a checked INT8 model.
+"""`quantize_model`: prepare → calibrate → (tune) → quantize, and publish a checked INT8 model.
 
-The CLI is a thin layer over this function; tests and scripts call it directly.
+The stages are the same for every backend (quantize.backends): the backend only turns the prepared model and
+the calibration into an INT8 file in scratch (`produce_int8`); `publish_int8` checks and publishes it, also
+after a backend's own tuner. `quantize.run.run` adds validate → gate → bench → report on top (`rq quantize`);
+`quantize.sweep` reuses `run_calibration` and `quantize_prepared` over a grid of recipes.
 """
 
 from __future__ import annotations
