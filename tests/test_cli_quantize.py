@@ -258,3 +258,38 @@ def test_working_folder_is_left_clean_on_error(cli, tiny_model, tmp_path):
     result = cli("quantize", tmp_path / "m.onnx", "--calib", empty, "--out", out_dir / "m-int8.onnx")
     assert result.exit_code == EXIT_BAD_INPUT
     assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--samples", "0"], "--samples must be ≥ 1, not 0"),
+        (["--bins=100"], "--bins must be ≥ 128, not 100"),
+        (["--holdout-images", "-1"], "--holdout-images must be ≥ 0, not -1"),
+        (["--max-trials", "0"], "--max-trials must be ≥ 1, not 0"),
+        (["--format", "int4"], "--format must be one of qdq, qoperator, not 'int4'"),
+        (["--calibration", "kl"], "--calibration must be one of minmax, entropy, percentile, mean-minmax, mse"),
+        (["--backend", "tensorrt"], "--backend must be one of ort, inc, not 'tensorrt'"),
+        (["--activation-type", "int4"], "--activation-type must be one of uint8, int8"),
+        (["--gate-on", "upper"], "--gate-on must be one of point, ci, not 'upper'"),
+        (["--samples", "many"], "--samples: "),
+    ],
+)
+def test_typer_checks_fail_in_one_line_before_any_work(cli, tmp_path, flags, message):
+    """`min=` and the closed sets are typer's checks; they read (and exit) like rq's own: one line, code 2."""
+    result = cli("quantize", tmp_path / "missing.onnx", "--calib", tmp_path / "nowhere", *flags, columns=40)
+    line = assert_one_line_error(result, message)
+    assert line.startswith("rq: error: ") and "Usage:" not in all_output(result)
+
+
+def test_missing_calib_is_one_line(cli):
+    assert_one_line_error(cli("quantize"), "Missing option '--calib'")
+
+
+def test_quantize_help_groups_the_options_in_panels(cli):
+    result = cli("quantize", "--help")
+    assert result.exit_code == 0
+    text = result.output
+    for panel in ("Calibration", "Recipe", "Preprocessing", "Validation & gate", "Tuning", "Speed", "Output"):
+        assert f"─ {panel} ─" in text, panel
+    assert "[x>=1]" in text and "qdq|qoperator" in text
