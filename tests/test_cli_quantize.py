@@ -268,7 +268,10 @@ def test_working_folder_is_left_clean_on_error(cli, tiny_model, tmp_path):
         (["--holdout-images", "-1"], "--holdout-images must be ≥ 0, not -1"),
         (["--max-trials", "0"], "--max-trials must be ≥ 1, not 0"),
         (["--format", "int4"], "--format must be one of qdq, qoperator, not 'int4'"),
-        (["--calibration", "kl"], "--calibration must be one of minmax, entropy, percentile, mean-minmax, mse"),
+        (
+            ["--calibration", "kl"],
+            "--calibration must be one of minmax, entropy, percentile, mean-minmax, mse",
+        ),
         (["--backend", "tensorrt"], "--backend must be one of ort, inc, not 'tensorrt'"),
         (["--activation-type", "int4"], "--activation-type must be one of uint8, int8"),
         (["--gate-on", "upper"], "--gate-on must be one of point, ci, not 'upper'"),
