@@ -8,14 +8,17 @@ quantize/pipeline.py's and the same for every backend. What a backend must provi
 - `inc` (quantize/backends/inc.py): Intel Neural Compressor (the `inc` extra), which calibrates and tunes by
   itself; its module imports nothing of INC at import time.
 
-Adding one: a module with a class implementing `Backend`, one line in `_BUILTIN` (or `register()` at run time),
-and the name in quantize/recipe.py's `BACKENDS` (the recipe validates it).
+Adding one: a module with a class implementing `Backend` (optional packages imported inside its methods only,
+`require()` naming the extra to install), one line in `_BUILTIN` (or `register()` at run time), and the name in
+quantize/recipe.py's `BACKENDS` (the recipe validates it; `rq quantize --backend` offers it). Without a tuner of
+its own, `--tune` runs rq's fallback tuner over its `quantize`.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -29,11 +32,14 @@ if TYPE_CHECKING:
     from quantize.tune import TuneReport, TuneRequest
 
 
+@dataclass
 class Tuned:
-    """What a backend's own tuner returns: the recipe it ended with, the report, and its model in scratch."""
+    """What a backend's own tuner returns: the recipe it ended with (its `exclude_nodes` include the tuner's
+    fallbacks), rq's tuning report, and the model it chose, in scratch (the pipeline checks and publishes it)."""
 
-    def __init__(self, recipe: QuantRecipe, report: TuneReport, scratch: Path):
-        self.recipe, self.report, self.scratch = recipe, report, scratch
+    recipe: QuantRecipe
+    report: TuneReport
+    scratch: Path
 
 
 class Backend(Protocol):
