@@ -447,7 +447,7 @@ def quantize(
     from quantize.measure.fidelity import DEFAULT_HOLDOUT_IMAGES
     from quantize.measure.validate import GATE_ON, Gate, validate, validation_samples
     from quantize.pipeline import Progress, quantize_model
-    from quantize.report.document import write_report
+    from quantize.report import write_report
     from quantize.tune import TuneRequest, split_for_tuning
 
     with user_errors(), contextlib.ExitStack() as stack:
@@ -1003,7 +1003,7 @@ def sweep(
 
     Finished recipes are cached under REPORT_DIR/.sweep-cache/, so an interrupted sweep resumes.
     """
-    from quantize.report.document import write_report
+    from quantize.report import write_report
     from quantize.sweep import run_sweep, sweep_report
 
     with user_errors(), contextlib.ExitStack() as stack:
@@ -1113,8 +1113,8 @@ def inspect(
     from quantize.graph.inspection import inspect_models
     from quantize.graph.prepare import prepare_model
     from quantize.measure.cpu import detect_cpu
+    from quantize.report import write_report
     from quantize.report.data import build_report, variant
-    from quantize.report.document import write_report
 
     with user_errors():
         if samples < 1:
@@ -1166,7 +1166,7 @@ def report(
     directory: Annotated[Path, typer.Argument(help="A report folder holding report.json.")],
 ) -> None:
     """Re-render report.md and report.html from a report folder's report.json."""
-    from quantize.report.document import render_report
+    from quantize.report import render_report
 
     with user_errors():
         paths = render_report(directory)

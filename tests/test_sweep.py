@@ -22,7 +22,7 @@ import quantize.sweep as sweep_module
 from quantize.cli import app
 from quantize.measure.stats import pareto_front
 from quantize.recipe import QuantRecipe
-from quantize.report.document import validate_report
+from quantize.report import validate_report
 from quantize.sweep import GRIDS, grid_recipes, run_sweep, sweep_report, variant_name
 
 SWEEP = ["--grid", "calibration", "--bench-batch", "1", "--bench-runs", "1", "--resize", "36", "--crop", "32"]
