@@ -413,3 +413,47 @@ def test_invalid_report_is_not_written(tmp_path):
     with pytest.raises(RqInputError, match="variants"):
         write_report(data, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_cpu_flags_are_stated_once():
+    """`cpu.isa` (CpuInfo's own key, also in `rq bench` JSON) carries the flags; no `flags_summary` copy."""
+    cpu = _report()["cpu"]
+    assert "flags_summary" not in cpu
+    assert cpu["isa"]["avx2"] is True and cpu["isa"]["vnni"] is False
+
+
+def test_reports_written_by_earlier_rq_still_validate_and_render(tmp_path):
+    """Earlier rq wrote the flags twice (`isa` and `flags_summary`); both shapes read back the same."""
+    data = _report()
+    data["cpu"]["flags_summary"] = dict(data["cpu"]["isa"])
+    validate_report(data)
+    assert render_markdown(data) == render_markdown(_report())
+
+
+@pytest.mark.parametrize(
+    ("mutate", "fragment"),
+    [
+        (
+            lambda r: r["variants"][1]["drop"].update(n="1300"),
+            "invalid report: variants[1].drop.n must be an integer, got a string",
+        ),
+        (lambda r: r["cpu"].update(isa=None), "invalid report: cpu.isa must be an object, got null"),
+        (lambda r: r["model"].pop("size_bytes"), "invalid report: missing key 'model.size_bytes'"),
+    ],
+)
+def test_rq_report_rejects_a_malformed_report_json_with_exit_2(tmp_path, mutate, fragment):
+    """`rq report DIR` validates report.json with the model that wrote it: one line naming the key, exit 2."""
+    from typer.testing import CliRunner
+
+    from quantize.cli import app
+
+    data = _report()
+    write_report(data, tmp_path)
+    mutate(data)
+    (tmp_path / "report.json").write_text(json.dumps(data), encoding="utf-8")
+    (tmp_path / "report.md").unlink()
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and fragment in lines[0], result.output
+    assert not (tmp_path / "report.md").exists()  # nothing rendered from an invalid report

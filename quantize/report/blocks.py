@@ -104,7 +104,7 @@ def _gate_blocks(data: dict) -> list[Block]:
 def _cpu_text(cpu: dict) -> tuple[str, bool]:
     """The CPU line, and whether the CPU lacks VNNI (then the 1.33× note applies)."""
     flags = cpu.get("isa")
-    if not isinstance(flags, dict):  # reports written before rq 0.1.0's typed schema also had flags_summary
+    if not isinstance(flags, dict):  # a report holding only the copy earlier rq also wrote
         flags = cpu.get("flags_summary") if isinstance(cpu.get("flags_summary"), dict) else None
     head = (
         f"CPU: {cpu.get('model') or 'unknown CPU'} ({cpu.get('arch') or 'unknown arch'}, "
