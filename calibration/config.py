@@ -21,21 +21,9 @@ from calibration.errors import RqInputError
 T = TypeVar("T")
 
 # Errors about the value of an input that has the right type; any other error is a wrong type.
-VALUE_ERRORS = frozenset(
-    {
-        "literal_error",
-        "greater_than",
-        "greater_than_equal",
-        "less_than",
-        "less_than_equal",
-        "finite_number",
-        "too_short",
-        "too_long",
-        "string_too_short",
-        "string_pattern_mismatch",
-        "value_error",
-    }
-)
+_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"}
+_SHAPE_ERRORS = {"too_short", "too_long", "string_too_short", "string_pattern_mismatch", "value_error"}
+VALUE_ERRORS = frozenset({"literal_error", *_RANGE_ERRORS, *_SHAPE_ERRORS})
 UNKNOWN_FIELD_ERRORS = frozenset({"unexpected_keyword_argument", "extra_forbidden"})
 
 

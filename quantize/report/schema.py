@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, PlainValidator, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, PlainValidator, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from calibration.config import path_text, type_name
@@ -81,8 +81,18 @@ def _is_pair(item: Any) -> bool:
 
 def _batch(key: Any) -> Any:
     if batch_key(key) is None:
-        raise PydanticCustomError("rq_batch", "key {key!r} is not a batch size", {"key": key})
+        raise PydanticCustomError("rq_batch", "key {key} is not a batch size", {"key": repr(key)})
     return key
+
+
+def _object_or_null(value: Any) -> Any:
+    """An optional section: checked here so that the message says null is allowed."""
+    if value is None or isinstance(value, dict):
+        return value
+    raise PydanticCustomError("rq_type", "must be an object or null, got {got}", {"got": type_name(value)})
+
+
+Nullable = BeforeValidator(_object_or_null)
 
 
 Str = _kind("a string", lambda v: isinstance(v, str))
@@ -95,6 +105,8 @@ Bool = _kind("true or false", lambda v: isinstance(v, bool))
 OptBool = _kind("true or false", lambda v: isinstance(v, bool), nullable=True)
 Obj = _kind("an object", lambda v: isinstance(v, dict))
 OptObj = _kind("an object", lambda v: isinstance(v, dict), nullable=True)
+Seconds = _kind("a number of seconds", is_number, nullable=True)
+Version = _kind("a version string", lambda v: isinstance(v, str), nullable=True)
 Skipped = list[_kind("a [path, reason] pair of strings", _is_pair)]
 BatchKey = Annotated[Any, PlainValidator(_batch)]
 
@@ -162,7 +174,7 @@ class Validation(_Section):
     # null when this run validated nothing itself (a sweep served from its cache)
     images_per_s: OptNumber
     seconds: OptNumber
-    cluster: Cluster | None = None  # only when the validation ran on a Ray cluster (--ray)
+    cluster: Cluster = None  # type: ignore[assignment]  # present only when the validation ran on Ray (--ray)
 
 
 class QuantizedOps(_Section):
@@ -209,10 +221,10 @@ class Variant(_Section):
     path: OptStr
     sha256: OptStr
     size_bytes: OptInt
-    quantized_ops: QuantizedOps | None
-    accuracy: Accuracy | None
-    drop: Drop | None
-    bench: dict[BatchKey, BenchFigures] | None
+    quantized_ops: Annotated[QuantizedOps | None, Nullable]
+    accuracy: Annotated[Accuracy | None, Nullable]
+    drop: Annotated[Drop | None, Nullable]
+    bench: Annotated[dict[BatchKey, BenchFigures] | None, Nullable]
     pareto: OptBool
 
 
@@ -220,7 +232,7 @@ def _one_of(value: Any, allowed: tuple[str, ...]) -> Any:
     if value not in allowed or not isinstance(value, str):
         choices = " or ".join(repr(a) for a in allowed)
         raise PydanticCustomError(
-            "rq_choice", "must be {choices}, got {value!r}", {"choices": choices, "value": value}
+            "rq_choice", "must be {choices}, got {value}", {"choices": choices, "value": repr(value)}
         )
     return value
 
@@ -239,15 +251,15 @@ class Report(_Section):
     created: Str
     command: Str
     rq_version: Str
-    packages: dict[str, OptStr]
+    packages: dict[str, Version]
     cpu: Cpu
-    advice: Advice | None
+    advice: Annotated[Advice | None, Nullable]
     model: Model
-    calibration: Calibration | None
-    validation: Validation | None
+    calibration: Annotated[Calibration | None, Nullable]
+    validation: Annotated[Validation | None, Nullable]
     variants: list[Variant]
-    gate: Gate | None
-    stages: dict[str, OptNumber]
+    gate: Annotated[Gate | None, Nullable]
+    stages: dict[str, Seconds]
     bench: OptObj
     notes: list[Str]
 
@@ -257,7 +269,7 @@ class Report(_Section):
         for i, v in enumerate(self.variants):
             if v.name in seen:
                 raise PydanticCustomError(
-                    "rq_unique", "variants[{i}].name {name!r} is not unique", {"i": i, "name": v.name}
+                    "rq_unique", "variants[{i}].name {name} is not unique", {"i": i, "name": repr(v.name)}
                 )
             seen.add(v.name)
         return self
@@ -275,13 +287,18 @@ def validate_report(data: dict) -> None:
         Report.model_validate(data)
     except ValidationError as exc:
         error = exc.errors(include_url=False)[0]
-        where = path_text(tuple(p for p in error["loc"] if p != "[key]"))
+        loc = tuple(error["loc"])
+        if loc[-1:] == ("[key]",):  # a bad dict key: "variants[0].bench key '0' is not a batch size"
+            loc = loc[:-2]
+        where = path_text(loc)
         if error["type"] == "missing":
             raise RqInputError(f"invalid report: missing key {where!r}") from None
         message = error["msg"]
         if error["type"] in ("model_type", "dict_type", "list_type"):
             message = f"must be {'a list' if error['type'] == 'list_type' else 'an object'}, got {type_name(error['input'])}"
-        raise RqInputError(f"invalid report: {where} {message}".replace("  ", " ").strip()) from None
+        raise RqInputError(
+            f"invalid report: {where} {message}" if where else f"invalid report: {message}"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------------------
