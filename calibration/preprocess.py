@@ -32,6 +32,7 @@ INTERPOLATIONS: dict[str, Image.Resampling] = {
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
 }
+_INTERPOLATION_NAMES = tuple(INTERPOLATIONS)  # Literal[TUPLE] is Literal[*TUPLE]
 CHANNEL_ORDERS = ("RGB", "BGR")
 LAYOUTS = ("NCHW", "NHWC")
 SPEC_VERSION = 1
@@ -99,14 +100,12 @@ class PreprocessSpec:
 
     resize: _Pixels = 256
     crop: _Pixels = 224
-    interpolation: Annotated[
-        Literal["nearest", "box", "bilinear", "hamming", "bicubic", "lanczos"], _folded(str.lower)
-    ] = "bilinear"
+    interpolation: Annotated[Literal[_INTERPOLATION_NAMES], _folded(str.lower)] = "bilinear"
     mean: tuple[_Number, _Number, _Number] = (0.485, 0.456, 0.406)
     std: tuple[_Divisor, _Divisor, _Divisor] = (0.229, 0.224, 0.225)
     scale: _Divisor = 1 / 255
-    channel_order: Annotated[Literal["RGB", "BGR"], _folded(str.upper)] = "RGB"
-    layout: Annotated[Literal["NCHW", "NHWC"], _folded(str.upper)] = "NCHW"
+    channel_order: Annotated[Literal[CHANNEL_ORDERS], _folded(str.upper)] = "RGB"
+    layout: Annotated[Literal[LAYOUTS], _folded(str.upper)] = "NCHW"
     version: StrictInt = SPEC_VERSION
 
     def __post_init__(self) -> None:

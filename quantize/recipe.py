@@ -112,13 +112,14 @@ def _explain(exc: ValidationError) -> str:
 class QuantRecipe:
     """How to quantize. `reduce_range=None` means "decide from the CPU" (see quantize.measure.cpu.advise_int8)."""
 
-    backend: Literal["ort", "inc"] = "ort"
-    format: Literal["qdq", "qoperator"] = "qdq"
-    activation_type: Literal["uint8", "int8"] = "uint8"
-    weight_type: Literal["uint8", "int8"] = "int8"
+    # Literal[TUPLE] is Literal[*TUPLE]: the allowed values are the module's constants above.
+    backend: Literal[BACKENDS] = "ort"
+    format: Literal[FORMATS] = "qdq"
+    activation_type: Literal[INT8_TYPES] = "uint8"
+    weight_type: Literal[INT8_TYPES] = "int8"
     per_channel: StrictBool = True
     reduce_range: StrictBool | None = None
-    calibration: Literal["minmax", "entropy", "percentile", "mean-minmax", "mse"] = "percentile"
+    calibration: Literal[CALIBRATION_METHODS] = "percentile"
     # An int is accepted and stored as a float: 99 and 99.0 are the same recipe (same JSON, same digest).
     percentile: Annotated[StrictFloat, Field(gt=0.0, le=100.0)] = 99.999
     num_bins: Annotated[StrictInt, Field(ge=128)] | None = None
