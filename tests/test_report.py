@@ -448,10 +448,8 @@ def test_rq_report_rejects_a_malformed_report_json_with_exit_2(tmp_path, mutate,
     from quantize.cli import app
 
     data = _report()
-    write_report(data, tmp_path)
     mutate(data)
     (tmp_path / "report.json").write_text(json.dumps(data), encoding="utf-8")
-    (tmp_path / "report.md").unlink()
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
