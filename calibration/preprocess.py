@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from pydantic import BeforeValidator, Field, StrictFloat, StrictInt, ValidationError
 
+from calibration.config import UNKNOWN_FIELD_ERRORS, config_dataclass, first_error
 from calibration.errors import RqInputError
 
 #: Pillow resampling filters by the names rq accepts.
@@ -31,21 +32,10 @@ INTERPOLATIONS: dict[str, Image.Resampling] = {
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
 }
+_INTERPOLATION_NAMES = tuple(INTERPOLATIONS)  # Literal[TUPLE] is Literal[*TUPLE]
 CHANNEL_ORDERS = ("RGB", "BGR")
 LAYOUTS = ("NCHW", "NHWC")
 SPEC_VERSION = 1
-
-_FIELD_NAMES = (
-    "version",
-    "resize",
-    "crop",
-    "interpolation",
-    "mean",
-    "std",
-    "scale",
-    "channel_order",
-    "layout",
-)
 
 
 class ImageDecodeError(RqInputError):
@@ -62,37 +52,42 @@ def _one_line(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _positive_int(name: str, value: Any) -> int:
-    # bool is an int subclass; `resize=True` is a mistake, not 1.
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise RqInputError(f"preprocess {name} must be a whole number of pixels, got {value!r}")
-    if value <= 0:
-        raise RqInputError(f"preprocess {name} must be positive, got {value}")
-    return int(value)
+def _plain(value: Any) -> Any:
+    """numpy scalars as Python numbers (a spec built from an array's values); anything else unchanged."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
-def _triple(name: str, value: Any, *, positive: bool) -> tuple[float, float, float]:
-    if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
-        raise RqInputError(f"preprocess {name} must be 3 numbers (one per channel), got {value!r}")
-    items = list(value)
-    if len(items) != 3:
-        raise RqInputError(
-            f"preprocess {name} must have 3 values (one per channel), got {len(items)}: {items!r}"
-        )
-    out = []
-    for v in items:
-        if isinstance(v, bool) or not isinstance(v, int | float | np.integer | np.floating):
-            raise RqInputError(f"preprocess {name} must be 3 numbers, got {items!r}")
-        f = float(v)
-        if not math.isfinite(f):
-            raise RqInputError(f"preprocess {name} values must be finite, got {items!r}")
-        if positive and f <= 0:
-            raise RqInputError(f"preprocess {name} values must be > 0 (it is a divisor), got {items!r}")
-        out.append(f)
-    return (out[0], out[1], out[2])
+def _folded(case: Callable[[str], str]) -> BeforeValidator:
+    return BeforeValidator(lambda v: case(v) if isinstance(v, str) else v)
 
 
-@dataclass(frozen=True)
+# No coercion: `resize=True` or `"256"` is a mistake, not a size; numbers must be finite.
+_Pixels = Annotated[StrictInt, BeforeValidator(_plain), Field(gt=0)]
+_Number = Annotated[StrictFloat, BeforeValidator(_plain), Field(allow_inf_nan=False)]
+_Divisor = Annotated[StrictFloat, BeforeValidator(_plain), Field(gt=0, allow_inf_nan=False)]
+
+_WORDS = {
+    "resize": "a positive whole number of pixels",
+    "crop": "a positive whole number of pixels",
+    "interpolation": f"one of {', '.join(INTERPOLATIONS)}",
+    "mean": "3 finite numbers (one per channel)",
+    "std": "3 finite numbers > 0 (one per channel; it is a divisor)",
+    "scale": "a positive finite number",
+    "channel_order": f"one of {', '.join(CHANNEL_ORDERS)}",
+    "layout": f"one of {', '.join(LAYOUTS)}",
+    "version": "a whole number",
+}
+
+
+def _explain(exc: ValidationError) -> str:
+    loc, kind, value, _ = first_error(exc)
+    name = str(loc[0]) if loc else "?"
+    if kind in UNKNOWN_FIELD_ERRORS:
+        return f"unknown preprocess key(s) {name!r} (valid: {', '.join(_WORDS)})"
+    return f"preprocess {name} must be {_WORDS.get(name, 'valid')}, got {value!r}"
+
+
+@config_dataclass(_explain)
 class PreprocessSpec:
     """How to turn an image into a network input.
 
@@ -100,53 +95,29 @@ class PreprocessSpec:
     with ``interpolation`` → center crop ``crop`` x ``crop`` → ``x = pixel * scale`` →
     ``(x - mean) / std`` per channel → reorder channels to ``channel_order`` → ``layout``.
     ``mean`` and ``std`` are given in the *output* channel order (so for ``"BGR"`` they are B, G, R).
+    Names are case-insensitive (stored lower-case for the interpolation, upper-case for the rest).
     """
 
-    resize: int = 256
-    crop: int = 224
-    interpolation: str = "bilinear"
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    scale: float = 1 / 255
-    channel_order: str = "RGB"
-    layout: str = "NCHW"
-    version: int = SPEC_VERSION
+    resize: _Pixels = 256
+    crop: _Pixels = 224
+    interpolation: Annotated[Literal[_INTERPOLATION_NAMES], _folded(str.lower)] = "bilinear"
+    mean: tuple[_Number, _Number, _Number] = (0.485, 0.456, 0.406)
+    std: tuple[_Divisor, _Divisor, _Divisor] = (0.229, 0.224, 0.225)
+    scale: _Divisor = 1 / 255
+    channel_order: Annotated[Literal[CHANNEL_ORDERS], _folded(str.upper)] = "RGB"
+    layout: Annotated[Literal[LAYOUTS], _folded(str.upper)] = "NCHW"
+    version: StrictInt = SPEC_VERSION
 
     def __post_init__(self) -> None:
-        # Normalise as well as validate: from_dict() hands us JSON lists and maybe "BGR"/"bgr".
-        # The dataclass is frozen, hence object.__setattr__.
-        set_ = object.__setattr__
-        if isinstance(self.version, bool) or self.version != SPEC_VERSION:
+        if self.version != SPEC_VERSION:
             raise RqInputError(
                 f"unsupported preprocess spec version {self.version!r} (this rq understands {SPEC_VERSION})"
             )
-        set_(self, "resize", _positive_int("resize", self.resize))
-        set_(self, "crop", _positive_int("crop", self.crop))
         if self.crop > self.resize:
             raise RqInputError(
                 f"preprocess crop {self.crop} is larger than resize {self.resize}; "
                 "the crop must fit inside the resized image"
             )
-        if not isinstance(self.interpolation, str) or self.interpolation.lower() not in INTERPOLATIONS:
-            raise RqInputError(
-                f"unknown interpolation {self.interpolation!r} (valid: {', '.join(INTERPOLATIONS)})"
-            )
-        set_(self, "interpolation", self.interpolation.lower())
-        set_(self, "mean", _triple("mean", self.mean, positive=False))
-        set_(self, "std", _triple("std", self.std, positive=True))
-        if isinstance(self.scale, bool) or not isinstance(self.scale, int | float | np.integer | np.floating):
-            raise RqInputError(f"preprocess scale must be a number, got {self.scale!r}")
-        if not math.isfinite(float(self.scale)) or float(self.scale) <= 0:
-            raise RqInputError(f"preprocess scale must be a positive number, got {self.scale!r}")
-        set_(self, "scale", float(self.scale))
-        if not isinstance(self.channel_order, str) or self.channel_order.upper() not in CHANNEL_ORDERS:
-            raise RqInputError(
-                f"unknown channel order {self.channel_order!r} (valid: {', '.join(CHANNEL_ORDERS)})"
-            )
-        set_(self, "channel_order", self.channel_order.upper())
-        if not isinstance(self.layout, str) or self.layout.upper() not in LAYOUTS:
-            raise RqInputError(f"unknown layout {self.layout!r} (valid: {', '.join(LAYOUTS)})")
-        set_(self, "layout", self.layout.upper())
 
     # -- serialisation -------------------------------------------------------------------------
 
@@ -170,21 +141,20 @@ class PreprocessSpec:
         (a typo such as ``"crop_size"`` silently ignored would calibrate with the wrong recipe)."""
         if not isinstance(data, Mapping):
             raise RqInputError(f"preprocess spec must be a JSON object, got {type(data).__name__}")
-        unknown = sorted(str(k) for k in data if k not in _FIELD_NAMES)
+        unknown = sorted(str(k) for k in data if k not in _WORDS)
         if unknown:
             raise RqInputError(
-                f"unknown preprocess key(s) {', '.join(repr(k) for k in unknown)} "
-                f"(valid: {', '.join(_FIELD_NAMES)})"
+                f"unknown preprocess key(s) {', '.join(repr(k) for k in unknown)} (valid: {', '.join(_WORDS)})"
             )
         return cls(**dict(data))
 
     def with_overrides(self, **overrides: Any) -> PreprocessSpec:
         """A copy with some fields replaced; ``None`` values are ignored (so unset CLI options
         can be passed straight through)."""
-        unknown = sorted(k for k in overrides if k not in _FIELD_NAMES)
+        unknown = sorted(k for k in overrides if k not in _WORDS)
         if unknown:
             raise RqInputError(
-                f"unknown preprocess option(s) {', '.join(unknown)} (valid: {', '.join(_FIELD_NAMES)})"
+                f"unknown preprocess option(s) {', '.join(unknown)} (valid: {', '.join(_WORDS)})"
             )
         changes = {k: v for k, v in overrides.items() if v is not None}
         return dataclasses.replace(self, **changes) if changes else self
@@ -193,7 +163,9 @@ class PreprocessSpec:
 
     def input_shape(self, batch: int = 1) -> tuple[int, int, int, int]:
         """Shape of a batch of ``batch`` images: ``(N, 3, crop, crop)`` or ``(N, crop, crop, 3)``."""
-        n = _positive_int("batch size", batch)
+        if isinstance(batch, bool) or not isinstance(_plain(batch), int) or batch <= 0:
+            raise RqInputError(f"batch size must be a positive whole number, got {batch!r}")
+        n = int(batch)
         if self.layout == "NCHW":
             return (n, 3, self.crop, self.crop)
         return (n, self.crop, self.crop, 3)

@@ -305,8 +305,8 @@ def sweep(
     """
     from quantize.console import sweep_table
     from quantize.measure import runtimes
+    from quantize.report import write_report
     from quantize.report.data import sweep_report
-    from quantize.report.document import write_report
     from quantize.sweep import run_sweep
 
     with user_errors(), contextlib.ExitStack() as stack:
@@ -382,7 +382,7 @@ def inspect(
 @app.command(cls=RqCommand)
 def report(directory: Annotated[Path, typer.Argument(help="A report folder holding report.json.")]) -> None:
     """Re-render report.md and report.html from a report folder's report.json."""
-    from quantize.report.document import render_report
+    from quantize.report import render_report
 
     with user_errors():
         for path in render_report(directory).values():

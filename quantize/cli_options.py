@@ -203,19 +203,7 @@ def _recipe_from_options(base: QuantRecipe, **options) -> QuantRecipe:
 
 
 def _read_recipe(recipe_file: Path | None) -> QuantRecipe:
-    if recipe_file is None:
-        return QuantRecipe()
-    if not recipe_file.is_file():
-        raise RqInputError(f"recipe file not found: {recipe_file}")
-    try:
-        # utf-8-sig: a byte-order mark (Windows editors write one) is accepted, as in labels files.
-        text = recipe_file.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RqInputError(f"cannot read recipe file {recipe_file}: {exc}") from None
-    try:
-        return QuantRecipe.from_json(text)
-    except RqInputError as exc:
-        raise RqInputError(f"recipe file {recipe_file}: {exc}") from None
+    return QuantRecipe() if recipe_file is None else QuantRecipe.from_file(recipe_file)
 
 
 # `rq quantize`'s own options, by --help panel.

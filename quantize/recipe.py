@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+from typing import Annotated, Literal
 
+from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+
+from calibration.config import UNKNOWN_FIELD_ERRORS, config_dataclass, first_error
 from calibration.errors import RqInputError
 
 RECIPE_VERSION = 2
@@ -57,59 +62,89 @@ ORT_QUANTIZABLE_OP_TYPES = (
 DEFAULT_BINS = {"entropy": 2048, "percentile": 2048, "mse": 2048}
 
 
-@dataclass(frozen=True)
+# Field types: the recipe is read from hand-written JSON, so a type is never coerced ("100" is not 100, true
+# is not 1, "Conv" is not the op types ('C', 'o', 'n', 'v')); tuples keep the recipe hashable.
+_Count = Annotated[StrictInt, Field(ge=1)]
+_Names = tuple[Annotated[StrictStr, Field(min_length=1)], ...]
+
+# How a wrong value of each field is explained (the CLI rewrites "<label> must" into "--<flag> must").
+_VALUE_RULES = {
+    "backend": ("backend", f"one of {', '.join(BACKENDS)}"),
+    "format": ("format", f"one of {', '.join(FORMATS)}"),
+    "activation_type": ("activation type", "uint8 or int8"),
+    "weight_type": ("weight type", "uint8 or int8"),
+    "calibration": ("calibration", f"one of {', '.join(CALIBRATION_METHODS)}"),
+    "percentile": ("percentile", "in (0, 100]"),
+    "num_bins": ("num_bins", "≥ 128"),
+    "samples": ("samples", "≥ 1"),
+    "batch_size": ("batch size", "≥ 1"),
+}
+_TYPE_WORDS = {
+    **dict.fromkeys(("backend", "format", "activation_type", "weight_type", "calibration"), "a string"),
+    **dict.fromkeys(("samples", "seed", "batch_size", "version"), "a whole number"),
+    "per_channel": "true or false",
+    "bias_correction": "true or false",
+    "reduce_range": "true, false or null",
+    "percentile": "a number",
+    "num_bins": "a whole number or null",
+    "op_types": "a list of non-empty names or null",
+    "exclude_nodes": "a list of non-empty names",
+}
+
+
+def _explain(exc: ValidationError) -> str:
+    """One line naming the recipe field (and, for a wrong value, in the words the CLI maps onto its flags)."""
+    loc, kind, value, wrong_value = first_error(exc)
+    name = str(loc[0]) if loc else "?"
+    if kind in UNKNOWN_FIELD_ERRORS:
+        return f"unknown recipe field(s): {name}"
+    if wrong_value and name in _VALUE_RULES:
+        label, rule = _VALUE_RULES[name]
+        return f"{label} must be {rule}, not {value!r}"
+    if name == "op_types" and wrong_value:
+        return "op_types must name at least one operator type"
+    if name in ("op_types", "exclude_nodes") and len(loc) > 1:
+        return f"recipe {name} must hold non-empty names, not {value!r}"
+    return f"recipe {name} must be {_TYPE_WORDS.get(name, 'valid')}, not {value!r}"
+
+
+@config_dataclass(_explain)
 class QuantRecipe:
     """How to quantize. `reduce_range=None` means "decide from the CPU" (see quantize.measure.cpu.advise_int8)."""
 
-    backend: str = "ort"
-    format: str = "qdq"
-    activation_type: str = "uint8"
-    weight_type: str = "int8"
-    per_channel: bool = True
-    reduce_range: bool | None = None
-    calibration: str = "percentile"
-    percentile: float = 99.999
-    num_bins: int | None = None
-    samples: int = 100
-    seed: int = 0
-    batch_size: int = 8
+    # Literal[TUPLE] is Literal[*TUPLE]: the allowed values are the module's constants above.
+    backend: Literal[BACKENDS] = "ort"
+    format: Literal[FORMATS] = "qdq"
+    activation_type: Literal[INT8_TYPES] = "uint8"
+    weight_type: Literal[INT8_TYPES] = "int8"
+    per_channel: StrictBool = True
+    reduce_range: StrictBool | None = None
+    calibration: Literal[CALIBRATION_METHODS] = "percentile"
+    # An int is accepted and stored as a float: 99 and 99.0 are the same recipe (same JSON, same digest).
+    percentile: Annotated[StrictFloat, Field(gt=0.0, le=100.0)] = 99.999
+    num_bins: Annotated[StrictInt, Field(ge=128)] | None = None
+    samples: _Count = 100
+    seed: StrictInt = 0
+    batch_size: _Count = 8
     # None: placement decided from the graph (quantize.graph.placement); a tuple: exactly these op types.
-    op_types: tuple[str, ...] | None = None
-    exclude_nodes: tuple[str, ...] = field(default_factory=tuple)
+    op_types: Annotated[_Names, Field(min_length=1)] | None = None
+    exclude_nodes: _Names = ()
     # Fold the mean shift INT8 causes in each Conv/Gemm output channel back into its bias
     # (quantize.bias_correction); on by default: measured in docs/placement.md.
-    bias_correction: bool = True
-    version: int = RECIPE_VERSION
+    bias_correction: StrictBool = True
+    version: StrictInt = RECIPE_VERSION
 
     def __post_init__(self) -> None:
-        # Types first: a recipe read from JSON can hold anything, and `"100" >= 1` would raise a TypeError
-        # (an internal error) while `"Conv"` would silently become the op types ('C', 'o', 'n', 'v').
-        self._check_types()
+        # Runs after the field types and ranges were checked: only what involves several fields is left.
         checks = [
-            (self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}"),
-            (self.format in FORMATS, f"format must be one of {', '.join(FORMATS)}, not {self.format!r}"),
-            (
-                self.activation_type in INT8_TYPES,
-                f"activation type must be uint8 or int8, not {self.activation_type!r}",
-            ),
-            (self.weight_type in INT8_TYPES, f"weight type must be uint8 or int8, not {self.weight_type!r}"),
             (
                 (self.activation_type, self.weight_type) != ("int8", "uint8"),
                 "int8 activations with uint8 weights are not supported by onnxruntime (use int8 weights)",
             ),
             (
-                self.calibration in CALIBRATION_METHODS,
-                f"calibration must be one of {', '.join(CALIBRATION_METHODS)}, not {self.calibration!r}",
-            ),
-            (0.0 < self.percentile <= 100.0, f"percentile must be in (0, 100], not {self.percentile}"),
-            (self.num_bins is None or self.num_bins >= 128, f"num_bins must be ≥ 128, not {self.num_bins}"),
-            (
                 self.num_bins is None or self.calibration not in ("minmax", "mean-minmax"),
                 f"histogram bins apply to entropy, percentile and mse calibration, not {self.calibration}",
             ),
-            (self.samples >= 1, f"samples must be ≥ 1, not {self.samples}"),
-            (self.batch_size >= 1, f"batch size must be ≥ 1, not {self.batch_size}"),
-            (self.op_types is None or bool(self.op_types), "op_types must name at least one operator type"),
             (
                 self.version == RECIPE_VERSION,
                 f"recipe version {self.version} is not supported (this rq: {RECIPE_VERSION})",
@@ -118,46 +153,12 @@ class QuantRecipe:
         for ok, message in checks:
             if not ok:
                 raise RqInputError(message)
-        if self.op_types is not None:
-            unsupported = [t for t in self.op_types if t not in ORT_QUANTIZABLE_OP_TYPES]
-            if unsupported:
-                raise RqInputError(
-                    f"onnxruntime cannot quantize op type(s) {', '.join(unsupported)}; it can quantize: "
-                    f"{', '.join(ORT_QUANTIZABLE_OP_TYPES)}"
-                )
-            # Tuples keep the recipe hashable and its JSON stable whatever sequence the caller passed.
-            object.__setattr__(self, "op_types", tuple(self.op_types))
-        object.__setattr__(self, "exclude_nodes", tuple(self.exclude_nodes))
-
-    def _check_types(self) -> None:
-        def is_int(value) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        for name in ("backend", "format", "activation_type", "weight_type", "calibration"):
-            if not isinstance(getattr(self, name), str):
-                raise RqInputError(f"recipe {name} must be a string, not {getattr(self, name)!r}")
-        for name in ("per_channel", "bias_correction"):
-            if not isinstance(getattr(self, name), bool):
-                raise RqInputError(f"recipe {name} must be true or false, not {getattr(self, name)!r}")
-        if self.reduce_range is not None and not isinstance(self.reduce_range, bool):
-            raise RqInputError(f"recipe reduce_range must be true, false or null, not {self.reduce_range!r}")
-        if not (is_int(self.percentile) or isinstance(self.percentile, float)):
-            raise RqInputError(f"recipe percentile must be a number, not {self.percentile!r}")
-        # 99 and 99.0 are the same recipe: keep the JSON (and so the digest) the same.
-        object.__setattr__(self, "percentile", float(self.percentile))
-        for name in ("samples", "seed", "batch_size", "version"):
-            if not is_int(getattr(self, name)):
-                raise RqInputError(f"recipe {name} must be a whole number, not {getattr(self, name)!r}")
-        if self.num_bins is not None and not is_int(self.num_bins):
-            raise RqInputError(f"recipe num_bins must be a whole number or null, not {self.num_bins!r}")
-        for name in ("op_types", "exclude_nodes"):
-            value = getattr(self, name)
-            if value is None and name == "op_types":
-                continue
-            if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
-                raise RqInputError(f"recipe {name} must be a list of names, not {value!r}")
-            if not all(isinstance(v, str) and v for v in value):
-                raise RqInputError(f"recipe {name} must hold non-empty names, not {list(value)!r}")
+        unsupported = [t for t in self.op_types or () if t not in ORT_QUANTIZABLE_OP_TYPES]
+        if unsupported:
+            raise RqInputError(
+                f"onnxruntime cannot quantize op type(s) {', '.join(unsupported)}; it can quantize: "
+                f"{', '.join(ORT_QUANTIZABLE_OP_TYPES)}"
+            )
 
     @property
     def bins(self) -> int | None:
@@ -191,10 +192,6 @@ class QuantRecipe:
             values["version"] = RECIPE_VERSION
             values.setdefault("op_types", list(LEGACY_OP_TYPES))
             values.setdefault("bias_correction", False)
-        for key in ("op_types", "exclude_nodes"):
-            # Only JSON lists: tuple("Conv") would be ('C', 'o', 'n', 'v'); __post_init__ rejects the rest.
-            if isinstance(values.get(key), list):
-                values[key] = tuple(values[key])
         return cls(**values)
 
     @classmethod
@@ -206,6 +203,22 @@ class QuantRecipe:
         if not isinstance(data, dict):
             raise RqInputError("recipe JSON must be an object")
         return cls.from_dict(data)
+
+    @classmethod
+    def from_file(cls, path: Path) -> QuantRecipe:
+        """A recipe JSON file (`rq quantize --recipe FILE`); every error is one line naming the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise RqInputError(f"recipe file not found: {path}")
+        try:
+            # utf-8-sig: a byte-order mark (Windows editors write one) is accepted, as in labels files.
+            text = path.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RqInputError(f"cannot read recipe file {path}: {exc}") from None
+        try:
+            return cls.from_json(text)
+        except RqInputError as exc:
+            raise RqInputError(f"recipe file {path}: {exc}") from None
 
     def digest(self) -> str:
         """Short stable hash of the recipe, used to name and cache results."""

@@ -299,7 +299,7 @@ def _report(request, result, validations, gate, fidelity, bench, runtimes) -> Ru
 
 def write_report_after_model(data: dict, report_dir: Path, model: Path) -> dict:
     """The INT8 model is already published: a report that fails now must not say "nothing was written"."""
-    from quantize.report.document import write_report
+    from quantize.report import write_report
 
     run_dir = report_dir / data["run_id"]
     # The folders write_report would create, outermost first: removed again (when empty) if it fails.
@@ -345,8 +345,8 @@ def inspect_run(fp32, int8, calib, labels, samples: int, spec, report_dir: Path,
     from quantize.graph.inspection import inspect_models
     from quantize.graph.prepare import prepare_model
     from quantize.measure.cpu import detect_cpu
+    from quantize.report import write_report
     from quantize.report.data import inspect_report
-    from quantize.report.document import write_report
 
     dataset = discover_dataset(calib, labels)
     chosen = select_samples(dataset, samples, 0)

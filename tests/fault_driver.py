@@ -35,7 +35,7 @@ def install(stage: str, signals: list[int]) -> None:
     import quantize.measure.bench
     import quantize.measure.validate
     import quantize.pipeline
-    import quantize.report.document
+    import quantize.report.schema
 
     if stage == "prepare":
         import onnxruntime.quantization.shape_inference as shape_inference
@@ -95,14 +95,14 @@ def install(stage: str, signals: list[int]) -> None:
 
         setattr(module, name, started)
     elif stage == "report":
-        original_write = quantize.report.document.atomic_write_text
+        original_write = quantize.report.schema.atomic_write_text
 
         def atomic_write_text(path, text):
-            if os.path.basename(str(path)) == quantize.report.document.MD_NAME:
+            if os.path.basename(str(path)) == quantize.report.schema.MD_NAME:
                 _send(signals)
             return original_write(path, text)
 
-        quantize.report.document.atomic_write_text = atomic_write_text
+        quantize.report.schema.atomic_write_text = atomic_write_text
     elif stage == "cleanup":
         original_rmtree = shutil.rmtree
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -118,6 +119,41 @@ def test_spec_validation(kwargs):
     with pytest.raises(RqInputError) as e:
         PreprocessSpec(**kwargs)
     assert_one_line(e.value)
+    assert next(iter(kwargs)) in str(e.value)  # the message names the field
+    # The same through JSON, where such values come from (a spec stored beside a model, a Ray task).
+    data = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+    with pytest.raises(RqInputError):
+        PreprocessSpec.from_dict(json.loads(json.dumps(data)))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"resize": "256"}, "preprocess resize must be a positive whole number of pixels, got '256'"),
+        (
+            {"std": [0.2, 0.0, 0.2]},
+            "preprocess std must be 3 finite numbers > 0 (one per channel; it is a divisor)",
+        ),
+        ({"layout": "CHW"}, "preprocess layout must be one of NCHW, NHWC, got 'CHW'"),
+        ({"version": True}, "preprocess version must be a whole number, got True"),
+        ({"version": 2}, "unsupported preprocess spec version 2"),
+    ],
+)
+def test_spec_messages(kwargs, message):
+    with pytest.raises(RqInputError, match=re.escape(message)):
+        PreprocessSpec(**kwargs)
+
+
+def test_spec_accepts_numpy_numbers_and_stays_a_frozen_dataclass():
+    import dataclasses
+    import pickle
+
+    spec = PreprocessSpec(resize=np.int64(300), mean=np.array([0.5, 0.5, 0.5]))
+    assert spec.resize == 300 and type(spec.resize) is int and spec.mean == (0.5, 0.5, 0.5)
+    assert pickle.loads(pickle.dumps(spec)) == spec  # decoding worker processes receive it pickled
+    assert dataclasses.replace(spec, crop=200).crop == 200
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.crop = 1  # type: ignore[misc]
 
 
 def test_spec_normalises_case_and_sequences():

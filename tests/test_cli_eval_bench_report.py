@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from quantize.cli import EXIT_BAD_INPUT, app
 from quantize.fetch import sha256_file
-from quantize.report.document import validate_report
+from quantize.report import validate_report
 
 SMALL = ["--resize", "36", "--crop", "32"]
 K, J = 3, 7
@@ -221,7 +221,7 @@ def test_quantize_report_json(quantize_run):
     assert data["packages"]["numpy"] == np.__version__
     assert {"rq-quant", "python", "onnx"} <= set(data["packages"])
     # CPU flags (RQ_CPU_FLAGS=avx2 in the environment)
-    flags = data["cpu"]["flags_summary"]
+    flags = data["cpu"]["isa"]
     assert flags["avx2"] is True and flags["avx512_vnni"] is False and flags["vnni"] is False
     assert data["advice"]["reduce_range"] in (True, False) and data["advice"]["reason"]
     # the recipe as used

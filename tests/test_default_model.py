@@ -20,7 +20,7 @@ import pytest
 from test_cli_quantize import ENV, all_output, assert_one_line_error
 from typer.testing import CliRunner
 
-import quantize.fetch as fetch_module
+import quantize.manifest as manifest_module
 from quantize.cli import app
 from quantize.fetch import DEFAULT_MANIFEST_PATH, default_model_name, load_manifest
 
@@ -87,7 +87,7 @@ def workdir(tmp_path, monkeypatch) -> Path:
 
 def _serve(monkeypatch, workdir: Path, url: str | None, payload: bytes) -> None:
     monkeypatch.setattr(
-        fetch_module, "DEFAULT_MANIFEST_PATH", _manifest(workdir.parent / "m.json", url, payload)
+        manifest_module, "DEFAULT_MANIFEST_PATH", _manifest(workdir.parent / "m.json", url, payload)
     )
 
 

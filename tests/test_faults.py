@@ -633,8 +633,8 @@ def test_report_json_is_strict_json_even_with_non_finite_figures(tmp_path):
     """A NaN figure (e.g. INC's unmeasured baseline) is written as null, never as a bare NaN."""
     from quantize.graph.prepare import prepare_model
     from quantize.measure.cpu import detect_cpu
+    from quantize.report import render_report, write_report
     from quantize.report.data import build_report, variant
-    from quantize.report.document import render_report, write_report
 
     model = tiny_cnn(tmp_path / "m.onnx")
     work = tmp_path / "work"

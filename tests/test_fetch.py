@@ -496,3 +496,43 @@ def test_repository_manifest_matches_shared_model(tmp_path: Path) -> None:
     dest.mkdir()
     (dest / keras.filename).symlink_to(SHARED_MODEL)
     assert fetch(keras, dest) == dest / keras.filename
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"size": "12"}, "field 'size' must be a positive integer (bytes), got '12'"),
+        ({"input_shape": ["N", 0]}, "field 'input_shape' must be a non-empty list of positive ints"),
+        ({"published_top5": float("inf")}, "field 'published_top5' must be a number in [0, 100] or null"),
+        ({"colour": "red"}, "unknown field(s) 'colour'"),
+    ],
+)
+def test_cli_bad_manifest_exits_2_with_one_line_naming_the_field(tmp_path, overrides, fragment):
+    from typer.testing import CliRunner
+
+    from quantize.cli import app
+
+    manifest = tmp_path / "m.json"
+    data = _entry_dict("http://127.0.0.1:9/x.onnx", **overrides)
+    manifest.write_text(json.dumps({"version": 1, "models": {"tiny": data}}), encoding="utf-8")
+    result = CliRunner().invoke(
+        app, ["fetch", "tiny", "--manifest", str(manifest), "--dest", str(tmp_path / "d")]
+    )
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and fragment in lines[0] and "'tiny'" in lines[0], result.output
+    assert not (tmp_path / "d").exists()
+
+
+def test_manifest_entries_are_frozen_and_typed(tmp_path: Path) -> None:
+    import dataclasses
+
+    entry = load_manifest(
+        _write_manifest(tmp_path / "m.json", {"tiny": _entry_dict(None, sha256=PAYLOAD_SHA.upper())})
+    )["tiny"]
+    assert entry.sha256 == PAYLOAD_SHA  # stored lower-case
+    assert entry.aliases == ("tiny-alias",) and entry.input_shape == ("N", 3, 224, 224)
+    assert entry.published_top1 == 50.0 and isinstance(entry.published_top1, float)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        entry.size = 1  # type: ignore[misc]
+    assert {entry: 1}[load_manifest(tmp_path / "m.json")["tiny"]] == 1

@@ -188,3 +188,85 @@ def test_label():
     assert QuantRecipe(reduce_range=False).label() == QuantRecipe().label()
     # Departures from the defaults show: an op-types override, bias correction off.
     assert QuantRecipe(op_types=("Conv",), bias_correction=False).label() == "qdq-pc-p99.999-ops-nobc"
+
+
+# The digests rq computed before the recipe became a pydantic dataclass (main d48a258): sweep caches and
+# result names built with them must still match.
+@pytest.mark.parametrize(
+    ("changes", "digest"),
+    [
+        ({}, "5be447a22927"),
+        ({"calibration": "minmax", "reduce_range": False}, "086292e57817"),
+        (
+            {
+                "op_types": ("Conv", "MatMul"),
+                "exclude_nodes": ("fc",),
+                "percentile": 99,
+                "backend": "inc",
+                "num_bins": 512,
+                "calibration": "entropy",
+            },
+            "c2c0190c3e16",
+        ),
+    ],
+)
+def test_digest_unchanged_from_earlier_rq(changes, digest):
+    assert QuantRecipe(**changes).digest() == digest
+
+
+def test_old_recipe_files_still_load(tmp_path):
+    """A version-1 file and a version-2 file as earlier rq versions wrote them (`rq.recipe`, report.json)."""
+    v1 = tmp_path / "v1.json"
+    v1.write_text(
+        '{"activation_type": "uint8", "backend": "ort", "batch_size": 8, "calibration": "minmax", '
+        '"exclude_nodes": [], "format": "qdq", "num_bins": null, "per_channel": true, "percentile": 99.999, '
+        '"reduce_range": false, "samples": 100, "seed": 0, "version": 1, "weight_type": "int8"}',
+        encoding="utf-8",
+    )
+    old = QuantRecipe.from_file(v1)
+    assert old == QuantRecipe(
+        calibration="minmax", reduce_range=False, op_types=LEGACY_OP_TYPES, bias_correction=False
+    )
+    v2 = tmp_path / "v2.json"
+    # utf-8-sig: what a Windows editor saves (a byte-order mark first)
+    v2.write_text(
+        "\ufeff" + QuantRecipe(op_types=("Conv",), exclude_nodes=("fc",)).to_json(), encoding="utf-8"
+    )
+    again = QuantRecipe.from_file(v2)
+    assert again == QuantRecipe(op_types=("Conv",), exclude_nodes=("fc",))
+    assert again.to_json() == QuantRecipe.from_json(again.to_json()).to_json()
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        (None, "recipe file not found"),
+        ("{oops", "not valid JSON"),
+        ('{"samples": "many"}', "recipe samples must be a whole number, not 'many'"),
+        ('{"exclude_nodes": ["fc", ""]}', "recipe exclude_nodes must hold non-empty names"),
+        ('{"colour": "blue"}', "unknown recipe field(s): colour"),
+        ('{"version": 3}', "recipe version 3 is not supported"),
+    ],
+)
+def test_from_file_errors_are_one_line_naming_file_and_field(tmp_path, text, fragment):
+    path = tmp_path / "recipe.json"
+    if text is not None:
+        path.write_text(text, encoding="utf-8")
+    with pytest.raises(RqInputError) as info:
+        QuantRecipe.from_file(path)
+    message = str(info.value)
+    assert fragment in message and str(path) in message and "\n" not in message
+
+
+def test_dataclass_api_is_kept():
+    """sweep reads `dataclasses.fields`; `dataclasses.replace` validates like `with_changes`."""
+    import dataclasses
+
+    names = [f.name for f in dataclasses.fields(QuantRecipe)]
+    assert names[:2] == ["backend", "format"] and names[-1] == "version"
+    assert dataclasses.replace(QuantRecipe(), seed=4) == QuantRecipe(seed=4)
+    with pytest.raises(RqInputError, match="samples must be ≥ 1, not 0"):
+        dataclasses.replace(QuantRecipe(), samples=0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        QuantRecipe().seed = 1  # type: ignore[misc]
+    assert {QuantRecipe(): 1}[QuantRecipe.from_json(QuantRecipe().to_json())] == 1

@@ -6,13 +6,23 @@ import base64
 import copy
 import json
 import re
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from calibration import ImageDataset
 from calibration.errors import RqInputError
+from quantize.backends.ort import QuantizedOps
+from quantize.graph.prepare import ModelSignature, PreparedModel
+from quantize.measure.bench import BenchResult, BenchRow
+from quantize.measure.cpu import CpuInfo, advise_int8
+from quantize.measure.evaluate import EvalRun, ModelAccuracy
 from quantize.measure.stats import paired_drop
-from quantize.report.document import (
+from quantize.measure.validate import Gate, Validation
+from quantize.recipe import QuantRecipe
+from quantize.report import (
     PLOT_MISSING,
     plot_accuracy_vs_speed,
     render_html,
@@ -21,160 +31,177 @@ from quantize.report.document import (
     validate_report,
     write_report,
 )
+from quantize.report.data import accuracy_of, bench_by_batch, build_report, variant
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+N_IMAGES = 1300
+FP32_CORRECT = 1000  # 76.92 % top-1
 
 
-def _drop(lost: int, gained: int, n: int = 1300, extra_disagreements: int = 5) -> dict:
-    a = np.zeros(n, dtype=bool)
-    a[:1000] = True
-    b = a.copy()
-    b[:lost] = False
-    b[1000 : 1000 + gained] = True
-    return paired_drop(a, b, disagreements=lost + gained + extra_disagreements).to_dict()
+def _correct(lost: int = 0, gained: int = 0) -> np.ndarray:
+    """Per-image top-1 hits: FP32's 1000 of 1300, minus `lost` of them, plus `gained` FP32 missed."""
+    hits = np.zeros(N_IMAGES, dtype=bool)
+    hits[:FP32_CORRECT] = True
+    hits[:lost] = False
+    hits[FP32_CORRECT : FP32_CORRECT + gained] = True
+    return hits
 
 
-def _bench(median_b1: float, median_b8: float, fp32=(10.0, 60.0)) -> dict:
-    return {
-        "1": {
-            "median_ms": median_b1,
-            "p90_ms": median_b1 * 1.1,
-            "images_per_s": 1000 / median_b1,
-            "ratio_to_fp32": fp32[0] / median_b1,
-        },
-        "8": {
-            "median_ms": median_b8,
-            "p90_ms": median_b8 * 1.1,
-            "images_per_s": 8000 / median_b8,
-            "ratio_to_fp32": fp32[1] / median_b8,
-        },
-    }
+def _drop(lost: int, gained: int, extra_disagreements: int = 5):
+    return paired_drop(_correct(), _correct(lost, gained), disagreements=lost + gained + extra_disagreements)
 
 
-def _report() -> dict:
-    """A realistic report: FP32 + two INT8 variants, all with accuracy, drop and bench figures."""
-    flags = {"avx2": True, "avx512f": True, "avx512_vnni": False, "avx_vnni": False, "amx_int8": False}
-    recipe = {"format": "QDQ", "per_channel": True, "calibration": "minmax", "reduce_range": False}
-    return {
-        "schema": "rq.report/1",
-        "run_id": "20250101-120000-abc123",
-        "created": "2025-01-01T12:00:00+00:00",
-        "command": "rq run resnet50.onnx --calib calib/ --val val/ --bench --max-drop 0.5",
-        "rq_version": "0.1.0",
-        "packages": {"onnxruntime": "1.20.1", "onnx": "1.17.0", "numpy": "2.4.0"},
-        "cpu": {
-            "model": "Intel(R) Xeon(R) Platinum 8272CL",
-            "arch": "x86_64",
-            "logical_cores": 4,
-            "flags_summary": {**flags, "vnni": False},
-        },
-        "advice": {"reduce_range": True, "reason": "no VNNI: 7-bit weights avoid vpmaddubsw saturation"},
-        "model": {
-            "path": "/models/resnet50.onnx",
-            "sha256": "a" * 64,
-            "size_bytes": 97_800_000,
-            "signature": {"input": "data", "shape": ["N", 3, 224, 224]},
-            "preparation": {
-                "steps": ["shape inference", "constant folding"],
-                "warnings": ["opset 11 upgraded to 13"],
-                "seconds": 1.25,
+def _bench_rows(index: int, name: str, median_b1: float, median_b8: float) -> list[BenchRow]:
+    fp32 = {1: 10.0, 8: 60.0}
+    return [
+        BenchRow(
+            model=name,
+            name=name,
+            model_index=index,
+            batch=batch,
+            median_ms=median,
+            p90_ms=median * 1.1,
+            mean_ms=median,
+            min_ms=median * 0.95,
+            images_per_s=1000 * batch / median,
+            ratio_to_first=fp32[batch] / median,
+        )
+        for batch, median in ((1, median_b1), (8, median_b8))
+    ]
+
+
+def _build(with_bench: bool = True) -> dict:
+    """A realistic report, assembled by quantize.report.data from the stages' own result types: FP32 and two
+    INT8 variants (per-channel and per-tensor) with accuracy, paired drops, and (`with_bench`) latency."""
+    cpu = CpuInfo(
+        model="Intel(R) Xeon(R) Platinum 8272CL",
+        vendor="GenuineIntel",
+        arch="x86_64",
+        logical_cores=4,
+        flags=frozenset({"avx2", "avx512f"}),  # no VNNI: the report adds its 1.33× note
+    )
+    recipe = QuantRecipe(calibration="minmax", reduce_range=False)
+    names = ["fp32", "int8-qdq-per-channel", "int8-per-tensor"]
+    hits = [_correct(), _correct(lost=6, gained=4), _correct(lost=22, gained=3)]
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "resnet50.onnx"
+        model.write_bytes(b"not really a model, but a file with a sha256")
+        run = EvalRun(
+            models=[
+                ModelAccuracy(Path(n), h.astype(int), h, h | _correct(gained=200), 0, 1.0)
+                for n, h in zip(names, hits, strict=True)
+            ],
+            labels=np.zeros(N_IMAGES, dtype=int),
+            paths=[Path(f"val/{i}.JPEG") for i in range(N_IMAGES)],
+            skipped=[(Path("val/x.txt"), "not an image")],
+            seconds=22.0,
+            batch_size=32,
+        )
+        dataset = ImageDataset(
+            root=Path("val"), layout="imagenet-synset-folders", samples=[], labels_source=None
+        )
+        validation = Validation(dataset=dataset, run=run, drop=_drop(6, 4), overlap_with_calibration=0)
+        bench = None
+        if with_bench:
+            bench = BenchResult(
+                cpu=cpu.to_dict(),
+                onnxruntime_version="1.20.1",
+                provider="CPUExecutionProvider",
+                threads=4,
+                runs=50,
+                warmup=5,
+                models=names,
+                batch_sizes=[1, 8],
+                rows=_bench_rows(0, names[0], 10.0, 60.0)
+                + _bench_rows(1, names[1], 7.5, 40.0)
+                + _bench_rows(2, names[2], 7.8, 41.0),
+                notes=["machine looked noisy"],
+            )
+        ops = {"by_type": {"Conv": [53, 53], "Gemm": [1, 1]}, "total_nodes": 122}
+        variants = [
+            variant(
+                names[0], "fp32", model, accuracy=accuracy_of(validation, 0), bench=bench_by_batch(bench, 0)
+            ),
+            variant(
+                names[1],
+                "int8",
+                Path("out/resnet50.int8.onnx"),
+                recipe=recipe,
+                quantized_ops=QuantizedOps(quantized=54, candidates=54, **ops),
+                accuracy=accuracy_of(validation, 1),
+                drop=_drop(6, 4),
+                bench=bench_by_batch(bench, 1),
+                sha256="c" * 64,
+            ),
+            variant(
+                names[2],
+                "int8",
+                Path("out/resnet50.int8.pt.onnx"),
+                recipe=recipe.with_changes(per_channel=False),
+                quantized_ops=QuantizedOps(quantized=53, candidates=54, **ops),
+                accuracy=accuracy_of(validation, 2),
+                drop=_drop(22, 3),
+                bench=bench_by_batch(bench, 2),
+                sha256="d" * 64,
+            ),
+        ]
+        prepared = PreparedModel(
+            source=model,
+            path=model,
+            signature=ModelSignature("data", ["N", 3, 224, 224], "float32", "logits", ["N", 1000]),
+            original_opset=11,
+            original_ir_version=6,
+            steps=["shape inference", "constant folding"],
+            warnings=["opset 11 upgraded to 13"],
+            seconds=1.25,
+        )
+        return build_report(
+            command=[
+                "rq",
+                "quantize",
+                str(model),
+                "--calib",
+                "calib/",
+                "--val",
+                "val/",
+                "--bench",
+                "--max-drop",
+                "0.5",
+            ],
+            model=model,
+            cpu=cpu,
+            advice=advise_int8(cpu),
+            prepared=prepared,
+            variants=variants,
+            calibration={
+                "folder": "calib/",
+                "layout": "flat",
+                "images_used": 300,
+                "skipped": [[f"calib/bad{i}.jpg", "cannot decode"] for i in range(25)],
+                "file_list_sha256": "b" * 64,
+                "seconds": 12.5,
             },
-        },
-        "calibration": {
-            "folder": "calib/",
-            "layout": "flat",
-            "images_used": 300,
-            "skipped": [[f"calib/bad{i}.jpg", "cannot decode"] for i in range(25)],
-            "file_list_sha256": "b" * 64,
-            "seconds": 12.5,
-        },
-        "validation": {
-            "folder": "val/",
-            "layout": "imagenet-synset-folders",
-            "images": 1300,
-            "skipped": [["val/x.txt", "not an image"]],
-            "overlap_with_calibration": 0,
-            "images_per_s": 180.0,
-            "seconds": 22.0,
-        },
-        "variants": [
-            {
-                "name": "fp32",
-                "kind": "fp32",
-                "recipe": None,
-                "path": "/models/resnet50.onnx",
-                "sha256": "a" * 64,
-                "size_bytes": 97_800_000,
-                "quantized_ops": None,
-                "accuracy": {"top1": 76.92, "top5": 93.31, "images": 1300},
-                "drop": None,
-                "bench": _bench(10.0, 60.0),
-                "pareto": True,
-            },
-            {
-                "name": "int8-qdq-per-channel",
-                "kind": "int8",
-                "recipe": recipe,
-                "path": "out/resnet50.int8.onnx",
-                "sha256": "c" * 64,
-                "size_bytes": 25_600_000,
-                "quantized_ops": {
-                    "quantized": 54,
-                    "candidates": 54,
-                    "total_nodes": 122,
-                    "by_type": {"Conv": 53},
-                },
-                "accuracy": {"top1": 76.77, "top5": 93.23, "images": 1300},
-                "drop": _drop(lost=6, gained=4),
-                "bench": _bench(7.5, 40.0),
-                "pareto": True,
-            },
-            {
-                "name": "int8-per-tensor",
-                "kind": "int8",
-                "recipe": {**recipe, "per_channel": False},
-                "path": "out/resnet50.int8.pt.onnx",
-                "sha256": "d" * 64,
-                "size_bytes": 25_500_000,
-                "quantized_ops": {
-                    "quantized": 53,
-                    "candidates": 54,
-                    "total_nodes": 122,
-                    "by_type": {"Conv": 53},
-                },
-                "accuracy": {"top1": 75.50, "top5": 92.80, "images": 1300},
-                "drop": _drop(lost=22, gained=3),
-                "bench": _bench(7.8, 41.0),
-                "pareto": False,
-            },
-        ],
-        "gate": {
-            "max_drop_pt": 0.5,
-            "passed": True,
-            "exit_code": 0,
-            "message": "",
-            "variant": "int8-qdq-per-channel",
-        },
-        "stages": {"prepare": 1.25, "calibrate": 12.5, "quantize": 8.0, "validate": 44.0, "bench": 30.0},
-        "bench": {
-            "onnxruntime_version": "1.20.1",
-            "provider": "CPUExecutionProvider",
-            "threads": 4,
-            "runs": 50,
-            "warmup": 5,
-            "notes": ["machine looked noisy"],
-        },
-        "notes": ["validation images are a 1300-image ImageNet subset"],
-    }
+            validation=validation,
+            gate=Gate.from_drop(0.5, validation.drop, exit_code=3, variant=names[1]),
+            bench=bench,
+            stages={"prepare": 1.25, "calibrate": 12.5, "quantize": 8.0, "validate": 44.0, "bench": 30.0},
+            notes=["validation images are a 1300-image ImageNet subset"],
+        )
+
+
+_BUILT: dict[bool, dict] = {}
+
+
+def _report(with_bench: bool = True) -> dict:
+    """A fresh copy of the built report (built once per module: the tests mutate their copy)."""
+    if with_bench not in _BUILT:
+        _BUILT[with_bench] = _build(with_bench)
+    return copy.deepcopy(_BUILT[with_bench])
 
 
 def _no_bench(report: dict) -> dict:
-    r = copy.deepcopy(report)
-    for v in r["variants"]:
-        v["bench"] = None
-        v["pareto"] = None
-    r["bench"] = None
-    return r
+    """The same run without --bench (the argument is the with-bench report, for the call sites' reading)."""
+    return _report(with_bench=False)
 
 
 def test_write_report_creates_three_files_and_round_trips(tmp_path):
@@ -184,7 +211,7 @@ def test_write_report_creates_three_files_and_round_trips(tmp_path):
     assert set(paths) == {"json", "md", "html"}
     for p in paths.values():
         assert p.is_file() and p.parent == out
-    assert json.loads(paths["json"].read_text(encoding="utf-8")) == data
+    assert json.loads(paths["json"].read_text(encoding="utf-8")) == json.loads(json.dumps(data))
     # No temp files left behind by the atomic writes.
     assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.json", "report.md"]
 
@@ -279,7 +306,7 @@ def test_validate_accepts_realistic_report():
         (lambda r: r.update(schema="rq.report/2"), "schema is 'rq.report/2'"),
         (lambda r: r.pop("schema"), "missing key 'schema'"),
         (lambda r: r["model"].pop("sha256"), "missing key 'model.sha256'"),
-        (lambda r: r["cpu"]["flags_summary"].pop("vnni"), "cpu.flags_summary.vnni"),
+        (lambda r: r["cpu"]["isa"].pop("vnni"), "cpu.isa.vnni"),
         (
             lambda r: r["variants"][1]["accuracy"].update(top1="76.7"),
             r"variants\[1\].accuracy.top1 must be a number",
@@ -386,3 +413,45 @@ def test_invalid_report_is_not_written(tmp_path):
     with pytest.raises(RqInputError, match="variants"):
         write_report(data, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_cpu_flags_are_stated_once():
+    """`cpu.isa` (CpuInfo's own key, also in `rq bench` JSON) carries the flags; no `flags_summary` copy."""
+    cpu = _report()["cpu"]
+    assert "flags_summary" not in cpu
+    assert cpu["isa"]["avx2"] is True and cpu["isa"]["vnni"] is False
+
+
+def test_reports_written_by_earlier_rq_still_validate_and_render(tmp_path):
+    """Earlier rq wrote the flags twice (`isa` and `flags_summary`); both shapes read back the same."""
+    data = _report()
+    data["cpu"]["flags_summary"] = dict(data["cpu"]["isa"])
+    validate_report(data)
+    assert render_markdown(data) == render_markdown(_report())
+
+
+@pytest.mark.parametrize(
+    ("mutate", "fragment"),
+    [
+        (
+            lambda r: r["variants"][1]["drop"].update(n="1300"),
+            "invalid report: variants[1].drop.n must be an integer, got a string",
+        ),
+        (lambda r: r["cpu"].update(isa=None), "invalid report: cpu.isa must be an object, got null"),
+        (lambda r: r["model"].pop("size_bytes"), "invalid report: missing key 'model.size_bytes'"),
+    ],
+)
+def test_rq_report_rejects_a_malformed_report_json_with_exit_2(tmp_path, mutate, fragment):
+    """`rq report DIR` validates report.json with the model that wrote it: one line naming the key, exit 2."""
+    from typer.testing import CliRunner
+
+    from quantize.cli import app
+
+    data = _report()
+    mutate(data)
+    (tmp_path / "report.json").write_text(json.dumps(data), encoding="utf-8")
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and fragment in lines[0], result.output
+    assert not (tmp_path / "report.md").exists()  # nothing rendered from an invalid report

@@ -17,7 +17,7 @@ from quantize import backends
 from quantize.exits import EXIT_GATE_FAILED, EXIT_OK
 from quantize.pipeline import Progress
 from quantize.recipe import LEGACY_OP_TYPES, QuantRecipe
-from quantize.report.document import validate_report
+from quantize.report import validate_report
 from quantize.run import RunRequest, run
 
 # Per-tensor, minmax, Conv/Gemm/MatMul, 7-bit: the sensitive node's outlier wrecks INT8 (see test_tune).

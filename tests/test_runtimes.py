@@ -27,7 +27,7 @@ import quantize.sweep as sweep_module
 from calibration.errors import RqInputError
 from quantize.measure import runtimes
 from quantize.recipe import QuantRecipe
-from quantize.report.document import validate_report
+from quantize.report import validate_report
 
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 

@@ -22,8 +22,8 @@ import quantize.sweep as sweep_module
 from quantize.cli import app
 from quantize.measure.stats import pareto_front
 from quantize.recipe import QuantRecipe
+from quantize.report import validate_report
 from quantize.report.data import sweep_report
-from quantize.report.document import validate_report
 from quantize.sweep import GRIDS, grid_recipes, run_sweep, variant_name
 
 SWEEP = ["--grid", "calibration", "--bench-batch", "1", "--bench-runs", "1", "--resize", "36", "--crop", "32"]

@@ -1,4 +1,4 @@
-"""Assemble `report.json` (schema rq.report/1) from the results of the stages; rendering is quantize.report.document.
+"""Assemble `report.json` (schema rq.report/1) from the results of the stages; validation, writing and rendering are quantize.report.
 
 Every report rq writes is assembled here: `quantize_report` (rq quantize, quantize.run), `sweep_report`
 (rq sweep) and `inspect_report` (rq inspect), all on `build_report`.
@@ -24,8 +24,8 @@ from quantize.measure.cpu import CpuInfo, IntegerKernelAdvice
 from quantize.measure.stats import PairedDrop, pareto_front
 from quantize.measure.validate import Gate, Validation
 from quantize.recipe import QuantRecipe
+from quantize.report.schema import SCHEMA
 
-SCHEMA = "rq.report/1"
 PACKAGES = ("onnxruntime", "onnx", "numpy", "pillow", "typer", "rich", "matplotlib", "neural-compressor")
 
 
@@ -47,10 +47,7 @@ def run_id(model: Path, label: str) -> str:
 
 
 def cpu_section(cpu: CpuInfo) -> dict:
-    data = cpu.to_dict()
-    data["flags_summary"] = cpu.isa_summary()
-    data["describe"] = cpu.describe()
-    return data
+    return cpu.to_dict()  # its `isa` holds the flags the report states (once)
 
 
 def bench_by_batch(bench: BenchResult | None, model_index: int, runtime: str | None = None) -> dict | None:
