@@ -9,12 +9,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
-from tiny_models import random_inputs
 
 from calibration.errors import RqInputError
 from quantize.calibrate import CalibrationRanges, calibrate, calibrator_options
 from quantize.graph.prepare import prepare_model
 from quantize.recipe import QuantRecipe
+from tests.helpers.tiny_models import random_inputs
 
 N_IMAGES = 48
 BATCH = 8

@@ -10,7 +10,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from calib_images import write_rgb, write_text_as_image, write_truncated_jpeg, write_zero_byte
 from onnx import TensorProto, helper
 from onnxruntime.quantization import CalibrationDataReader
 
@@ -24,6 +23,7 @@ from calibration import (
     Sample,
 )
 from calibration.loader import THREAD_NAME_PREFIX
+from tests.helpers.calib_images import write_rgb, write_text_as_image, write_truncated_jpeg, write_zero_byte
 
 SMALL = PreprocessSpec(resize=16, crop=16)
 

@@ -13,9 +13,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from calib_images import make_class_folders, write_truncated_jpeg, write_zero_byte
-from conftest import WNIDS
-from tiny_models import CLASSES, SMALL_SPEC, fixed_batch1, random_inputs
 
 import quantize.pipeline as pipeline
 from calibration import PreprocessSpec
@@ -27,6 +24,8 @@ from quantize.pipeline import (
     read_model_metadata,
 )
 from quantize.recipe import METADATA_KEY, QuantRecipe
+from tests.helpers.calib_images import WNIDS, make_class_folders, write_truncated_jpeg, write_zero_byte
+from tests.helpers.tiny_models import CLASSES, SMALL_SPEC, fixed_batch1, random_inputs
 
 SMALL_RECIPE = QuantRecipe(samples=16, batch_size=4)
 

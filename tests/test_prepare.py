@@ -10,16 +10,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-from tiny_models import (
-    CLASSES,
-    HW,
-    bad_output_rank,
-    non4d_input,
-    random_inputs,
-    tiny_cnn,
-    two_inputs,
-    v2_shaped_opset7,
-)
 
 from calibration.errors import RqInputError
 from quantize.graph.prepare import (
@@ -29,6 +19,16 @@ from quantize.graph.prepare import (
     default_opset,
     load_model,
     prepare_model,
+)
+from tests.helpers.tiny_models import (
+    CLASSES,
+    HW,
+    bad_output_rank,
+    non4d_input,
+    random_inputs,
+    tiny_cnn,
+    two_inputs,
+    v2_shaped_opset7,
 )
 
 

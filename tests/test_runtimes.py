@@ -14,20 +14,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from calib_images import make_class_folders
-from conftest import x86_cpu
 from onnx.reference import ReferenceEvaluator
-from test_cli_eval_bench_report import SMALL, K, invoke
-from test_cli_quantize import all_output, assert_one_line_error
-from test_evaluate import onehot_model, onehot_row, wnid
-from test_tune import sensitive_model
-from tiny_models import SMALL_SPEC, tiny_cnn
 
 import quantize.sweep as sweep_module
 from calibration.errors import RqInputError
 from quantize.measure import runtimes
 from quantize.recipe import QuantRecipe
 from quantize.report.document import validate_report
+from tests.helpers.calib_images import make_class_folders
+from tests.helpers.cli import SMALL, all_output, assert_one_line_error
+from tests.helpers.cpu import x86_cpu
+from tests.helpers.onehot import K, onehot_model, onehot_row, wnid
+from tests.helpers.sensitive import sensitive_model
+from tests.helpers.tiny_models import SMALL_SPEC
 
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 
@@ -98,30 +97,6 @@ def fake_runtimes():
     yield
     runtimes.unregister("reference")
     runtimes.unregister("picky")
-
-
-@pytest.fixture()
-def cli(tmp_path, monkeypatch):
-    work = tmp_path / "cwd"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    return invoke
-
-
-@pytest.fixture(scope="module")
-def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
-    """A tiny FP32 model and its INT8 version made by `rq quantize`."""
-    base = tmp_path_factory.mktemp("rt-models")
-    fp32 = tiny_cnn(base / "tiny.onnx")
-    calib = base / "calib"
-    make_class_folders(calib, {wnid(0): 4, wnid(1): 4}, size=(48, 40))
-    int8 = base / "tiny-int8.onnx"
-    result = invoke(
-        "quantize", fp32, "--calib", calib, "--samples", "8", "--workers", "2", "--out", int8,
-        "--report-dir", base / "reports", *SMALL,
-    )  # fmt: skip
-    assert result.exit_code == 0, all_output(result)
-    return fp32, int8
 
 
 def test_parse_names_and_unknown_runtime():
