@@ -18,6 +18,7 @@ does: corrections then do not compound, and one FP32 pass serves every layer.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -25,6 +26,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+logger = logging.getLogger(__name__)
 
 CORRECTED_TYPES = ("Conv", "Gemm")
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -289,4 +292,11 @@ def correct_biases(
             continue
         report.max_shift = max(report.max_shift, float(np.abs(shift).max()))
         _apply(int8, layer, shift, report)
+    logger.debug(
+        "bias correction: %d layer(s) corrected on %d images (max shift %.4g), %d skipped",
+        len(report.corrected),
+        report.images,
+        report.max_shift,
+        len(report.skipped),
+    )
     return report

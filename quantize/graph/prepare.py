@@ -25,6 +25,8 @@ from quantize.exits import ORT_LOG_SEVERITY, is_environment_error, ort_reason
 from quantize.files import atomic_output, inside
 from quantize.graph.rewrite import rewrite_standalone_batchnorms
 
+logger = logging.getLogger(__name__)
+
 TARGET_OPSET = 13
 MIN_IR_VERSION = 7
 FLOAT_TYPES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.DOUBLE: "float64"}
@@ -281,6 +283,8 @@ def prepare_model(source: Path | str, workdir: Path, *, pre_process: bool = True
     )  # unfoldable BN → exact per-channel affine (quantize/graph/rewrite.py)
     prepared.signature = classifier_signature(load_model(prepared.path, load_weights=False), source.name)
     prepared.seconds = time.perf_counter() - started
+    for step in prepared.steps:
+        logger.debug("prepare %s: %s", source.name, step)
     return prepared
 
 
