@@ -61,6 +61,16 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return value
 
 
+def pad_batch(images: np.ndarray, batch: int) -> np.ndarray:
+    """`images` (at most `batch`) filled up to `batch` by repeating the last one, for a model whose batch
+    dimension is fixed; the caller drops the padding's outputs."""
+    if len(images) == batch:
+        return images
+    if not 0 < len(images) < batch:
+        raise ValueError(f"cannot pad {len(images)} images to a batch of {batch}")
+    return np.concatenate([images, np.repeat(images[-1:], batch - len(images), axis=0)])
+
+
 class BatchStream:
     """Iterate over ``samples`` as :class:`Batch` objects of up to ``batch_size`` images.
 

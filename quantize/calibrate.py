@@ -23,7 +23,7 @@ from onnxruntime.quantization.calibrate import TensorData, TensorsData
 
 from calibration.errors import RqInputError
 from calibration.progress import Progress, as_progress
-from quantize.graph.prepare import _quiet
+from quantize.measure.runtimes import quiet
 from quantize.recipe import QuantRecipe
 
 logger = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def calibrate(
 
     progress = as_progress(progress)
     started = time.perf_counter()
-    with _quiet():
+    with quiet():
         calibrator = create_calibrator(
             Path(model_path),
             list(calibration_op_types(recipe)),
@@ -174,7 +174,7 @@ def calibrate(
         for images in batches:
             if recipe.calibration == "mean-minmax":
                 calibrator.averaging_constant = 1.0 / (n_batches + 1)
-            with _quiet():
+            with quiet():
                 calibrator.collect_data(_SingleBatchReader({input_name: images}))
             n_batches += 1
             n_images += len(images)
@@ -185,7 +185,7 @@ def calibrate(
         if recipe.calibration == "mse":
             tensors = mse_ranges(collector.histogram_dict)
         else:
-            with _quiet():
+            with quiet():
                 tensors = calibrator.compute_data()
         if collector is not None and recipe.calibration != "mse":
             # histogram_dict values are (hist, edges, observed min, observed max)

@@ -288,7 +288,7 @@ def test_keyboard_interrupt_while_publishing_keeps_previous_output(
     real_save = onnx.save_model
 
     def save(proto, path, *args, **kwargs):
-        if Path(path).parent == out_dir:  # atomic_save's temporary file
+        if Path(path).parent == out_dir:  # atomic_output's temporary file
             Path(path).write_bytes(b"partial")
             raise KeyboardInterrupt
         return real_save(proto, path, *args, **kwargs)

@@ -21,9 +21,10 @@ import onnx
 from onnx import TensorProto
 
 from calibration.errors import RqInputError
-from quantize.exits import ORT_LOG_SEVERITY, is_environment_error, ort_reason
-from quantize.files import atomic_output, inside
+from quantize.exits import is_environment_error, ort_reason
+from quantize.files import inside
 from quantize.graph.rewrite import rewrite_standalone_batchnorms
+from quantize.measure.runtimes import muted, ort_session, quiet
 
 logger = logging.getLogger(__name__)
 
@@ -127,13 +128,9 @@ def check_runs_in_onnxruntime(path: Path | str, signature: ModelSignature, name:
     A model with free spatial dimensions is only loaded (rq does not know its image size yet).
     """
     import numpy as np
-    import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = ORT_LOG_SEVERITY  # no coloured ORT log line before rq's own message
-    options.intra_op_num_threads = 1
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort_session(path, threads=1)
     except Exception as exc:
         raise ModelError(f"onnxruntime cannot load {name}: {ort_reason(exc)}") from None
     batch = signature.fixed_batch or 1
@@ -325,7 +322,7 @@ def _run_quant_pre_process(upgraded: Path, prepared: PreparedModel) -> None:
         description, kwargs = attempts.pop(0)
         try:
             # ORT's pre-processing logs and prints a lot; it is noise inside rq's own summary.
-            with _quiet(), _muted("onnxruntime.quantization.shape_inference"), inside(scratch):
+            with quiet(), muted("onnxruntime.quantization.shape_inference"), inside(scratch):
                 quant_pre_process(str(upgraded), str(output), **kwargs)
             prepared.steps.append(f"quant_pre_process: {description}")
             if errors:
@@ -345,43 +342,3 @@ def _run_quant_pre_process(upgraded: Path, prepared: PreparedModel) -> None:
                     [no_symbolic, neither] if _raised_in_symbolic_shape(exc) else [no_optimizer, neither]
                 )
     raise ModelError("quant_pre_process failed on this model: " + " | ".join(errors))
-
-
-@contextlib.contextmanager
-def _muted(name: str):
-    """Silence one library logger entirely (ORT logs an optimizer failure's traceback at ERROR level)."""
-    logger = logging.getLogger(name)
-    previous = logger.level
-    logger.setLevel(logging.CRITICAL + 1)
-    try:
-        yield
-    finally:
-        logger.setLevel(previous)
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Silence the Python loggers and stdout chatter of ORT's quantization tooling for the block."""
-    root = logging.getLogger()
-    previous = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
-            yield
-    finally:
-        root.setLevel(previous)
-
-
-def atomic_save(model: onnx.ModelProto, destination: Path) -> None:
-    """Write `model` to `destination` through a temporary file in the same folder, then rename.
-
-    A crash or Ctrl-C never leaves a half-written model at the destination.
-    """
-    destination = Path(destination)
-    directory = destination.parent if str(destination.parent) else Path(".")
-    if not directory.is_dir():
-        raise RqInputError(f"output folder does not exist: {directory}")
-    if not os.access(directory, os.W_OK):
-        raise RqInputError(f"output folder is not writable: {directory}")
-    with atomic_output(destination) as tmp:
-        onnx.save_model(model, str(tmp))

@@ -17,8 +17,10 @@ import onnxruntime as ort
 
 from calibration import BatchStream, ImageDataset, PreprocessSpec, Sample
 from calibration.errors import RqInputError
+from calibration.loader import pad_batch
 from calibration.progress import Progress, as_progress
-from quantize.exits import ORT_LOG_SEVERITY, ort_reason
+from quantize.exits import ort_reason
+from quantize.measure.runtimes import ort_session
 
 
 @dataclass
@@ -92,12 +94,8 @@ def open_session(path: Path, threads: int | None = None) -> ort.InferenceSession
         raise RqInputError(f"model not found: {path}")
     if path.stat().st_size == 0:
         raise RqInputError(f"{path} is an empty file (0 bytes), not an ONNX model")
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    options.log_severity_level = ORT_LOG_SEVERITY  # ORT's own coloured log line would precede rq's message
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort_session(path, threads=threads)
     except Exception as exc:
         raise RqInputError(f"onnxruntime cannot load {path.name}: {ort_reason(exc)}") from None
 
@@ -125,10 +123,7 @@ def _in_fixed_batches(run, images: np.ndarray, batch: int | None) -> np.ndarray:
     outputs = []
     for start in range(0, len(images), batch):
         chunk = images[start : start + batch]
-        count = len(chunk)
-        if count < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - count, axis=0)])
-        outputs.append(run(chunk)[:count])
+        outputs.append(run(pad_batch(chunk, batch))[: len(chunk)])
     return np.concatenate(outputs)
 
 
