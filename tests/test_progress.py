@@ -127,3 +127,18 @@ def test_nothing_is_logged_or_printed_by_default(tmp_path, capsys):
     calibrate(model, "input", iter([random_inputs(2)]), QuantRecipe(calibration="minmax"), tmp_path)
     out, err = capsys.readouterr()
     assert out == "" and err == ""
+
+
+def test_validate_and_fidelity_report_images(tmp_path):
+    from calibration import discover_dataset
+    from quantize.measure.fidelity import measure_fidelity
+    from quantize.measure.validate import validate
+
+    model = onehot_model(tmp_path / "k.onnx", onehot_row(1000, [3]))
+    samples = [Sample(write_rgb(tmp_path / wnid(3) / f"{i}.png", size=(40, 36), seed=i), 3) for i in range(5)]
+    recorder = Recorder()
+    validate(model, model, discover_dataset(tmp_path), samples, SMALL_SPEC, batch_size=2, progress=recorder)
+    assert recorder.events == [("total", 5), ("advance", 2), ("advance", 2), ("advance", 1)]
+    recorder = Recorder()
+    measure_fidelity(model, model, samples, SMALL_SPEC, source="test", batch_size=4, progress=recorder)
+    assert recorder.events == [("total", 5), ("advance", 4), ("advance", 1)]

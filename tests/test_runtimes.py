@@ -26,7 +26,7 @@ from tests.helpers.cli import SMALL, all_output, assert_one_line_error
 from tests.helpers.cpu import x86_cpu
 from tests.helpers.onehot import K, onehot_model, onehot_row, wnid
 from tests.helpers.sensitive import sensitive_model
-from tests.helpers.tiny_models import SMALL_SPEC
+from tests.helpers.tiny_models import SMALL_SPEC, tiny_cnn
 
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 
@@ -382,3 +382,37 @@ def test_openvino_compiles_unpinned_f32_and_takes_extra_properties(tiny_pair):
     pinned = runtimes.OpenVinoRuntime({"ENABLE_CPU_PINNING": "YES"}).open(fp32)
     pinned.run(np.zeros(shape, np.float32))
     assert pinned._request(1).get_compiled_model().get_property("ENABLE_CPU_PINNING") is True
+
+
+def test_ort_session_sets_only_the_options_asked_for(tmp_path):
+    model = tiny_cnn(tmp_path / "tiny.onnx")
+    import onnxruntime as ort
+
+    measured = runtimes.ort_session(
+        model, threads=1, inter_op_threads=1, optimize_all=True, sequential=True, allow_spinning=False
+    ).get_session_options()
+    assert measured.intra_op_num_threads == 1 and measured.inter_op_num_threads == 1
+    assert measured.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert measured.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+    assert measured.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert measured.log_severity_level == 4  # ORT's coloured log lines muted by default
+    default = ort.SessionOptions()
+    plain = runtimes.ort_session(model.read_bytes(), log_severity=None).get_session_options()
+    assert plain.log_severity_level == default.log_severity_level
+    assert plain.intra_op_num_threads == default.intra_op_num_threads
+    assert plain.graph_optimization_level == default.graph_optimization_level
+
+
+def test_quiet_silences_stdout_and_loggers_then_restores_them(capsys):
+    import logging
+
+    root = logging.getLogger()
+    before = root.level
+    with runtimes.quiet():
+        print("ORT tooling chatter")
+        assert root.level == logging.ERROR
+    with runtimes.muted("onnxruntime.quantization.shape_inference"):
+        assert logging.getLogger("onnxruntime.quantization.shape_inference").level > logging.CRITICAL
+    assert root.level == before
+    assert logging.getLogger("onnxruntime.quantization.shape_inference").level == logging.NOTSET
+    assert capsys.readouterr().out == ""
