@@ -21,7 +21,7 @@ import onnx
 from onnx import TensorProto
 
 from calibration.errors import RqInputError
-from quantize.exits import is_environment_error, ort_reason
+from quantize.exits import is_environment_error, one_line, ort_reason
 from quantize.files import inside
 from quantize.graph.rewrite import rewrite_standalone_batchnorms
 from quantize.measure.runtimes import muted, ort_session, quiet
@@ -115,8 +115,7 @@ def load_model(path: Path | str, *, load_weights: bool = True) -> onnx.ModelProt
     try:
         return onnx.load(str(path), load_external_data=load_weights)
     except Exception as exc:  # protobuf DecodeError, missing external data file, ...
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path} is not a readable ONNX model ({reason})") from None
+        raise ModelError(f"{path} is not a readable ONNX model ({one_line(exc)})") from None
 
 
 _NUMPY_TYPES = {"float32": "float32", "float16": "float16", "float64": "float64"}
@@ -228,9 +227,8 @@ def upgrade_model(model: onnx.ModelProto, steps: list[str]) -> onnx.ModelProto:
             # them after conversion, not before.
             model = onnx.version_converter.convert_version(model, TARGET_OPSET)
         except Exception as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(
-                f"cannot upgrade the model from opset {opset} to {TARGET_OPSET}: {reason}"
+                f"cannot upgrade the model from opset {opset} to {TARGET_OPSET}: {one_line(exc)}"
             ) from None
         steps.append(f"upgraded opset {opset} → {TARGET_OPSET} (onnx.version_converter)")
     stripped = _strip_legacy_batchnorm_attributes(model)
@@ -264,9 +262,7 @@ def prepare_model(source: Path | str, workdir: Path, *, pre_process: bool = True
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        raise ModelError(
-            f"{source.name} fails onnx.checker after upgrade: {str(exc).splitlines()[0]}"
-        ) from None
+        raise ModelError(f"{source.name} fails onnx.checker after upgrade: {one_line(exc)}") from None
     upgraded = workdir / "upgraded.onnx"
     _save(model, upgraded)
     del model
