@@ -7,9 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from quantize.cli import EXIT_BAD_INPUT, app
+from quantize.cli import EXIT_BAD_INPUT
 from quantize.measure.cpu import advise_int8, detect_cpu
 from tests.helpers.calib_images import (
     WNIDS,
@@ -18,24 +17,10 @@ from tests.helpers.calib_images import (
     write_truncated_jpeg,
     write_zero_byte,
 )
-from tests.helpers.cli import ENV, all_output, assert_one_line_error
+from tests.helpers.cli import all_output, assert_one_line_error
 from tests.helpers.tiny_models import non4d_input, tiny_cnn, two_inputs
 
 SMALL = ["--resize", "36", "--crop", "32", "--samples", "8", "--batch-size", "4", "--workers", "2"]
-
-
-@pytest.fixture()
-def cli(tmp_path, monkeypatch):
-    """Run `rq` in an empty working folder (reports and default outputs land there, not in the repo)."""
-    work = tmp_path / "cwd"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    runner = CliRunner()
-
-    def invoke(*args: str, columns: int = 200):
-        return runner.invoke(app, [str(a) for a in args], env={**ENV, "COLUMNS": str(columns)})
-
-    return invoke
 
 
 def find_key(obj, key):

@@ -12,13 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from quantize.cli import EXIT_BAD_INPUT, EXIT_GATE_FAILED, app
+from quantize.cli import EXIT_BAD_INPUT, EXIT_GATE_FAILED
 from quantize.measure.stats import paired_drop
 from quantize.measure.validate import Gate, count_overlap, validate, validation_samples
 from tests.helpers.calib_images import make_class_folders, write_rgb
-from tests.helpers.cli import ENV, all_output, assert_one_line_error
+from tests.helpers.cli import all_output, assert_one_line_error
 from tests.helpers.onehot import onehot_model, onehot_row, wnid
 from tests.helpers.sensitive import (
     BREAKING,
@@ -175,19 +174,6 @@ def test_count_overlap_same_files_links_and_copies(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # rq quantize --val --max-drop (a model whose INT8 version flips predictions)
 # ---------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture()
-def cli(tmp_path, monkeypatch):
-    work = tmp_path / "cwd"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    runner = CliRunner()
-
-    def invoke(*args):
-        return runner.invoke(app, [str(a) for a in args], env=ENV)
-
-    return invoke
 
 
 @pytest.fixture(scope="module")

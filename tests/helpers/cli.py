@@ -12,9 +12,9 @@ ENV = {"COLUMNS": "200", "RQ_CPU_FLAGS": "avx2", "RQ_DEBUG": None, "NO_COLOR": "
 SMALL = ["--resize", "36", "--crop", "32"]
 
 
-def invoke(*args):
-    """`rq ARGS` in the current folder, under ENV."""
-    return CliRunner().invoke(app, [str(a) for a in args], env=ENV)
+def invoke(*args, columns: int = 200):
+    """`rq ARGS` in the current folder, under ENV, on a terminal `columns` wide."""
+    return CliRunner().invoke(app, [str(a) for a in args], env={**ENV, "COLUMNS": str(columns)})
 
 
 def all_output(result) -> str:
