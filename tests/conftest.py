@@ -1,6 +1,8 @@
-"""Shared fixtures of the quantization tests: tiny models, small calibration folders, synthetic CPUs.
+"""Shared fixtures of the quantization tests: tiny models, small calibration folders, synthetic CPUs, the CLI
+in an empty working folder, the tuning tests' sensitive model and its FP32-labelled images.
 
-Session-scoped files are built once and must not be modified by tests (copy them first).
+The builders they use live in tests/helpers/ (test modules import those, never each other or this file).
+Session- and module-scoped files are built once and must not be modified by tests (copy them first).
 """
 
 from __future__ import annotations

@@ -389,7 +389,7 @@ def test_ort_session_sets_only_the_options_asked_for(tmp_path):
     import onnxruntime as ort
 
     measured = runtimes.ort_session(
-        model, threads=1, inter_op_threads=1, optimize_all=True, sequential=True, allow_spinning=False
+        model, threads=1, inter_op_threads=1, graph_optimization="all", sequential=True, allow_spinning=False
     ).get_session_options()
     assert measured.intra_op_num_threads == 1 and measured.inter_op_num_threads == 1
     assert measured.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -401,6 +401,8 @@ def test_ort_session_sets_only_the_options_asked_for(tmp_path):
     assert plain.log_severity_level == default.log_severity_level
     assert plain.intra_op_num_threads == default.intra_op_num_threads
     assert plain.graph_optimization_level == default.graph_optimization_level
+    off = runtimes.ort_session(model, graph_optimization="off").get_session_options()
+    assert off.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
 
 
 def test_quiet_silences_stdout_and_loggers_then_restores_them(capsys):

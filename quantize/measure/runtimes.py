@@ -52,7 +52,7 @@ def ort_session(
     *,
     threads: int | None = None,
     inter_op_threads: int | None = None,
-    optimize_all: bool = False,
+    graph_optimization: str | None = None,
     sequential: bool = False,
     allow_spinning: bool | None = None,
     log_severity: int | None = ORT_LOG_SEVERITY,
@@ -62,7 +62,7 @@ def ort_session(
     """An ``onnxruntime.InferenceSession`` on a model file or serialized bytes, with rq's options.
 
     Only what is asked is set (ORT's defaults otherwise): ``threads`` intra-op threads (falsy: ORT's choice),
-    ``inter_op_threads``, all graph optimizations (``optimize_all``), sequential execution, the intra-op
+    ``inter_op_threads``, ``graph_optimization`` ("all", "basic" or "off"), sequential execution, the intra-op
     pool's spinning (off by default for measurements: a session that just ran would keep busy-waiting while
     the next one runs), and ``log_severity`` (default: ORT's own coloured log lines muted, so that nothing
     precedes rq's one-line message; None keeps ORT's default). ORT's exceptions propagate: each caller
@@ -71,8 +71,13 @@ def ort_session(
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    if optimize_all:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if graph_optimization is not None:
+        levels = {
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "off": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        }
+        options.graph_optimization_level = levels[graph_optimization]
     if sequential:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     if threads:
@@ -207,7 +212,7 @@ class OrtRuntime:
                 path,
                 threads=threads,
                 inter_op_threads=1,
-                optimize_all=True,
+                graph_optimization="all",
                 sequential=True,
                 allow_spinning=allow_spinning,
                 providers=self.providers,
