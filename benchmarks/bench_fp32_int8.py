@@ -34,6 +34,26 @@ def _batch_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--batch takes comma-separated integers, got {text!r}") from None
 
 
+class _StatusLine:
+    """bench_models' progress (calibration.progress.Progress) as the spinner's one status line."""
+
+    def __init__(self, status):
+        self.status, self.batch, self.round, self.runs = status, "", 0, 0
+
+    def stage(self, name: str) -> None:
+        self.batch, self.round = name.removeprefix("bench "), 0
+
+    def total(self, n: int) -> None:
+        self.runs = n
+
+    def advance(self, n: int = 1) -> None:
+        self.round += n
+        self.status.update(f"{self.batch}: round {self.round}/{self.runs}")
+
+    def note(self, text: str) -> None:
+        self.status.update(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("fp32", type=Path, help="FP32 ONNX model (the reference, row #1)")
@@ -57,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs=args.runs,
                 warmup=args.warmup,
                 seed=args.seed,
-                progress=lambda msg: status.update(msg),
+                progress=_StatusLine(status),
             )
     except RqInputError as e:
         err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)

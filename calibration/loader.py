@@ -9,6 +9,7 @@ calibration set of any size never sits in memory at once.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import weakref
@@ -25,6 +26,9 @@ from calibration import preprocess
 from calibration.datasets import Sample
 from calibration.errors import DatasetError, RqInputError
 from calibration.preprocess import ImageDecodeError, PreprocessSpec
+from calibration.progress import Progress, as_progress
+
+logger = logging.getLogger(__name__)
 
 #: Prefix of the decode threads' names (lets tests and debuggers find them).
 THREAD_NAME_PREFIX = "rq-decode"
@@ -57,6 +61,16 @@ def _check_int(name: str, value: object, minimum: int) -> int:
     return value
 
 
+def pad_batch(images: np.ndarray, batch: int) -> np.ndarray:
+    """`images` (at most `batch`) filled up to `batch` by repeating the last one, for a model whose batch
+    dimension is fixed; the caller drops the padding's outputs."""
+    if len(images) == batch:
+        return images
+    if not 0 < len(images) < batch:
+        raise ValueError(f"cannot pad {len(images)} images to a batch of {batch}")
+    return np.concatenate([images, np.repeat(images[-1:], batch - len(images), axis=0)])
+
+
 class BatchStream:
     """Iterate over ``samples`` as :class:`Batch` objects of up to ``batch_size`` images.
 
@@ -67,8 +81,9 @@ class BatchStream:
     * Unreadable images are skipped, not fatal: ``skipped`` lists ``(path, reason)``; ``used``
       counts images yielded. A batch can be short (skips, last batch) but is never empty.
       If nothing at all could be decoded, the iteration ends with a :class:`DatasetError`.
-    * ``on_image(k)`` is called after each chunk of samples with the number of samples it
-      consumed (skipped ones included), for progress bars.
+    * ``progress`` (calibration.progress.Progress): ``total(len(samples))`` when a pass starts, then
+      ``advance(k)`` after each chunk of samples with the number of samples it consumed (skipped ones
+      included). ``on_image(k)``, the older form of ``advance``, is still accepted.
     * Iterating again starts a fresh pass (``skipped``/``used`` are reset). Stopping early —
       ``break``, an exception or Ctrl-C in the consumer, :meth:`close`, or leaving a ``with``
       block — cancels the pending decodes and lets the threads exit.
@@ -82,6 +97,8 @@ class BatchStream:
         workers: int | None = None,
         prefetch_batches: int = 2,
         on_image: Callable[[int], None] | None = None,
+        *,
+        progress: Progress | None = None,
     ) -> None:
         self.batch_size = _check_int("batch size", batch_size, 1)
         self.workers = _default_workers() if workers is None else _check_int("workers", workers, 1)
@@ -90,7 +107,7 @@ class BatchStream:
             raise RqInputError(f"spec must be a PreprocessSpec, got {type(spec).__name__}")
         self.samples: list[Sample] = list(samples)
         self.spec = spec
-        self.on_image = on_image
+        self.progress = as_progress(progress, on_image)
         self.skipped: list[tuple[Path, str]] = []
         self.used: int = 0
         # A *weak* reference to the running pass: a strong one would keep an abandoned generator
@@ -125,6 +142,7 @@ class BatchStream:
         total = len(self.samples)
         if total == 0:
             raise DatasetError("no images to read (the sample list is empty)")
+        self.progress.total(total)
         chunks = [self.samples[i : i + self.batch_size] for i in range(0, total, self.batch_size)]
         pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=THREAD_NAME_PREFIX)
         # One deque entry per chunk: the futures of its images, in sample order.
@@ -150,9 +168,9 @@ class BatchStream:
                         images.append(fut.result())
                         kept.append(sample)
                     except ImageDecodeError as e:
+                        logger.debug("skipped %s: %s", sample.path, e.reason)
                         self.skipped.append((sample.path, e.reason))
-                if self.on_image is not None:
-                    self.on_image(len(chunk))
+                self.progress.advance(len(chunk))
                 if images:
                     self.used += len(images)
                     batch = Batch(

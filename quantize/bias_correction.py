@@ -18,13 +18,17 @@ does: corrections then do not compound, and one FP32 pass serves every layer.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+from quantize.measure.runtimes import ort_session
+
+logger = logging.getLogger(__name__)
 
 CORRECTED_TYPES = ("Conv", "Gemm")
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -147,7 +151,7 @@ def _mean_inputs(
     del model.graph.output[:]
     for name in names:
         model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort_session(model.SerializeToString(), log_severity=None)
     sums: dict[str, np.ndarray] = {}
     q_sums: dict[int, np.ndarray] = {}
     images = 0
@@ -188,7 +192,7 @@ def _layer_output_mean(node: onnx.NodeProto, x: np.ndarray, weight: np.ndarray) 
     )
     conv = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     conv.ir_version = 7
-    session = ort.InferenceSession(conv.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort_session(conv.SerializeToString(), log_severity=None)
     # ORT's CPU Conv is float32 only; the means are accumulated in float64 before and after.
     y = session.run(None, {"x": x[None].astype(np.float32), "w": weight.astype(np.float32)})[0]
     return y[0].reshape(y.shape[1], -1).astype(np.float64).mean(axis=1)
@@ -289,4 +293,11 @@ def correct_biases(
             continue
         report.max_shift = max(report.max_shift, float(np.abs(shift).max()))
         _apply(int8, layer, shift, report)
+    logger.debug(
+        "bias correction: %d layer(s) corrected on %d images (max shift %.4g), %d skipped",
+        len(report.corrected),
+        report.images,
+        report.max_shift,
+        len(report.skipped),
+    )
     return report

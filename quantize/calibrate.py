@@ -11,8 +11,9 @@ rq drives ONNX Runtime's calibrators itself rather than through `quantize_static
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +22,11 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, c
 from onnxruntime.quantization.calibrate import TensorData, TensorsData
 
 from calibration.errors import RqInputError
-from quantize.graph.prepare import _quiet
+from calibration.progress import Progress, as_progress
+from quantize.measure.runtimes import quiet
 from quantize.recipe import QuantRecipe
+
+logger = logging.getLogger(__name__)
 
 ORT_METHODS = {
     "minmax": CalibrationMethod.MinMax,
@@ -145,17 +149,19 @@ def calibrate(
     recipe: QuantRecipe,
     workdir: Path,
     *,
-    on_batch: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> CalibrationRanges:
-    """Stream `batches` (float32 arrays shaped like the model input) through ORT's calibrator for `recipe`.
+    """Stream `batches` (float32 arrays shaped like the model input) through ORT's calibrator for `recipe`;
+    ``progress.advance(len(batch))`` after each batch is merged.
 
     Tensors of the recipe's op types (or, with placement from the graph, of every op type placement may
     quantize) are calibrated (their inputs and outputs), as `quantize_static` would.
     """
     from quantize.graph.placement import calibration_op_types
 
+    progress = as_progress(progress)
     started = time.perf_counter()
-    with _quiet():
+    with quiet():
         calibrator = create_calibrator(
             Path(model_path),
             list(calibration_op_types(recipe)),
@@ -168,19 +174,18 @@ def calibrate(
         for images in batches:
             if recipe.calibration == "mean-minmax":
                 calibrator.averaging_constant = 1.0 / (n_batches + 1)
-            with _quiet():
+            with quiet():
                 calibrator.collect_data(_SingleBatchReader({input_name: images}))
             n_batches += 1
             n_images += len(images)
-            if on_batch is not None:
-                on_batch(len(images))
+            progress.advance(len(images))
         if n_batches == 0:
             raise RqInputError("calibration received no images")
         collector = getattr(calibrator, "collector", None)
         if recipe.calibration == "mse":
             tensors = mse_ranges(collector.histogram_dict)
         else:
-            with _quiet():
+            with quiet():
                 tensors = calibrator.compute_data()
         if collector is not None and recipe.calibration != "mse":
             # histogram_dict values are (hist, edges, observed min, observed max)
@@ -188,10 +193,15 @@ def calibrate(
             tensors = _clamp_to_observed(tensors, observed)
     finally:
         del calibrator
+    seconds = time.perf_counter() - started
+    logger.debug(
+        "calibrated %d tensors (%s) on %d images in %d batches, %.1f s",
+        len(tensors.data),
+        recipe.calibration,
+        n_images,
+        n_batches,
+        seconds,
+    )
     return CalibrationRanges(
-        method=recipe.calibration,
-        tensors=tensors,
-        batches=n_batches,
-        images=n_images,
-        seconds=time.perf_counter() - started,
+        method=recipe.calibration, tensors=tensors, batches=n_batches, images=n_images, seconds=seconds
     )

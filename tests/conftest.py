@@ -1,6 +1,8 @@
-"""Shared fixtures of the quantization tests: tiny models, small calibration folders, synthetic CPUs.
+"""Shared fixtures of the quantization tests: tiny models, small calibration folders, synthetic CPUs, the CLI
+in an empty working folder, the tuning tests' sensitive model and its FP32-labelled images.
 
-Session-scoped files are built once and must not be modified by tests (copy them first).
+The builders they use live in tests/helpers/ (test modules import those, never each other or this file).
+Session- and module-scoped files are built once and must not be modified by tests (copy them first).
 """
 
 from __future__ import annotations
@@ -8,20 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from calib_images import make_class_folders
-from tiny_models import tiny_cnn, v2_shaped_opset7
 
-from quantize.measure.cpu import CpuInfo, detect_cpu
-
-#: Real ImageNet class ids (indices 0 and 1 of the synset list).
-WNIDS = ("n01440764", "n01443537")
-
-_CPUINFO = "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: rq test CPU\nflags\t\t: sse4_2 avx2\n\n"
-
-
-def x86_cpu(*flags: str) -> CpuInfo:
-    """An x86-64 CPU with exactly `flags`, whatever machine runs the tests."""
-    return detect_cpu(cpuinfo_text=_CPUINFO, flags_override=list(flags))
+from quantize.measure.cpu import CpuInfo
+from tests.helpers.calib_images import WNIDS, make_class_folders
+from tests.helpers.cli import SMALL, all_output, invoke
+from tests.helpers.cpu import x86_cpu
+from tests.helpers.onehot import wnid
+from tests.helpers.sensitive import center_fc_bias, colored_images, labelled_by_fp32, sensitive_model
+from tests.helpers.tiny_models import tiny_cnn, v2_shaped_opset7
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +46,51 @@ def avx2_cpu() -> CpuInfo:
 @pytest.fixture()
 def vnni_cpu() -> CpuInfo:
     return x86_cpu("avx2", "avx512f", "avx512_vnni")
+
+
+@pytest.fixture()
+def cli(tmp_path, monkeypatch):
+    """`rq ARGS` run in an empty working folder (reports and default outputs land there, not in the repo)."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return invoke
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny FP32 model and its INT8 version made by `rq quantize`."""
+    base = tmp_path_factory.mktemp("rt-models")
+    fp32 = tiny_cnn(base / "tiny.onnx")
+    calib = base / "calib"
+    make_class_folders(calib, {wnid(0): 4, wnid(1): 4}, size=(48, 40))
+    int8 = base / "tiny-int8.onnx"
+    result = invoke(
+        "quantize", fp32, "--calib", calib, "--samples", "8", "--workers", "2", "--out", int8,
+        "--report-dir", base / "reports", *SMALL,
+    )  # fmt: skip
+    assert result.exit_code == 0, all_output(result)
+    return fp32, int8
+
+
+@pytest.fixture(scope="module")
+def sensitive(tmp_path_factory) -> Path:
+    """tests.helpers.sensitive's model, one sensitive node."""
+    return sensitive_model(tmp_path_factory.mktemp("tune-models") / "sensitive.onnx")
+
+
+@pytest.fixture(scope="module")
+def sensitive_val(tmp_path_factory, sensitive) -> Path:
+    """About 18 images labelled with the FP32 model's own (confident) predictions, of at least 2 classes."""
+    base = tmp_path_factory.mktemp("tune-val")
+    center_fc_bias(sensitive, colored_images(base / "staging", 36))
+    counts = labelled_by_fp32(sensitive, base / "val", base / "staging")
+    assert len(counts) >= 2 and sum(counts.values()) >= 12, counts
+    return base / "val"
+
+
+@pytest.fixture(scope="module")
+def tune_calib(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tune-calib")
+    colored_images(root, 16, start=500)
+    return root

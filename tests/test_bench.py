@@ -10,6 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from calibration.errors import RqInputError
+from calibration.progress import ProgressCallbacks
 from quantize.measure.bench import BenchResult, bench_models
 from quantize.measure.cpu import detect_cpu
 
@@ -48,7 +49,14 @@ def two_models(tmp_path):
 
 def test_bench_structure_and_interleaving(two_models):
     messages: list[str] = []
-    res = bench_models(two_models, batch_sizes=(1, 2), threads=1, runs=3, warmup=1, progress=messages.append)
+    res = bench_models(
+        two_models,
+        batch_sizes=(1, 2),
+        threads=1,
+        runs=3,
+        warmup=1,
+        progress=ProgressCallbacks(on_note=messages.append),
+    )
     assert isinstance(res, BenchResult)
     assert res.threads == 1 and res.runs == 3 and res.warmup == 1
     assert res.provider == "CPUExecutionProvider"
@@ -56,7 +64,9 @@ def test_bench_structure_and_interleaving(two_models):
     assert res.batch_sizes == [1, 2]
     assert res.input_shape == ["N", 3, 8, 8]
     assert "describe" in res.cpu and "isa" in res.cpu
-    assert messages  # progress was reported
+    assert messages == ["loading a.onnx in onnxruntime", "loading b.onnx in onnxruntime"] + [
+        f"batch {b}: warmup (1 per model)" for b in (1, 2)
+    ]
 
     assert len(res.rows) == 2 * 2
     assert {(r.model_index, r.batch) for r in res.rows} == {(0, 1), (1, 1), (0, 2), (1, 2)}

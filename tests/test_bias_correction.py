@@ -105,11 +105,10 @@ def test_model_without_quantized_layers_is_left_alone():
 
 def test_conv_with_padding_mean_matches_fp32(tmp_path):
     """A padded 3×3 Conv quantized by ORT: after correction, per-channel output means agree with FP32."""
-    from tiny_models import random_inputs
-
     from quantize.backends.ort import quantize_with_ort
     from quantize.calibrate import calibrate
     from quantize.recipe import QuantRecipe
+    from tests.helpers.tiny_models import random_inputs
 
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32)
@@ -153,10 +152,9 @@ def test_conv_with_padding_mean_matches_fp32(tmp_path):
 def test_pipeline_corrects_and_records_it(tiny_model, calib_dir, tmp_path, avx2_cpu, fmt):
     import json
 
-    from tiny_models import SMALL_SPEC
-
     from quantize.pipeline import quantize_model, read_model_metadata
     from quantize.recipe import METADATA_KEY, QuantRecipe
+    from tests.helpers.tiny_models import SMALL_SPEC
 
     out = tmp_path / "int8.onnx"
     recipe = QuantRecipe(bias_correction=True, samples=8, format=fmt)

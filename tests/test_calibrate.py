@@ -9,12 +9,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
-from tiny_models import random_inputs
 
 from calibration.errors import RqInputError
+from calibration.progress import ProgressCallbacks
 from quantize.calibrate import CalibrationRanges, calibrate, calibrator_options
 from quantize.graph.prepare import prepare_model
 from quantize.recipe import QuantRecipe
+from tests.helpers.tiny_models import random_inputs
 
 N_IMAGES = 48
 BATCH = 8
@@ -127,7 +128,9 @@ def test_percentile_within_observed(prepared, images, minmax, tmp_path):
 def test_streaming_gives_the_same_minmax_ranges(prepared, images, minmax, tmp_path):
     recipe = QuantRecipe(calibration="minmax")
     seen: list[int] = []
-    one_at_a_time = run_calibration(prepared, images, recipe, tmp_path / "a", on_batch=seen.append)
+    one_at_a_time = run_calibration(
+        prepared, images, recipe, tmp_path / "a", progress=ProgressCallbacks(on_advance=seen.append)
+    )
     assert seen == [BATCH] * 6 and one_at_a_time.batches == 6
     one_big = run_calibration(prepared, images, recipe, tmp_path / "b", size=N_IMAGES)
     assert one_big.batches == 1 and one_big.images == N_IMAGES
@@ -150,7 +153,14 @@ def test_streaming_consumes_batches_lazily(prepared, images, tmp_path):
         done.append(n)
         assert len(pulled) == len(done)  # batch k was processed before batch k+1 was asked for
 
-    calibrate(prepared.path, "input", gen(), QuantRecipe(calibration="minmax"), tmp_path, on_batch=on_batch)
+    calibrate(
+        prepared.path,
+        "input",
+        gen(),
+        QuantRecipe(calibration="minmax"),
+        tmp_path,
+        progress=ProgressCallbacks(on_advance=on_batch),
+    )
     assert len(done) == 6
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from calib_images import IMAGENET, make_class_folders, write_rgb
 
 from calibration import (
     LAYOUT_FLAT_LABELS,
@@ -19,6 +18,7 @@ from calibration import (
     select_samples,
     wnid_to_index,
 )
+from tests.helpers.calib_images import IMAGENET, make_class_folders, write_rgb
 
 
 def assert_one_line_error(func, *args, match: str | None = None, **kwargs) -> str:

@@ -10,7 +10,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from calib_images import write_rgb, write_text_as_image, write_truncated_jpeg, write_zero_byte
 from onnx import TensorProto, helper
 from onnxruntime.quantization import CalibrationDataReader
 
@@ -23,7 +22,8 @@ from calibration import (
     RqInputError,
     Sample,
 )
-from calibration.loader import THREAD_NAME_PREFIX
+from calibration.loader import THREAD_NAME_PREFIX, pad_batch
+from tests.helpers.calib_images import write_rgb, write_text_as_image, write_truncated_jpeg, write_zero_byte
 
 SMALL = PreprocessSpec(resize=16, crop=16)
 
@@ -265,3 +265,12 @@ def test_reader_argument_validation(tmp_path):
         ImageCalibrationReader(stream, "")
     with pytest.raises(RqInputError):
         ImageCalibrationReader([], "input")  # type: ignore[arg-type]
+
+
+def test_pad_batch_repeats_the_last_image_up_to_a_fixed_batch():
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    padded = pad_batch(x, 4)
+    np.testing.assert_array_equal(padded, x[[0, 1, 1, 1]])
+    assert pad_batch(x, 2) is x
+    with pytest.raises(ValueError, match="cannot pad 2 images to a batch of 1"):
+        pad_batch(x, 1)

@@ -8,14 +8,6 @@ import re
 
 import numpy as np
 import pytest
-from calib_images import (
-    write_mode,
-    write_rgb,
-    write_solid,
-    write_text_as_image,
-    write_truncated_jpeg,
-    write_zero_byte,
-)
 from PIL import Image
 
 from calibration import (
@@ -30,6 +22,14 @@ from calibration import (
     wnid_to_index,
 )
 from calibration.preprocess import INTERPOLATIONS
+from tests.helpers.calib_images import (
+    write_mode,
+    write_rgb,
+    write_solid,
+    write_text_as_image,
+    write_truncated_jpeg,
+    write_zero_byte,
+)
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
 IMAGENET_STD = np.array([0.229, 0.224, 0.225])

@@ -14,32 +14,17 @@ from types import SimpleNamespace
 import numpy as np
 import onnxruntime
 import pytest
-from calib_images import make_class_folders, write_rgb
-from test_cli_quantize import ENV, all_output, assert_one_line_error
-from test_evaluate import onehot_model, onehot_row, wnid
-from test_tune import sensitive_model
-from tiny_models import tiny_cnn
-from typer.testing import CliRunner
 
-from quantize.cli import EXIT_BAD_INPUT, app
+from quantize.cli import EXIT_BAD_INPUT
 from quantize.fetch import sha256_file
 from quantize.report import validate_report
+from tests.helpers.calib_images import make_class_folders, write_rgb
+from tests.helpers.cli import SMALL, all_output, assert_one_line_error, invoke
+from tests.helpers.onehot import J, K, onehot_model, onehot_row, wnid
+from tests.helpers.sensitive import sensitive_model
+from tests.helpers.tiny_models import tiny_cnn
 
-SMALL = ["--resize", "36", "--crop", "32"]
-K, J = 3, 7
 N_K, N_J = 6, 2
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], env=ENV)
-
-
-@pytest.fixture()
-def cli(tmp_path, monkeypatch):
-    work = tmp_path / "cwd"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    return invoke
 
 
 @pytest.fixture(scope="module")

@@ -7,52 +7,20 @@ import shutil
 from pathlib import Path
 
 import pytest
-from calib_images import make_class_folders, write_rgb, write_truncated_jpeg, write_zero_byte
-from conftest import WNIDS
-from tiny_models import non4d_input, tiny_cnn, two_inputs
-from typer.testing import CliRunner
 
-from quantize.cli import EXIT_BAD_INPUT, app
+from quantize.cli import EXIT_BAD_INPUT
 from quantize.measure.cpu import advise_int8, detect_cpu
+from tests.helpers.calib_images import (
+    WNIDS,
+    make_class_folders,
+    write_rgb,
+    write_truncated_jpeg,
+    write_zero_byte,
+)
+from tests.helpers.cli import all_output, assert_one_line_error
+from tests.helpers.tiny_models import non4d_input, tiny_cnn, two_inputs
 
 SMALL = ["--resize", "36", "--crop", "32", "--samples", "8", "--batch-size", "4", "--workers", "2"]
-ENV = {"COLUMNS": "200", "RQ_CPU_FLAGS": "avx2", "RQ_DEBUG": None, "NO_COLOR": "1"}
-
-
-@pytest.fixture()
-def cli(tmp_path, monkeypatch):
-    """Run `rq` in an empty working folder (reports and default outputs land there, not in the repo)."""
-    work = tmp_path / "cwd"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    runner = CliRunner()
-
-    def invoke(*args: str, columns: int = 200):
-        return runner.invoke(app, [str(a) for a in args], env={**ENV, "COLUMNS": str(columns)})
-
-    return invoke
-
-
-def all_output(result) -> str:
-    """stdout and stderr together, whichever way this typer/click version captures them."""
-    text = result.output or ""
-    try:
-        stderr = result.stderr or ""
-    except ValueError:  # older click: stderr not captured separately
-        stderr = ""
-    return text if stderr in text else text + stderr
-
-
-def assert_one_line_error(result, fragment: str) -> str:
-    text = all_output(result)
-    assert result.exit_code == EXIT_BAD_INPUT, text
-    assert "Traceback" not in text
-    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), text
-    lines = [line for line in text.splitlines() if "rq: error:" in line]
-    assert len(lines) == 1, text
-    # the whole message, fragment included, is on that one line (not wrapped onto the next)
-    assert fragment in lines[0], text
-    return lines[0]
 
 
 def find_key(obj, key):

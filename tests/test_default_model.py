@@ -17,12 +17,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from test_cli_quantize import ENV, all_output, assert_one_line_error
 from typer.testing import CliRunner
 
 import quantize.manifest as manifest_module
 from quantize.cli import app
 from quantize.fetch import DEFAULT_MANIFEST_PATH, default_model_name, load_manifest
+from tests.helpers.cli import ENV, all_output, assert_one_line_error
 
 SMALL = ["--resize", "36", "--crop", "32", "--samples", "8", "--workers", "1"]
 

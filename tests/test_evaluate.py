@@ -2,8 +2,8 @@
 
 The "one-hot" models ignore their input: ``input → ReduceMean → Flatten → Mul 0 → Add <constant row>``, so
 every image gets the same logits and the top-1 / top-5 sets are fixed by construction. With images of two
-classes in wnid folders, top-1 is exactly the share of images of the predicted class. The builders here are
-reused by the other test files of the validate/sweep/tune/inspect features.
+classes in wnid folders, top-1 is exactly the share of images of the predicted class. The builders are in
+tests/helpers/onehot.py, shared with the other test files of the validate/sweep/tune/inspect features.
 """
 
 from __future__ import annotations
@@ -11,62 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from calib_images import make_class_folders, write_rgb, write_truncated_jpeg
-from onnx import TensorProto, helper, numpy_helper
-from tiny_models import SMALL_SPEC, bad_output_rank, tiny_cnn
 
-from calibration import discover_dataset, load_synsets
+from calibration import discover_dataset
 from calibration.errors import RqInputError
 from quantize.measure.evaluate import evaluate, require_labels
 from quantize.measure.validate import validation_samples
-
-HW = 32
-
-
-def wnid(index: int) -> str:
-    """The wnid of canonical class `index` (0 = tench)."""
-    return load_synsets()[index].wnid
-
-
-def onehot_row(classes: int, ranked: list[int], top: float = 50.0) -> np.ndarray:
-    """Logits that rank `ranked` first (in that order, well apart) and every other class far below."""
-    row = np.zeros(classes, np.float32)
-    for i, k in enumerate(ranked):
-        row[k] = top - 5.0 * i
-    return row
-
-
-def onehot_model(path: Path | str, row: np.ndarray, *, hw: int = HW) -> Path:
-    """``[N,3,hw,hw]`` → the constant logits `row` for every image (shape ``[N, len(row)]``)."""
-    classes = len(row)
-    inits = [
-        numpy_helper.from_array(np.zeros((1, 1), np.float32), "zero"),
-        numpy_helper.from_array(np.asarray(row, np.float32).reshape(1, classes), "row"),
-    ]
-    nodes = [
-        helper.make_node("ReduceMean", ["input"], ["mean"], name="mean", axes=[1, 2, 3], keepdims=1),
-        helper.make_node("Flatten", ["mean"], ["flat"], name="flatten", axis=1),
-        helper.make_node("Mul", ["flat", "zero"], ["zeroed"], name="times_zero"),
-        helper.make_node("Add", ["zeroed", "row"], ["logits"], name="plus_row"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "onehot",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, hw, hw])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
-    onnx.checker.check_model(model)
-    path = Path(path)
-    onnx.save(model, str(path))
-    return path
-
+from tests.helpers.calib_images import make_class_folders, write_rgb, write_truncated_jpeg
+from tests.helpers.onehot import J, K, onehot_model, onehot_row, wnid
+from tests.helpers.tiny_models import SMALL_SPEC, bad_output_rank, tiny_cnn
 
 # Classes of the two-class validation folder: K (6 images) and J (2 images).
-K, J = 3, 7
 N_K, N_J = 6, 2
 
 

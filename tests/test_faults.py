@@ -20,9 +20,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from calib_images import make_class_folders
-from conftest import WNIDS
-from tiny_models import conv_channel_mismatch, gemm_feature_mismatch, tiny_cnn, tiny_imagenet_cnn
 from typer.testing import CliRunner
 
 import quantize.files
@@ -42,6 +39,13 @@ from quantize.exits import (
     uninterruptible,
 )
 from quantize.sweep import runtime_tag
+from tests.helpers.calib_images import WNIDS, make_class_folders
+from tests.helpers.tiny_models import (
+    conv_channel_mismatch,
+    gemm_feature_mismatch,
+    tiny_cnn,
+    tiny_imagenet_cnn,
+)
 
 DRIVER = Path(__file__).with_name("fault_driver.py")
 SMALL = ["--resize", "36", "--crop", "32", "--samples", "8", "--batch-size", "4", "--workers", "2"]

@@ -16,10 +16,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from test_cli_quantize import ENV, all_output, assert_one_line_error
-from test_tune import center_fc_bias, colored_images, labelled_by_fp32, sensitive_model
-from test_validate_gate import BREAKING
-from tiny_models import SMALL_SPEC
 from typer.testing import CliRunner
 
 from calibration import discover_dataset, load_image, load_synsets, select_samples
@@ -28,6 +24,15 @@ from quantize.cli import EXIT_BAD_INPUT, EXIT_GATE_FAILED, app
 from quantize.measure.fidelity import compare_logits, held_back_samples, softmax_kl
 from quantize.measure.stats import agreement, images_to_confirm, paired_drop
 from quantize.measure.validate import Gate
+from tests.helpers.cli import ENV, all_output, assert_one_line_error
+from tests.helpers.sensitive import (
+    BREAKING,
+    center_fc_bias,
+    colored_images,
+    labelled_by_fp32,
+    sensitive_model,
+)
+from tests.helpers.tiny_models import SMALL_SPEC
 
 # ---------------------------------------------------------------------------------------------------------
 # Statistics with known answers
@@ -369,8 +374,8 @@ def test_holdout_images_zero_skips_fidelity_and_limit_is_honoured(mixed, tmp_pat
 
 
 def test_eval_of_two_models_reports_agreement_with_the_first(tmp_path):
-    from calib_images import make_class_folders
-    from test_evaluate import onehot_model, onehot_row, wnid
+    from tests.helpers.calib_images import make_class_folders
+    from tests.helpers.onehot import onehot_model, onehot_row, wnid
 
     val = tmp_path / "val"
     make_class_folders(val, {wnid(3): 6, wnid(7): 2}, size=(40, 36))

@@ -16,8 +16,6 @@ import pytest
 
 pytest.importorskip("neural_compressor")
 
-from tiny_models import random_inputs
-
 from calibration.errors import RqInputError
 from quantize.backends.inc import (
     INC_INSTALL_HINT,
@@ -31,6 +29,7 @@ from quantize.backends.inc import (
 from quantize.backends.ort import count_quantized
 from quantize.graph.prepare import prepare_model
 from quantize.recipe import QuantRecipe
+from tests.helpers.tiny_models import random_inputs
 
 pytestmark = pytest.mark.inc
 

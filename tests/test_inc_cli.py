@@ -12,14 +12,13 @@ import pytest
 
 pytest.importorskip("neural_compressor")
 
-from test_cli_quantize import ENV, all_output
-from test_tune import sensitive, sensitive_val, tune_calib  # noqa: F401  (fixtures)
-from tiny_models import random_inputs
 from typer.testing import CliRunner
 
 from quantize.cli import app
 from quantize.pipeline import read_model_metadata
 from quantize.recipe import METADATA_KEY, QuantRecipe
+from tests.helpers.cli import ENV, all_output
+from tests.helpers.tiny_models import random_inputs
 
 pytestmark = pytest.mark.inc
 
@@ -56,7 +55,7 @@ def test_cli_quantize_with_inc_writes_a_working_model_and_no_workspace(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["reports", "tiny-inc.onnx"]
 
 
-def test_cli_inc_tuning(sensitive, sensitive_val, tune_calib, tmp_path, monkeypatch):  # noqa: F811
+def test_cli_inc_tuning(sensitive, sensitive_val, tune_calib, tmp_path, monkeypatch):
     """INC tuning reports its trials and always returns a model."""
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "tuned-inc.onnx"

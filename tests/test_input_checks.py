@@ -6,9 +6,6 @@ import os
 
 import onnx
 import pytest
-from test_cli_quantize import ENV, all_output
-from test_evaluate import onehot_model, onehot_row
-from tiny_models import SMALL_SPEC, fixed_batch1
 from typer.testing import CliRunner
 
 from calibration import discover_dataset, select_samples
@@ -17,6 +14,9 @@ from quantize.cli import app
 from quantize.measure.evaluate import evaluate
 from quantize.pipeline import file_list_sha256, quantize_model
 from quantize.recipe import QuantRecipe
+from tests.helpers.cli import ENV, all_output
+from tests.helpers.onehot import onehot_model, onehot_row
+from tests.helpers.tiny_models import SMALL_SPEC, fixed_batch1
 
 SMALL = ["--resize", "36", "--crop", "32", "--samples", "8", "--workers", "2"]
 

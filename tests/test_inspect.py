@@ -9,10 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import x86_cpu
-from test_cli_quantize import ENV, all_output, assert_one_line_error
-from test_tune import PER_TENSOR, colored_images, sensitive_model
-from tiny_models import SMALL_SPEC
 from typer.testing import CliRunner
 
 from calibration import BatchStream, discover_dataset, select_samples
@@ -22,6 +18,10 @@ from quantize.graph.inspection import inspect_models, sqnr_db
 from quantize.graph.prepare import load_model, prepare_model
 from quantize.pipeline import quantize_model
 from quantize.recipe import QuantRecipe
+from tests.helpers.cli import ENV, all_output, assert_one_line_error
+from tests.helpers.cpu import x86_cpu
+from tests.helpers.sensitive import PER_TENSOR, colored_images, sensitive_model
+from tests.helpers.tiny_models import SMALL_SPEC
 
 SMALL = ["--resize", "36", "--crop", "32"]
 

@@ -8,11 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
-from calib_images import make_class_folders
-from test_evaluate import wnid
-from test_tune import sensitive_model
 
 from quantize.fetch import sha256_file
+from tests.helpers.calib_images import make_class_folders
+from tests.helpers.onehot import wnid
+from tests.helpers.sensitive import sensitive_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

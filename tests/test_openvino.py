@@ -8,21 +8,19 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from calib_images import make_class_folders
 from onnx import helper
-from test_cli_eval_bench_report import SMALL, K
-from test_cli_quantize import all_output, assert_one_line_error
-from test_evaluate import onehot_model, onehot_row, wnid
-from test_runtimes import cli, tiny_pair  # noqa: F401  (fixtures)
-from tiny_models import random_inputs
 
 from quantize.measure import runtimes
+from tests.helpers.calib_images import make_class_folders
+from tests.helpers.cli import SMALL, all_output, assert_one_line_error
+from tests.helpers.onehot import K, onehot_model, onehot_row, wnid
+from tests.helpers.tiny_models import random_inputs
 
 pytest.importorskip("openvino")
 pytestmark = pytest.mark.openvino
 
 
-def test_fp32_runs_in_f32_and_matches_onnxruntime(tiny_pair):  # noqa: F811
+def test_fp32_runs_in_f32_and_matches_onnxruntime(tiny_pair):
     fp32, int8 = tiny_pair
     x = random_inputs(3, seed=2)
     session = runtimes.get("openvino").open(fp32, threads=1)
@@ -38,7 +36,7 @@ def test_fp32_runs_in_f32_and_matches_onnxruntime(tiny_pair):  # noqa: F811
     assert (out.argmax(1) == reference.argmax(1)).mean() >= 2 / 3
 
 
-def test_bench_in_ort_and_openvino(cli, tiny_pair):  # noqa: F811
+def test_bench_in_ort_and_openvino(cli, tiny_pair):
     result = cli("bench", *tiny_pair, "--runtime", "ort,openvino", "--runs", "2", "--batch", "1,2", "--json")
     assert result.exit_code == 0, all_output(result)
     data = json.loads(result.stdout)
@@ -49,7 +47,7 @@ def test_bench_in_ort_and_openvino(cli, tiny_pair):  # noqa: F811
     assert rows[("openvino", 1, 2)]["precision"] == "int8+f32"
 
 
-def test_eval_top1_in_openvino(cli, tmp_path):  # noqa: F811
+def test_eval_top1_in_openvino(cli, tmp_path):
     model = onehot_model(tmp_path / "k.onnx", onehot_row(1000, [K, 0]))
     val = tmp_path / "val"
     make_class_folders(val, {wnid(K): 3, wnid(0): 2}, size=(40, 36))
@@ -58,7 +56,7 @@ def test_eval_top1_in_openvino(cli, tmp_path):  # noqa: F811
     assert json.loads(result.stdout)["runtimes"]["openvino"]["models"][0]["top1"] == 60.0
 
 
-def test_model_openvino_cannot_read_keeps_the_ort_rows(cli, tiny_pair, tmp_path):  # noqa: F811
+def test_model_openvino_cannot_read_keeps_the_ort_rows(cli, tiny_pair, tmp_path):
     """com.microsoft.Inverse runs in ONNX Runtime but OpenVINO has no conversion rule for it."""
     fp32, _ = tiny_pair
     model = onnx.load(str(fp32))

@@ -6,12 +6,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from tiny_models import CLASSES, random_inputs
 
 from quantize.backends.ort import count_quantized, quantize_with_ort
 from quantize.calibrate import calibrate
 from quantize.graph.prepare import prepare_model
 from quantize.recipe import LEGACY_OP_TYPES, QuantRecipe
+from tests.helpers.tiny_models import CLASSES, random_inputs
 
 CALIB = random_inputs(32, seed=11)
 TEST = random_inputs(16, seed=12)  # not the calibration inputs

@@ -13,9 +13,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from calib_images import make_class_folders, write_truncated_jpeg, write_zero_byte
-from conftest import WNIDS
-from tiny_models import CLASSES, SMALL_SPEC, fixed_batch1, random_inputs
 
 import quantize.pipeline as pipeline
 from calibration import PreprocessSpec
@@ -27,6 +24,8 @@ from quantize.pipeline import (
     read_model_metadata,
 )
 from quantize.recipe import METADATA_KEY, QuantRecipe
+from tests.helpers.calib_images import WNIDS, make_class_folders, write_truncated_jpeg, write_zero_byte
+from tests.helpers.tiny_models import CLASSES, SMALL_SPEC, fixed_batch1, random_inputs
 
 SMALL_RECIPE = QuantRecipe(samples=16, batch_size=4)
 
@@ -289,7 +288,7 @@ def test_keyboard_interrupt_while_publishing_keeps_previous_output(
     real_save = onnx.save_model
 
     def save(proto, path, *args, **kwargs):
-        if Path(path).parent == out_dir:  # atomic_save's temporary file
+        if Path(path).parent == out_dir:  # atomic_output's temporary file
             Path(path).write_bytes(b"partial")
             raise KeyboardInterrupt
         return real_save(proto, path, *args, **kwargs)

@@ -13,13 +13,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from tiny_models import CLASSES, _Weights, random_inputs
 
 from quantize.backends.ort import count_quantized, quantize_with_ort
 from quantize.calibrate import calibrate
 from quantize.graph.placement import HEAD_REASON, NothingToQuantize, place, require_something
 from quantize.graph.prepare import prepare_model
 from quantize.recipe import LEGACY_OP_TYPES, QuantRecipe
+from tests.helpers.tiny_models import CLASSES, _Weights, random_inputs
 
 HW = 32
 CALIB = random_inputs(16, seed=21)

@@ -1,8 +1,7 @@
-"""Stage 1, prepare: checking a classifier's interface, upgrading zoo opset-7 files, atomic saves."""
+"""Stage 1, prepare: checking a classifier's interface, upgrading zoo opset-7 files."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,16 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-from tiny_models import (
+
+from calibration.errors import RqInputError
+from quantize.graph.prepare import (
+    ModelError,
+    classifier_signature,
+    default_opset,
+    load_model,
+    prepare_model,
+)
+from tests.helpers.tiny_models import (
     CLASSES,
     HW,
     bad_output_rank,
@@ -19,16 +27,6 @@ from tiny_models import (
     tiny_cnn,
     two_inputs,
     v2_shaped_opset7,
-)
-
-from calibration.errors import RqInputError
-from quantize.graph.prepare import (
-    ModelError,
-    atomic_save,
-    classifier_signature,
-    default_opset,
-    load_model,
-    prepare_model,
 )
 
 
@@ -215,85 +213,7 @@ def test_load_model_text_file(tmp_path):
         prepare_model(fake, tmp_path)
 
 
-# -- atomic_save -------------------------------------------------------------------------------------
-
-
-def test_atomic_save_writes(tiny_model, tmp_path):
-    model = onnx.load(str(tiny_model))
-    dest = tmp_path / "out.onnx"
-    atomic_save(model, dest)
-    assert onnx.load(str(dest)).graph.name == model.graph.name
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"]
-
-
-def test_atomic_save_failure_leaves_nothing(tiny_model, tmp_path, monkeypatch):
-    model = onnx.load(str(tiny_model))
-    dest = tmp_path / "out.onnx"
-
-    def broken_save(proto, path, *args, **kwargs):
-        Path(path).write_bytes(b"half a model")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(onnx, "save_model", broken_save)
-    with pytest.raises(OSError, match="disk full"):
-        atomic_save(model, dest)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_atomic_save_failure_keeps_previous_file(tiny_model, tmp_path, monkeypatch):
-    dest = tmp_path / "out.onnx"
-    dest.write_bytes(b"previous")
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(onnx, "save_model", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        atomic_save(onnx.load(str(tiny_model)), dest)
-    assert dest.read_bytes() == b"previous"
-    assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"]
-
-
-def test_atomic_save_missing_folder(tiny_model, tmp_path):
-    with pytest.raises(RqInputError, match="does not exist"):
-        atomic_save(onnx.load(str(tiny_model)), tmp_path / "missing" / "out.onnx")
-    # a "folder" that is a regular file (works as root too, unlike chmod)
-    blocker = tmp_path / "file.txt"
-    blocker.write_text("x")
-    with pytest.raises(RqInputError, match="does not exist"):
-        atomic_save(onnx.load(str(tiny_model)), blocker / "out.onnx")
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only folders")
-def test_atomic_save_read_only_folder(tiny_model, tmp_path):
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    folder.chmod(0o500)
-    try:
-        with pytest.raises(RqInputError, match="not writable"):
-            atomic_save(onnx.load(str(tiny_model)), folder / "out.onnx")
-    finally:
-        folder.chmod(0o700)
-
-
 def test_v2_builder_roundtrip(tmp_path):
     """The builder writes a loadable file that ORT runs at opset 7 (used as the FP32 reference above)."""
     path = v2_shaped_opset7(tmp_path / "v2.onnx")
     assert run(path, random_inputs(1)).shape == (1, CLASSES)
-
-
-def test_atomic_save_refuses_unwritable_folder(tiny_model, tmp_path, monkeypatch):
-    """What a read-only folder looks like to atomic_save, simulated so that it also runs as root."""
-    import quantize.graph.prepare
-
-    monkeypatch.setattr(quantize.graph.prepare.os, "access", lambda path, mode: False)
-    with pytest.raises(RqInputError, match="not writable"):
-        atomic_save(onnx.load(str(tiny_model)), tmp_path / "out.onnx")
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_atomic_save_publishes_a_readable_file(tiny_model, tmp_path):
-    """mkstemp's 0600 must not leak into the published model (others could not read it)."""
-    dest = tmp_path / "out.onnx"
-    atomic_save(onnx.load(str(tiny_model)), dest)
-    assert dest.stat().st_mode & 0o777 == 0o644

@@ -36,17 +36,16 @@ from onnx import TensorProto, helper, numpy_helper
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 
-from calib_images import make_class_folders, write_rgb, write_truncated_jpeg  # noqa: E402
-from conftest import x86_cpu  # noqa: E402
-from test_evaluate import wnid  # noqa: E402
-from tiny_models import SMALL_SPEC  # noqa: E402
-
 from calibration import discover_dataset  # noqa: E402
 from quantize.distributed import RayRunner  # noqa: E402
 from quantize.measure.evaluate import evaluate  # noqa: E402
 from quantize.measure.validate import validate, validation_samples  # noqa: E402
 from quantize.pipeline import quantize_model  # noqa: E402
 from quantize.recipe import QuantRecipe  # noqa: E402
+from tests.helpers.calib_images import make_class_folders, write_rgb, write_truncated_jpeg  # noqa: E402
+from tests.helpers.cpu import x86_cpu  # noqa: E402
+from tests.helpers.onehot import wnid  # noqa: E402
+from tests.helpers.tiny_models import SMALL_SPEC  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -357,7 +356,7 @@ def test_two_raylet_cluster_through_the_command_line(inputs, two_raylets, tmp_pa
     # per-image predictions on the cluster, from `rq eval --ray ADDRESS`'s own code path
     script = (
         "import sys, json, numpy as np\n"
-        "from tiny_models import SMALL_SPEC\n"
+        "from tests.helpers.tiny_models import SMALL_SPEC\n"
         "from quantize.distributed import RayRunner\n"
         "from quantize.measure.evaluate import evaluate\n"
         "from quantize.measure.validate import validation_samples\n"
@@ -414,10 +413,15 @@ def test_flat_ilsvrc_folder_with_val_txt_through_ray(local_ray, inputs, tmp_path
 
 
 def test_tuning_through_ray_takes_the_same_steps(local_ray, tmp_path, tmp_path_factory):
-    from test_tune import PER_TENSOR, _tune_split, center_fc_bias, colored_images, labelled_by_fp32
-    from test_tune import sensitive_model as tune_model
-
     from quantize.tune import TuneRequest
+    from tests.helpers.sensitive import (
+        PER_TENSOR,
+        center_fc_bias,
+        colored_images,
+        labelled_by_fp32,
+        tune_split,
+    )
+    from tests.helpers.sensitive import sensitive_model as tune_model
 
     base = tmp_path_factory.mktemp("ray-tune")
     model = tune_model(base / "sensitive.onnx")
@@ -425,7 +429,7 @@ def test_tuning_through_ray_takes_the_same_steps(local_ray, tmp_path, tmp_path_f
     labelled_by_fp32(model, base / "val", base / "staging")
     calib = base / "calib"
     colored_images(calib, 16, start=500)
-    tune, _confirm = _tune_split(base / "val")
+    tune, _confirm = tune_split(base / "val")
     results = []
     for runner in (None, local_ray):
         request = TuneRequest(max_drop_pt=0.0, tune_samples=tuple(tune), bench_runs=0, ray=runner)

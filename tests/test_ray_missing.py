@@ -12,13 +12,13 @@ import time
 
 import numpy as np
 import pytest
-from calib_images import make_class_folders, write_rgb
-from test_cli_quantize import ENV, assert_one_line_error
-from test_evaluate import onehot_model, onehot_row, wnid
 from typer.testing import CliRunner
 
 from calibration import LAYOUT_FLAT_LABELS, discover_dataset
 from quantize.cli import app
+from tests.helpers.calib_images import make_class_folders, write_rgb
+from tests.helpers.cli import ENV, assert_one_line_error
+from tests.helpers.onehot import onehot_model, onehot_row, wnid
 
 HINT = "pip install 'rq-quant[ray]'"
 

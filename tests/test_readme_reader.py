@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from calib_images import make_class_folders, write_text_as_image
-from conftest import WNIDS
-from tiny_models import tiny_cnn
+
+from tests.helpers.calib_images import WNIDS, make_class_folders, write_text_as_image
+from tests.helpers.tiny_models import tiny_cnn
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 MARKER = "<!-- calibration-reader-example"

@@ -11,13 +11,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from tiny_models import HW, SMALL_SPEC, random_inputs
 
 import quantize.graph.rewrite as rewrite
 from quantize.graph.prepare import prepare_model
 from quantize.graph.rewrite import rewrite_batchnorms
 from quantize.pipeline import quantize_model
 from quantize.recipe import QuantRecipe
+from tests.helpers.tiny_models import HW, SMALL_SPEC, random_inputs
 
 #: Q/DQ on Add, Relu and pooling too (until the placement-from-the-graph recipe is the default).
 FULL_OPS = ("Conv", "Gemm", "MatMul", "Add", "Relu", "MaxPool", "GlobalAveragePool")

@@ -7,10 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-from calib_images import make_class_folders
-from conftest import WNIDS, x86_cpu
-from test_tune import center_fc_bias, colored_images, labelled_by_fp32, sensitive_model
-from tiny_models import SMALL_SPEC
 
 from calibration.errors import RqInputError
 from quantize import backends
@@ -19,6 +15,10 @@ from quantize.pipeline import Progress
 from quantize.recipe import LEGACY_OP_TYPES, QuantRecipe
 from quantize.report import validate_report
 from quantize.run import RunRequest, run
+from tests.helpers.calib_images import WNIDS, make_class_folders
+from tests.helpers.cpu import x86_cpu
+from tests.helpers.sensitive import center_fc_bias, colored_images, labelled_by_fp32, sensitive_model
+from tests.helpers.tiny_models import SMALL_SPEC
 
 # Per-tensor, minmax, Conv/Gemm/MatMul, 7-bit: the sensitive node's outlier wrecks INT8 (see test_tune).
 BREAKING = QuantRecipe(

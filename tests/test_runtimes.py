@@ -14,20 +14,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from calib_images import make_class_folders
-from conftest import x86_cpu
 from onnx.reference import ReferenceEvaluator
-from test_cli_eval_bench_report import SMALL, K, invoke
-from test_cli_quantize import all_output, assert_one_line_error
-from test_evaluate import onehot_model, onehot_row, wnid
-from test_tune import sensitive_model
-from tiny_models import SMALL_SPEC, tiny_cnn
 
 import quantize.sweep as sweep_module
 from calibration.errors import RqInputError
 from quantize.measure import runtimes
 from quantize.recipe import QuantRecipe
 from quantize.report import validate_report
+from tests.helpers.calib_images import make_class_folders
+from tests.helpers.cli import SMALL, all_output, assert_one_line_error
+from tests.helpers.cpu import x86_cpu
+from tests.helpers.onehot import K, onehot_model, onehot_row, wnid
+from tests.helpers.sensitive import sensitive_model
+from tests.helpers.tiny_models import SMALL_SPEC, tiny_cnn
 
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 
@@ -98,30 +97,6 @@ def fake_runtimes():
     yield
     runtimes.unregister("reference")
     runtimes.unregister("picky")
-
-
-@pytest.fixture()
-def cli(tmp_path, monkeypatch):
-    work = tmp_path / "cwd"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    return invoke
-
-
-@pytest.fixture(scope="module")
-def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
-    """A tiny FP32 model and its INT8 version made by `rq quantize`."""
-    base = tmp_path_factory.mktemp("rt-models")
-    fp32 = tiny_cnn(base / "tiny.onnx")
-    calib = base / "calib"
-    make_class_folders(calib, {wnid(0): 4, wnid(1): 4}, size=(48, 40))
-    int8 = base / "tiny-int8.onnx"
-    result = invoke(
-        "quantize", fp32, "--calib", calib, "--samples", "8", "--workers", "2", "--out", int8,
-        "--report-dir", base / "reports", *SMALL,
-    )  # fmt: skip
-    assert result.exit_code == 0, all_output(result)
-    return fp32, int8
 
 
 def test_parse_names_and_unknown_runtime():
@@ -407,3 +382,39 @@ def test_openvino_compiles_unpinned_f32_and_takes_extra_properties(tiny_pair):
     pinned = runtimes.OpenVinoRuntime({"ENABLE_CPU_PINNING": "YES"}).open(fp32)
     pinned.run(np.zeros(shape, np.float32))
     assert pinned._request(1).get_compiled_model().get_property("ENABLE_CPU_PINNING") is True
+
+
+def test_ort_session_sets_only_the_options_asked_for(tmp_path):
+    model = tiny_cnn(tmp_path / "tiny.onnx")
+    import onnxruntime as ort
+
+    measured = runtimes.ort_session(
+        model, threads=1, inter_op_threads=1, graph_optimization="all", sequential=True, allow_spinning=False
+    ).get_session_options()
+    assert measured.intra_op_num_threads == 1 and measured.inter_op_num_threads == 1
+    assert measured.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert measured.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+    assert measured.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert measured.log_severity_level == 4  # ORT's coloured log lines muted by default
+    default = ort.SessionOptions()
+    plain = runtimes.ort_session(model.read_bytes(), log_severity=None).get_session_options()
+    assert plain.log_severity_level == default.log_severity_level
+    assert plain.intra_op_num_threads == default.intra_op_num_threads
+    assert plain.graph_optimization_level == default.graph_optimization_level
+    off = runtimes.ort_session(model, graph_optimization="off").get_session_options()
+    assert off.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+
+
+def test_quiet_silences_stdout_and_loggers_then_restores_them(capsys):
+    import logging
+
+    root = logging.getLogger()
+    before = root.level
+    with runtimes.quiet():
+        print("ORT tooling chatter")
+        assert root.level == logging.ERROR
+    with runtimes.muted("onnxruntime.quantization.shape_inference"):
+        assert logging.getLogger("onnxruntime.quantization.shape_inference").level > logging.CRITICAL
+    assert root.level == before
+    assert logging.getLogger("onnxruntime.quantization.shape_inference").level == logging.NOTSET
+    assert capsys.readouterr().out == ""

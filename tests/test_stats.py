@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from calibration.errors import RqInputError
-from quantize.measure.stats import PairedDrop, clopper_pearson, mcnemar_p_value, paired_drop, pareto_front
+from quantize.measure.stats import PairedDrop, clopper_pearson, paired_drop, pareto_front
 
 
 def _flipped_pair() -> tuple[list[bool], list[bool]]:
@@ -162,17 +162,6 @@ def test_bad_input(a, b, kwargs, match):
     with pytest.raises(RqInputError, match=match) as info:
         paired_drop(a, b, **kwargs)
     assert "\n" not in str(info.value)
-
-
-def test_mcnemar_known_values():
-    assert mcnemar_p_value(10, 0) == pytest.approx(2 * 0.5**10, rel=1e-12)
-    assert mcnemar_p_value(0, 10) == pytest.approx(0.001953125, rel=1e-12)
-    assert mcnemar_p_value(0, 0) == 1.0
-    assert mcnemar_p_value(5, 5) == 1.0
-    # 3 vs 1: 2 · P(X <= 1 | 4, ½) = 2 · 5/16.
-    assert mcnemar_p_value(3, 1) == pytest.approx(0.625, rel=1e-12)
-    with pytest.raises(RqInputError):
-        mcnemar_p_value(-1, 2)
 
 
 def test_pareto_front_basic():

@@ -10,12 +10,6 @@ import json
 from pathlib import Path
 
 import pytest
-from calib_images import make_class_folders, write_rgb
-from conftest import x86_cpu
-from test_cli_quantize import ENV, all_output, assert_one_line_error
-from test_evaluate import wnid
-from test_tune import sensitive_model
-from tiny_models import SMALL_SPEC
 from typer.testing import CliRunner
 
 import quantize.sweep as sweep_module
@@ -25,6 +19,12 @@ from quantize.recipe import QuantRecipe
 from quantize.report import validate_report
 from quantize.report.data import sweep_report
 from quantize.sweep import GRIDS, grid_recipes, run_sweep, variant_name
+from tests.helpers.calib_images import make_class_folders, write_rgb
+from tests.helpers.cli import ENV, all_output, assert_one_line_error
+from tests.helpers.cpu import x86_cpu
+from tests.helpers.onehot import wnid
+from tests.helpers.sensitive import sensitive_model
+from tests.helpers.tiny_models import SMALL_SPEC
 
 SWEEP = ["--grid", "calibration", "--bench-batch", "1", "--bench-runs", "1", "--resize", "36", "--crop", "32"]
 SWEEP += ["--samples", "8", "--workers", "2"]

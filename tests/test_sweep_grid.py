@@ -7,11 +7,11 @@ import itertools
 from dataclasses import dataclass
 
 import pytest
-from conftest import x86_cpu
 
 from calibration.errors import RqInputError
 from quantize.recipe import QuantRecipe
 from quantize.sweep import GRIDS, LEGACY_OP_TYPES, grid_recipes, supported_axes, unsupported_values
+from tests.helpers.cpu import x86_cpu
 
 CPU = x86_cpu("avx512_vnni")
 NEW_METHODS = ("minmax", "entropy", "percentile", "mean-minmax", "mse")

@@ -15,11 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import x86_cpu
 from PIL import Image
-from test_cli_quantize import ENV, all_output
-from test_tune import PER_TENSOR, center_fc_bias, colored_images, labelled_by_fp32, sensitive_model
-from tiny_models import SMALL_SPEC
 from typer.testing import CliRunner
 
 import quantize.pipeline as pipeline_module
@@ -29,6 +25,16 @@ from quantize.cli import app
 from quantize.measure.validate import validation_samples
 from quantize.pipeline import quantize_model
 from quantize.tune import TuneRequest, split_for_tuning
+from tests.helpers.cli import ENV, all_output
+from tests.helpers.cpu import x86_cpu
+from tests.helpers.sensitive import (
+    PER_TENSOR,
+    center_fc_bias,
+    colored_images,
+    labelled_by_fp32,
+    sensitive_model,
+)
+from tests.helpers.tiny_models import SMALL_SPEC
 
 TUNE_ARGS = ["--max-drop", "0", "--tune", "--per-tensor", "--calibration", "minmax", "--reduce-range"]
 TUNE_ARGS += ["--samples", "16", "--workers", "2", "--resize", "36", "--crop", "32", "--json"]

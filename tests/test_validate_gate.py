@@ -12,16 +12,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from calib_images import make_class_folders, write_rgb
-from test_cli_quantize import ENV, all_output, assert_one_line_error
-from test_evaluate import onehot_model, onehot_row, wnid
-from test_tune import center_fc_bias, colored_images, labelled_by_fp32, sensitive_model
-from tiny_models import SMALL_SPEC
-from typer.testing import CliRunner
 
-from quantize.cli import EXIT_BAD_INPUT, EXIT_GATE_FAILED, app
+from quantize.cli import EXIT_BAD_INPUT, EXIT_GATE_FAILED
 from quantize.measure.stats import paired_drop
 from quantize.measure.validate import Gate, count_overlap, validate, validation_samples
+from tests.helpers.calib_images import make_class_folders, write_rgb
+from tests.helpers.cli import all_output, assert_one_line_error
+from tests.helpers.onehot import onehot_model, onehot_row, wnid
+from tests.helpers.sensitive import (
+    BREAKING,
+    center_fc_bias,
+    colored_images,
+    labelled_by_fp32,
+    sensitive_model,
+)
+from tests.helpers.tiny_models import SMALL_SPEC
 
 K, J, OTHER = 3, 7, 11
 N_K, N_J = 6, 2
@@ -169,39 +174,6 @@ def test_count_overlap_same_files_links_and_copies(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # rq quantize --val --max-drop (a model whose INT8 version flips predictions)
 # ---------------------------------------------------------------------------------------------------------
-
-# The recipe under which conv_sensitive breaks (see tests/test_tune.py, also for the pinned op types).
-BREAKING = [
-    "--op-types",
-    "Conv,Gemm,MatMul",
-    "--per-tensor",
-    "--calibration",
-    "minmax",
-    "--reduce-range",
-    "--samples",
-    "16",
-    "--batch-size",
-    "8",
-    "--workers",
-    "2",
-    "--resize",
-    "36",
-    "--crop",
-    "32",
-]
-
-
-@pytest.fixture()
-def cli(tmp_path, monkeypatch):
-    work = tmp_path / "cwd"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    runner = CliRunner()
-
-    def invoke(*args):
-        return runner.invoke(app, [str(a) for a in args], env=ENV)
-
-    return invoke
 
 
 @pytest.fixture(scope="module")

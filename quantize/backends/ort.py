@@ -16,7 +16,8 @@ from onnxruntime.quantization.calibrate import save_tensors_data
 
 from quantize.calibrate import CalibrationRanges
 from quantize.graph.placement import FOLDED_ACTIVATIONS, PLACEMENT_OP_TYPES, place, require_something
-from quantize.graph.prepare import _quiet, load_model
+from quantize.graph.prepare import load_model
+from quantize.measure.runtimes import quiet
 from quantize.recipe import QuantRecipe
 
 QUANT_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
@@ -188,7 +189,7 @@ def quantize_with_ort(
     require_something(model, placement, recipe)
     cache = workdir / f"ranges-{recipe.calibration}.json"
     save_tensors_data(ranges.tensors, cache)
-    with _quiet():
+    with quiet():
         quantize_static(
             str(prepared_path),
             str(output_path),

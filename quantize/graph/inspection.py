@@ -19,8 +19,10 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from calibration.errors import RqInputError
-from quantize.exits import ORT_LOG_SEVERITY, ort_reason
-from quantize.graph.prepare import _quiet, load_model
+from calibration.loader import pad_batch
+from quantize.exits import ort_reason
+from quantize.graph.prepare import load_model
+from quantize.measure.runtimes import ort_session, quiet
 
 DEQUANT_SUFFIX = "_DequantizeLinear_Output"
 
@@ -92,10 +94,8 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
 
 
 def _session(model_bytes: bytes) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = ORT_LOG_SEVERITY
     try:
-        return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+        return ort_session(model_bytes)
     except Exception as exc:
         raise RqInputError(f"onnxruntime cannot load the model: {ort_reason(exc)}") from None
 
@@ -106,8 +106,7 @@ def _run_all(session: ort.InferenceSession, input_name: str, images: np.ndarray)
     if not isinstance(first, int) or first < 1 or first == len(images):
         return session.run(None, {input_name: images})
     per_image = [
-        session.run(None, {input_name: np.repeat(images[i : i + 1], first, axis=0)})
-        for i in range(len(images))
+        session.run(None, {input_name: pad_batch(images[i : i + 1], first)}) for i in range(len(images))
     ]
     return [np.concatenate([outs[k][:1] for outs in per_image]) for k in range(len(per_image[0]))]
 
@@ -120,7 +119,7 @@ def weight_errors(fp32_path: Path, int8_path: Path) -> dict[str, float]:
         create_weight_matching,
     )
 
-    with _quiet():
+    with quiet():
         matched = create_weight_matching(str(fp32_path), str(int8_path))
     return compute_weight_error(matched, compute_signal_to_quantization_noice_ratio)
 

@@ -21,9 +21,12 @@ import onnx
 from onnx import TensorProto
 
 from calibration.errors import RqInputError
-from quantize.exits import ORT_LOG_SEVERITY, is_environment_error, ort_reason
-from quantize.files import atomic_output, inside
+from quantize.exits import is_environment_error, one_line, ort_reason
+from quantize.files import inside
 from quantize.graph.rewrite import rewrite_standalone_batchnorms
+from quantize.measure.runtimes import muted, ort_session, quiet
+
+logger = logging.getLogger(__name__)
 
 TARGET_OPSET = 13
 MIN_IR_VERSION = 7
@@ -112,8 +115,7 @@ def load_model(path: Path | str, *, load_weights: bool = True) -> onnx.ModelProt
     try:
         return onnx.load(str(path), load_external_data=load_weights)
     except Exception as exc:  # protobuf DecodeError, missing external data file, ...
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path} is not a readable ONNX model ({reason})") from None
+        raise ModelError(f"{path} is not a readable ONNX model ({one_line(exc)})") from None
 
 
 _NUMPY_TYPES = {"float32": "float32", "float16": "float16", "float64": "float64"}
@@ -125,13 +127,9 @@ def check_runs_in_onnxruntime(path: Path | str, signature: ModelSignature, name:
     A model with free spatial dimensions is only loaded (rq does not know its image size yet).
     """
     import numpy as np
-    import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = ORT_LOG_SEVERITY  # no coloured ORT log line before rq's own message
-    options.intra_op_num_threads = 1
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort_session(path, threads=1)
     except Exception as exc:
         raise ModelError(f"onnxruntime cannot load {name}: {ort_reason(exc)}") from None
     batch = signature.fixed_batch or 1
@@ -229,9 +227,8 @@ def upgrade_model(model: onnx.ModelProto, steps: list[str]) -> onnx.ModelProto:
             # them after conversion, not before.
             model = onnx.version_converter.convert_version(model, TARGET_OPSET)
         except Exception as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(
-                f"cannot upgrade the model from opset {opset} to {TARGET_OPSET}: {reason}"
+                f"cannot upgrade the model from opset {opset} to {TARGET_OPSET}: {one_line(exc)}"
             ) from None
         steps.append(f"upgraded opset {opset} → {TARGET_OPSET} (onnx.version_converter)")
     stripped = _strip_legacy_batchnorm_attributes(model)
@@ -265,9 +262,7 @@ def prepare_model(source: Path | str, workdir: Path, *, pre_process: bool = True
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        raise ModelError(
-            f"{source.name} fails onnx.checker after upgrade: {str(exc).splitlines()[0]}"
-        ) from None
+        raise ModelError(f"{source.name} fails onnx.checker after upgrade: {one_line(exc)}") from None
     upgraded = workdir / "upgraded.onnx"
     _save(model, upgraded)
     del model
@@ -281,6 +276,8 @@ def prepare_model(source: Path | str, workdir: Path, *, pre_process: bool = True
     )  # unfoldable BN → exact per-channel affine (quantize/graph/rewrite.py)
     prepared.signature = classifier_signature(load_model(prepared.path, load_weights=False), source.name)
     prepared.seconds = time.perf_counter() - started
+    for step in prepared.steps:
+        logger.debug("prepare %s: %s", source.name, step)
     return prepared
 
 
@@ -321,7 +318,7 @@ def _run_quant_pre_process(upgraded: Path, prepared: PreparedModel) -> None:
         description, kwargs = attempts.pop(0)
         try:
             # ORT's pre-processing logs and prints a lot; it is noise inside rq's own summary.
-            with _quiet(), _muted("onnxruntime.quantization.shape_inference"), inside(scratch):
+            with quiet(), muted("onnxruntime.quantization.shape_inference"), inside(scratch):
                 quant_pre_process(str(upgraded), str(output), **kwargs)
             prepared.steps.append(f"quant_pre_process: {description}")
             if errors:
@@ -341,43 +338,3 @@ def _run_quant_pre_process(upgraded: Path, prepared: PreparedModel) -> None:
                     [no_symbolic, neither] if _raised_in_symbolic_shape(exc) else [no_optimizer, neither]
                 )
     raise ModelError("quant_pre_process failed on this model: " + " | ".join(errors))
-
-
-@contextlib.contextmanager
-def _muted(name: str):
-    """Silence one library logger entirely (ORT logs an optimizer failure's traceback at ERROR level)."""
-    logger = logging.getLogger(name)
-    previous = logger.level
-    logger.setLevel(logging.CRITICAL + 1)
-    try:
-        yield
-    finally:
-        logger.setLevel(previous)
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Silence the Python loggers and stdout chatter of ORT's quantization tooling for the block."""
-    root = logging.getLogger()
-    previous = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
-            yield
-    finally:
-        root.setLevel(previous)
-
-
-def atomic_save(model: onnx.ModelProto, destination: Path) -> None:
-    """Write `model` to `destination` through a temporary file in the same folder, then rename.
-
-    A crash or Ctrl-C never leaves a half-written model at the destination.
-    """
-    destination = Path(destination)
-    directory = destination.parent if str(destination.parent) else Path(".")
-    if not directory.is_dir():
-        raise RqInputError(f"output folder does not exist: {directory}")
-    if not os.access(directory, os.W_OK):
-        raise RqInputError(f"output folder is not writable: {directory}")
-    with atomic_output(destination) as tmp:
-        onnx.save_model(model, str(tmp))

@@ -12,17 +12,21 @@ size, from a seeded generator, and shared by all models.
 from __future__ import annotations
 
 import gc
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from calibration.errors import RqInputError
+from calibration.progress import Progress, as_progress
 from quantize.exits import ort_reason
 from quantize.measure import runtimes as runtimes_mod
 from quantize.measure.cpu import CpuInfo, detect_cpu, int8_speedup_note, physical_core_count
+
+logger = logging.getLogger(__name__)
 
 PROVIDER = "CPUExecutionProvider"
 
@@ -259,8 +263,8 @@ def bench_models(
     runs: int = 20,
     warmup: int = 3,
     seed: int = 0,
-    progress: Callable[[str], None] | None = None,
     *,
+    progress: Progress | None = None,
     allow_spinning: bool = False,
     cpu: CpuInfo | None = None,
     runtimes: Sequence[str] = ("ort",),
@@ -275,6 +279,8 @@ def bench_models(
     runtime*; ``ratio_to_ort_first`` with the first one in ORT (when ORT is among the runtimes). A runtime
     that cannot open or run the first model is an error; one that cannot open or run a later model (and is
     not ORT) gives no rows for it and a one-line reason in ``errors``. ``cpu`` overrides host detection.
+    ``progress`` (calibration.progress): a ``note`` per model loaded, then per batch size a ``stage``,
+    ``total(runs)`` and an ``advance`` per timed round.
     """
     paths = [Path(p) for p in model_paths]
     if not paths:
@@ -299,10 +305,7 @@ def bench_models(
 
     import onnxruntime as ort
 
-    def say(msg: str) -> None:
-        if progress is not None:
-            progress(msg)
-
+    progress = as_progress(progress)
     cpu = cpu or detect_cpu()
     n_threads = threads or physical_core_count(cpu)
 
@@ -311,7 +314,8 @@ def bench_models(
     reference_shape: list | None = None
     for rt in chosen:
         for i, p in enumerate(paths):
-            say(f"loading {p.name} in {rt.label}")
+            logger.debug("bench: loading %s in %s (%d threads)", p, rt.label, n_threads)
+            progress.note(f"loading {p.name} in {rt.label}")
             try:
                 sess = _open(rt, p, n_threads, allow_spinning)
             except RqInputError as exc:
@@ -368,7 +372,9 @@ def bench_models(
     for b in plan:
         # The same seeded tensor for every model (and for every rerun), so differences are the models'.
         x = np.random.default_rng(seed).standard_normal((b, *rest), dtype=np.float32)
-        say(f"batch {b}: warmup ({warmup} per model)")
+        progress.stage(f"bench batch {b}")
+        progress.note(f"batch {b}: warmup ({warmup} per model)")
+        progress.total(runs)
         for u in list(units):
             try:  # at least one untimed run: an OpenVINO session compiles for the batch size on first use
                 for _ in range(max(warmup, 1 if u.runtime != "ort" else 0)):
@@ -381,7 +387,7 @@ def bench_models(
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
-            for r in range(runs):
+            for _round in range(runs):
                 for u in list(units):
                     try:
                         samples[id(u)].append(_run(u.session, x, u.path, b, u.label, cpu_ns[id(u)]))
@@ -390,7 +396,7 @@ def bench_models(
                         continue
                     if u.runtime == runtime_names[0]:
                         result.order.append((u.index, b))
-                say(f"batch {b}: round {r + 1}/{runs}")
+                progress.advance(1)
         finally:
             if gc_was_enabled:
                 gc.enable()

@@ -17,7 +17,10 @@ import onnxruntime as ort
 
 from calibration import BatchStream, ImageDataset, PreprocessSpec, Sample
 from calibration.errors import RqInputError
-from quantize.exits import ORT_LOG_SEVERITY, ort_reason
+from calibration.loader import pad_batch
+from calibration.progress import Progress, as_progress
+from quantize.exits import ort_reason
+from quantize.measure.runtimes import ort_session
 
 
 @dataclass
@@ -91,12 +94,8 @@ def open_session(path: Path, threads: int | None = None) -> ort.InferenceSession
         raise RqInputError(f"model not found: {path}")
     if path.stat().st_size == 0:
         raise RqInputError(f"{path} is an empty file (0 bytes), not an ONNX model")
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    options.log_severity_level = ORT_LOG_SEVERITY  # ORT's own coloured log line would precede rq's message
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort_session(path, threads=threads)
     except Exception as exc:
         raise RqInputError(f"onnxruntime cannot load {path.name}: {ort_reason(exc)}") from None
 
@@ -124,10 +123,7 @@ def _in_fixed_batches(run, images: np.ndarray, batch: int | None) -> np.ndarray:
     outputs = []
     for start in range(0, len(images), batch):
         chunk = images[start : start + batch]
-        count = len(chunk)
-        if count < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - count, axis=0)])
-        outputs.append(run(chunk)[:count])
+        outputs.append(run(pad_batch(chunk, batch))[: len(chunk)])
     return np.concatenate(outputs)
 
 
@@ -263,18 +259,23 @@ def evaluate(
     batch_size: int = 32,
     threads: int | None = None,
     workers: int | None = None,
+    progress: Progress | None = None,
     on_images: Callable[[int], None] | None = None,
     ray=None,
     runtime: str = "ort",
 ) -> EvalRun:
     """Run every model on the same decoded batches in `runtime` (quantize.measure.runtimes); per-image correctness.
 
+    `progress` (calibration.progress): ``total`` images, then ``advance`` as images are read (skipped ones
+    included); `on_images`, the older form of ``advance``, is still accepted.
     `ray`: a `quantize.distributed.RayRunner` to run on a Ray cluster instead of this machine's threads
     (same result object, same statistics; ONNX Runtime only)."""
+    progress = as_progress(progress, on_images)
     if ray is not None:
         if runtime != "ort":
             raise RqInputError("--ray runs models in onnxruntime only; drop --runtime or --ray")
-        return ray.evaluate(models, samples, spec, batch_size=batch_size, on_images=on_images)
+        progress.total(len(samples))
+        return ray.evaluate(models, samples, spec, batch_size=batch_size, on_images=progress.advance)
     check_evaluation_inputs(models, samples, batch_size)
     sessions = [open_in_runtime(Path(m), runtime, threads) for m in models]
     io = [_classes_and_offset(s, Path(m)) for s, m in zip(sessions, models, strict=True)]
@@ -283,7 +284,7 @@ def evaluate(
     labels: list[np.ndarray] = []
     paths: list[Path] = []
     started = time.perf_counter()
-    stream = BatchStream(samples, spec, batch_size=batch_size, workers=workers, on_image=on_images)
+    stream = BatchStream(samples, spec, batch_size=batch_size, workers=workers, progress=progress)
     with stream:
         for batch in stream:
             labels.append(batch.labels)

@@ -27,6 +27,7 @@ import numpy as np
 
 from calibration import BatchStream, ImageDataset, PreprocessSpec, Sample
 from calibration.errors import RqInputError
+from calibration.progress import Progress, as_progress
 from quantize.graph.inspection import _Accumulator
 from quantize.measure.evaluate import open_session, run_model
 from quantize.measure.stats import agreement
@@ -144,9 +145,13 @@ def measure_fidelity(
     source: str,
     batch_size: int = 32,
     workers: int | None = None,
+    progress: Progress | None = None,
     on_images: Callable[[int], None] | None = None,
 ) -> Fidelity:
-    """Run both models on the same decoded batches of `samples` (labels are ignored) and compare their logits."""
+    """Run both models on the same decoded batches of `samples` (labels are ignored) and compare their logits.
+
+    `progress` (calibration.progress): ``total`` images, then ``advance`` as they are read; `on_images`, the
+    older form of ``advance``, is still accepted."""
     if not samples:
         raise RqInputError(f"no images to measure fidelity on ({source})")
     sessions = [open_session(Path(reference)), open_session(Path(candidate))]
@@ -154,7 +159,10 @@ def measure_fidelity(
     acc = FidelityAccumulator()
     started = time.perf_counter()
     unlabelled = [Sample(s.path, None) for s in samples]
-    with BatchStream(unlabelled, spec, batch_size=batch_size, workers=workers, on_image=on_images) as stream:
+    stream = BatchStream(
+        unlabelled, spec, batch_size=batch_size, workers=workers, progress=as_progress(progress, on_images)
+    )
+    with stream:
         for batch in stream:
             ref = run_model(sessions[0], names[0], batch.images)
             approx = run_model(sessions[1], names[1], batch.images)

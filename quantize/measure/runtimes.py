@@ -14,12 +14,19 @@ shape, what it runs on, in which precision). Three are built in:
   onnxruntime has that provider (the ``onnxruntime-openvino`` distribution, which replaces ``onnxruntime``).
 
 Tests register their own runtime with :func:`register`.
+
+The ONNX Runtime plumbing every rq module shares is here too: :func:`ort_session` (the one place an
+``InferenceSession`` is created, with rq's session options) and :func:`quiet` / :func:`muted` (silence ORT's
+quantization tooling).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -38,6 +45,78 @@ _INT8_OPS = {
     "ConvInteger",
     "MatMulInteger",
 }
+
+
+def ort_session(
+    model: Path | str | bytes,
+    *,
+    threads: int | None = None,
+    inter_op_threads: int | None = None,
+    graph_optimization: str | None = None,
+    sequential: bool = False,
+    allow_spinning: bool | None = None,
+    log_severity: int | None = ORT_LOG_SEVERITY,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    provider_options: list[dict] | None = None,
+):
+    """An ``onnxruntime.InferenceSession`` on a model file or serialized bytes, with rq's options.
+
+    Only what is asked is set (ORT's defaults otherwise): ``threads`` intra-op threads (falsy: ORT's choice),
+    ``inter_op_threads``, ``graph_optimization`` ("all", "basic" or "off"), sequential execution, the intra-op
+    pool's spinning (off by default for measurements: a session that just ran would keep busy-waiting while
+    the next one runs), and ``log_severity`` (default: ORT's own coloured log lines muted, so that nothing
+    precedes rq's one-line message; None keeps ORT's default). ORT's exceptions propagate: each caller
+    words its own one-line error.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if graph_optimization is not None:
+        levels = {
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "off": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        }
+        options.graph_optimization_level = levels[graph_optimization]
+    if sequential:
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if threads:
+        options.intra_op_num_threads = threads
+    if inter_op_threads is not None:
+        options.inter_op_num_threads = inter_op_threads
+    if allow_spinning is not None:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+    if log_severity is not None:
+        options.log_severity_level = log_severity
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(
+        source, sess_options=options, providers=list(providers), provider_options=provider_options
+    )
+
+
+@contextlib.contextmanager
+def muted(name: str) -> Iterator[None]:
+    """Silence one library logger entirely for the block (ORT logs an optimizer failure's traceback at ERROR)."""
+    logger = logging.getLogger(name)
+    previous = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence the Python loggers and stdout chatter of ORT's quantization tooling for the block."""
+    root = logging.getLogger()
+    previous = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            yield
+    finally:
+        root.setLevel(previous)
 
 
 class Session(Protocol):
@@ -122,27 +201,21 @@ class OrtRuntime:
         return None
 
     def open(self, path: Path, threads: int | None = None, *, allow_spinning: bool = False) -> OrtSession:
-        import onnxruntime as ort
-
         path = Path(path)
         if not path.is_file():
             raise RqInputError(f"model not found: {path}")
         self._check_available()
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        if threads:
-            so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        # With spinning on, the thread pool of the session that just ran keeps busy-waiting while the next
-        # one runs (interleaved benchmarks, several models evaluated batch by batch): off unless asked.
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
-        so.log_severity_level = ORT_LOG_SEVERITY
         try:
-            sess = ort.InferenceSession(
-                str(path),
-                sess_options=so,
-                providers=list(self.providers),
+            # With spinning on, the thread pool of the session that just ran keeps busy-waiting while the next
+            # one runs (interleaved benchmarks, several models evaluated batch by batch): off unless asked.
+            sess = ort_session(
+                path,
+                threads=threads,
+                inter_op_threads=1,
+                graph_optimization="all",
+                sequential=True,
+                allow_spinning=allow_spinning,
+                providers=self.providers,
                 provider_options=self._provider_options(threads),
             )
         except Exception as exc:  # ORT raises its own pybind exception types

@@ -165,22 +165,6 @@ def _check_confidence(confidence: float) -> None:
         raise RqInputError(f"confidence must be between 0 and 1 (exclusive), got {confidence!r}")
 
 
-def mcnemar_p_value(a_only: int, b_only: int) -> float:
-    """Exact two-sided McNemar p-value: a binomial test of a_only ~ Binomial(a_only + b_only, 1/2).
-
-    p = min(1, 2 · P(X ≤ min(a_only, b_only))). No discordant pairs at all gives p = 1.
-    """
-    a_only = _check_count(a_only, "a_only")
-    b_only = _check_count(b_only, "b_only")
-    m = a_only + b_only
-    if m == 0:
-        return 1.0
-    k = min(a_only, b_only)
-    log_c = _log_binom_coeffs(m)
-    log_tail = _log_sum_exp(log_c[: k + 1]) - m * math.log(2.0)
-    return min(1.0, 2.0 * math.exp(log_tail))
-
-
 def paired_drop(
     correct_a,
     correct_b,

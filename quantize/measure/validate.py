@@ -9,6 +9,7 @@ from pathlib import Path
 
 from calibration import ImageDataset, PreprocessSpec, Sample, discover_dataset, select_samples
 from calibration.errors import RqInputError
+from calibration.progress import Progress, as_progress
 from quantize.measure.evaluate import EvalRun, evaluate, require_labels
 from quantize.measure.stats import PairedDrop, images_to_confirm, paired_drop
 
@@ -222,19 +223,20 @@ def validate(
     batch_size: int = 32,
     calibration_files: Sequence[Path] = (),
     workers: int | None = None,
+    progress: Progress | None = None,
     on_images: Callable[[int], None] | None = None,
     ray=None,
     runtime: str = "ort",
 ) -> Validation:
     """Evaluate FP32 and INT8 on `samples` in one pass (see `validation_samples`) and compare them pair-wise,
-    both run in `runtime` (quantize.measure.runtimes)."""
+    both run in `runtime` (quantize.measure.runtimes). `progress`/`on_images`: as `evaluate`'s."""
     run = evaluate(
         [fp32, int8],
         samples,
         spec,
         batch_size=batch_size,
         workers=workers,
-        on_images=on_images,
+        progress=as_progress(progress, on_images),
         ray=ray,
         runtime=runtime,
     )

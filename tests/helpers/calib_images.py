@@ -1,25 +1,20 @@
-"""Small generated images and folder layouts for the calibration tests.
-
-Importing this module also puts the repository root on ``sys.path`` so that ``import calibration``
-works under a bare ``pytest`` (the project is not installed into the venv).
-"""
+"""Small generated images and folder layouts for the calibration tests."""
 
 from __future__ import annotations
 
 import io
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-_ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
+_ROOT = Path(__file__).resolve().parents[2]
 
 #: /work/shared next to the repository (read-only real data; tests skip when it is absent).
 SHARED = _ROOT.parent / "shared"
 IMAGENET = SHARED / "imagenet"
+#: Real ImageNet class ids (indices 0 and 1 of the synset list).
+WNIDS = ("n01440764", "n01443537")
 
 
 def gradient_rgb(size: tuple[int, int] = (64, 48), seed: int = 0) -> Image.Image:
