@@ -14,7 +14,7 @@ import os
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +83,7 @@ class BatchStream:
       If nothing at all could be decoded, the iteration ends with a :class:`DatasetError`.
     * ``progress`` (calibration.progress.Progress): ``total(len(samples))`` when a pass starts, then
       ``advance(k)`` after each chunk of samples with the number of samples it consumed (skipped ones
-      included). ``on_image(k)``, the older form of ``advance``, is still accepted.
+      included).
     * Iterating again starts a fresh pass (``skipped``/``used`` are reset). Stopping early —
       ``break``, an exception or Ctrl-C in the consumer, :meth:`close`, or leaving a ``with``
       block — cancels the pending decodes and lets the threads exit.
@@ -96,7 +96,6 @@ class BatchStream:
         batch_size: int = 8,
         workers: int | None = None,
         prefetch_batches: int = 2,
-        on_image: Callable[[int], None] | None = None,
         *,
         progress: Progress | None = None,
     ) -> None:
@@ -107,7 +106,7 @@ class BatchStream:
             raise RqInputError(f"spec must be a PreprocessSpec, got {type(spec).__name__}")
         self.samples: list[Sample] = list(samples)
         self.spec = spec
-        self.progress = as_progress(progress, on_image)
+        self.progress = as_progress(progress)
         self.skipped: list[tuple[Path, str]] = []
         self.used: int = 0
         # A *weak* reference to the running pass: a strong one would keep an abandoned generator

@@ -81,14 +81,6 @@ class ProgressCallbacks:
             self.on_note(text)
 
 
-def as_progress(progress: Progress | None, on_advance: Callable[[int], None] | None = None) -> Progress:
-    """`progress`, else a Progress around the older ``on_images``/``on_image`` callback, else NO_PROGRESS.
-
-    ``on_advance`` is the callback keyword some functions still accept next to ``progress`` (see their
-    docstrings); passing both is a programming error.
-    """
-    if on_advance is not None:
-        if progress is not None:
-            raise TypeError("pass progress= or the older advance callback, not both")
-        return ProgressCallbacks(on_advance=on_advance)
+def as_progress(progress: Progress | None) -> Progress:
+    """`progress`, or NO_PROGRESS for None (the default of every optional ``progress`` argument)."""
     return NO_PROGRESS if progress is None else progress

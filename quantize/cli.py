@@ -18,6 +18,7 @@ import typer
 from rich.markup import escape
 
 from calibration.errors import RqInputError
+from calibration.progress import ProgressCallbacks
 from quantize import cli_options as opt
 from quantize.cli_options import (
     RqCommand,
@@ -29,16 +30,10 @@ from quantize.cli_options import (
     build_spec,
     check_finite,
 )
-from quantize.console import err, out_console, print_json, progress_bar, say
+from quantize.console import err, out_console, print_json, progress_bar, say, setup_logging
 from quantize.exits import (
-    EXIT_BAD_INPUT,
-    EXIT_ENVIRONMENT,
-    EXIT_GATE_FAILED,
     EXIT_INTERNAL,
-    EXIT_INTERRUPTED,
     EXIT_OK,
-    EXIT_QUANTIZATION_FAILED,
-    EXIT_REPORT_FAILED,
     classify,
     handle_signals,
     quiet_onnxruntime,
@@ -46,17 +41,7 @@ from quantize.exits import (
 from quantize.files import ensure_writable_dir
 from quantize.recipe import QuantRecipe
 
-__all__ = [
-    "EXIT_BAD_INPUT",
-    "EXIT_ENVIRONMENT",
-    "EXIT_GATE_FAILED",
-    "EXIT_INTERNAL",
-    "EXIT_INTERRUPTED",
-    "EXIT_OK",
-    "EXIT_QUANTIZATION_FAILED",
-    "EXIT_REPORT_FAILED",
-    "app",
-]
+__all__ = ["app"]
 
 
 app = typer.Typer(
@@ -66,6 +51,19 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def options(
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", "-v", help="Also show rq's diagnostics (preparation steps, skipped images…)."
+        ),
+    ] = False,
+) -> None:
+    """INT8 post-training quantization of ONNX image classifiers, validated and measured."""
+    setup_logging(verbose)
 
 
 @contextlib.contextmanager
@@ -166,7 +164,7 @@ def quantize(
     95% confidence interval; with --max-drop the run fails (exit code 3) when the drop exceeds it, though the
     model and the report are still written.
     """
-    from quantize.console import cli_progress, print_run
+    from quantize.console import BarProgress, print_run
     from quantize.fetch import fetch_with_progress, model_argument
     from quantize.measure import runtimes
     from quantize.run import RunRequest, run
@@ -214,8 +212,7 @@ def quantize(
         with progress_bar() as bar:
             result = run(
                 dataclasses.replace(request, model=model_path),
-                progress=cli_progress(bar),
-                log=lambda msg: say(msg, prefix="  "),
+                progress=BarProgress(bar),
                 ray=runner,
             )
         print_run(result, as_json)
@@ -247,7 +244,7 @@ def eval_(
     as_json: opt.Json = False,
 ) -> None:
     """Top-1 and top-5 accuracy of ONNX classifiers on a labelled ImageNet folder."""
-    from quantize.console import cli_progress, eval_json, eval_table
+    from quantize.console import BarProgress, eval_json, eval_table
     from quantize.measure import runtimes
     from quantize.measure.validate import validation_samples
     from quantize.run import evaluate_in
@@ -259,7 +256,7 @@ def eval_(
         spec = build_spec(preset_name, mean, std, resize, crop, interpolation)
         dataset, samples = validation_samples(data, labels, limit, seed)
         with ray_session(ray) as runner, progress_bar() as bar:
-            by_runtime = evaluate_in(chosen, models, samples, spec, batch, workers, runner, cli_progress(bar))
+            by_runtime = evaluate_in(chosen, models, samples, spec, batch, workers, runner, BarProgress(bar))
         if as_json:
             print_json(eval_json(by_runtime, dataset, spec))
         else:
@@ -335,7 +332,7 @@ def sweep(
             bench_runs=bench_runs,
             eval_batch=eval_batch,
             workers=workers,
-            log=say,
+            progress=ProgressCallbacks(on_stage=say),
             ray=runner,
             runtimes=chosen_runtimes,
         )

@@ -5,6 +5,7 @@ Progress and messages go to stderr (`err`) so that `--json` output on stdout sta
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import typer
@@ -41,32 +42,55 @@ def say(message: str, style: str = "dim", prefix: str = "· ") -> None:
     err.print(f"[{style}]{prefix}{escape(message)}[/]", highlight=False)
 
 
-def cli_progress(bar):
-    """The `quantize.pipeline.Progress` that draws a run on `bar` (a `progress_bar()`) and stderr."""
-    from quantize.pipeline import Progress
+class BarProgress:
+    """The `calibration.progress.Progress` the CLI draws a run with: each stage on stderr (`say`), each counted
+    pass as a line of `bar` (a `progress_bar()`) labelled with its stage, notes as dim lines."""
 
-    task = {}
+    def __init__(self, bar) -> None:
+        self.bar = bar
+        self.label = ""
+        self.task = None
 
-    def on_stage(name: str) -> None:
+    def stage(self, name: str) -> None:
         if name.startswith("bench"):
-            bar.stop()  # nothing to draw while timing: the refresh thread would only add noise
+            self.bar.stop()  # nothing to draw while timing: the refresh thread would only add noise
         if name != "calibrate":
             say(name)
+        self.label, self.task = name.split(" (")[0], None
 
-    def on_start(total: int) -> None:
-        task["id"] = bar.add_task("calibrating", total=total)
+    def total(self, n: int) -> None:
+        self.task = self.bar.add_task(self.label, total=n)
 
-    def counted(description: str, total: int):
-        counter = bar.add_task(description, total=total)
-        return lambda n: bar.advance(counter, n)
+    def advance(self, n: int = 1) -> None:
+        if self.task is not None:
+            self.bar.advance(self.task, n)
 
-    return Progress(
-        stage=on_stage,
-        calibration_start=on_start,
-        calibration_advance=lambda n: bar.advance(task["id"], n),
-        task=counted,
-        note=lambda message: err.print(f"[yellow]note:[/] {escape(message)}", highlight=False),
-    )
+    def note(self, text: str) -> None:
+        say(text, prefix="  ")
+
+
+class _ConsoleLogHandler(logging.Handler):
+    """rq's loggers on stderr: warnings always, as `warning: …`; the rest only with --verbose."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = escape(record.getMessage())
+        if record.levelno >= logging.WARNING:
+            err.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+        else:
+            err.print(f"[dim]rq {record.name}: {message}[/]", highlight=False, soft_wrap=True)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Show rq's own log records (the `quantize` and `calibration` loggers, never onnx/ORT/PIL's): warnings, and
+    with `verbose` the debug diagnostics too (preparation steps, skipped images, bias correction, …)."""
+    for name in ("quantize", "calibration"):
+        logger = logging.getLogger(name)
+        logger.handlers = [h for h in logger.handlers if not isinstance(h, _ConsoleLogHandler)]
+        handler = _ConsoleLogHandler(logging.DEBUG if verbose else logging.WARNING)
+        logger.addHandler(handler)
+        # The logger's own level is only raised for --verbose (NOTSET otherwise: whatever the root allows,
+        # WARNING by default), so a host program's logging setup keeps working.
+        logger.setLevel(logging.DEBUG if verbose else logging.NOTSET)
 
 
 def print_json(data) -> None:

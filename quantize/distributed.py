@@ -26,7 +26,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +34,7 @@ import numpy as np
 
 from calibration import PreprocessSpec, Sample
 from calibration.errors import RqInputError
+from calibration.progress import NO_PROGRESS, Progress
 
 INSTALL_HINT = "pip install 'rq-quant[ray]'"
 #: Seconds rq waits for a Ray cluster to answer before giving up (the issue's budget is 30 s in all).
@@ -221,12 +222,12 @@ class RayRunner:
         spec: PreprocessSpec,
         *,
         batch_size: int = 32,
-        on_images: Callable[[int], None] | None = None,
+        progress: Progress | None = None,
     ):
         """The same `EvalRun` `quantize.measure.evaluate.evaluate` returns, computed on the cluster."""
         from quantize.measure.evaluate import evaluation_result
 
-        run = self._run(models, samples, spec, batch_size=batch_size, on_images=on_images, keep_logits=False)
+        run = self._run(models, samples, spec, batch_size=batch_size, progress=progress, keep_logits=False)
         return evaluation_result(
             models,
             [t[run.kept] for t in run.top5],
@@ -245,12 +246,13 @@ class RayRunner:
     ) -> tuple[np.ndarray, np.ndarray, list[Path]]:
         """One model's whole logits on the readable images, with their labels (-1 where unknown) and paths:
         what tuning's fidelity measures (SQNR, KL) need. Unreadable images are left out, as locally."""
-        run = self._run([model], samples, spec, batch_size=batch_size, on_images=None, keep_logits=True)
+        run = self._run([model], samples, spec, batch_size=batch_size, progress=None, keep_logits=True)
         return run.logits[0][run.kept], run.labels, run.paths
 
-    def _run(self, models, samples, spec, *, batch_size, on_images, keep_logits) -> _ClusterRun:
+    def _run(self, models, samples, spec, *, batch_size, progress, keep_logits) -> _ClusterRun:
         from quantize.measure.evaluate import check_evaluation_inputs, read_model_outputs
 
+        progress = progress or NO_PROGRESS
         check_evaluation_inputs(models, samples, batch_size)
         io = [read_model_outputs(Path(m)) for m in models]  # one-line errors before anything is shipped
         for m in models:
@@ -300,8 +302,7 @@ class RayRunner:
                     chunks[i].append((idx, np.asarray(out[f"logits_{i}"], np.float32)))
             for k, e in zip(idx.tolist(), out["error"].tolist(), strict=True):
                 errors[k] = str(e)
-            if on_images is not None:
-                on_images(len(idx))
+            progress.advance(len(idx))
         seconds = time.perf_counter() - started
         lost, twice = int((seen == 0).sum()), int((seen > 1).sum())
         if lost or twice:
@@ -405,17 +406,14 @@ class InferenceActor:
     """A Ray Data actor holding one ORT session per model, built from model bytes in the object store."""
 
     def __init__(self, model_refs: list, offsets: list[int], threads: int = 1, keep_logits: bool = False):
-        import onnxruntime as ort
         import ray
+
+        from quantize.measure.runtimes import ort_session
 
         self.sessions = []
         for ref in model_refs:
             blob = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-            options.log_severity_level = 3
-            self.sessions.append(ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"]))
+            self.sessions.append(ort_session(blob, threads=threads, inter_op_threads=1, log_severity=3))
         self.inputs = [s.get_inputs()[0].name for s in self.sessions]
         self.offsets = offsets
         self.keep_logits = keep_logits

@@ -12,27 +12,28 @@ import hashlib
 import os
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from calibration import BatchStream, ImageDataset, PreprocessSpec, Sample, discover_dataset, select_samples
 from calibration.errors import RqInputError
+from calibration.loader import pad_batch
+from calibration.progress import NO_PROGRESS, Progress
 from quantize import __version__, backends
 from quantize.backends.ort import QuantizedOps, count_quantized
 from quantize.bias_correction import BiasCorrectionReport
 from quantize.calibrate import CalibrationRanges, calibrate
-from quantize.exits import QuantizerError
+from quantize.exits import QuantizerError, one_line
 from quantize.files import atomic_output, check_output_path, work_folder
 from quantize.graph.placement import place, require_something
 from quantize.graph.prepare import ModelError, PreparedModel, load_model, prepare_model
 from quantize.measure.cpu import CpuInfo, IntegerKernelAdvice, advise_int8, detect_cpu
 from quantize.measure.evaluate import evaluate
 from quantize.measure.fidelity import held_back_samples
+from quantize.measure.runtimes import ort_session
 from quantize.recipe import METADATA_KEY, QuantRecipe
 from quantize.tune import TuneReport, TuneRequest, tune_fallback
 
@@ -44,18 +45,6 @@ class QuantizationFailed(QuantizerError):
 
     Not the user's input: its own exit code (4, quantize/exits.py), not 2.
     """
-
-
-@dataclass
-class Progress:
-    """Callbacks a caller draws progress with; all optional."""
-
-    stage: Callable[[str], None] | None = None  # a stage starts: "prepare", "calibrate", "validate (…)", …
-    calibration_start: Callable[[int], None] | None = None  # number of images to read
-    calibration_advance: Callable[[int], None] | None = None  # images consumed (skipped included)
-    # A counted pass starts (description, images): returns the callback that advances it (quantize.run).
-    task: Callable[[str, int], Callable[[int], None]] | None = None
-    note: Callable[[str], None] | None = None  # something the user should know (not an error)
 
 
 @dataclass
@@ -133,14 +122,6 @@ def resolve_recipe(recipe: QuantRecipe, cpu: CpuInfo) -> tuple[QuantRecipe, Inte
     return recipe, advice, "user"
 
 
-def padded(images: np.ndarray, batch: int) -> np.ndarray:
-    """Models with a fixed batch dimension need full batches: repeat the last image to fill one."""
-    if len(images) == batch:
-        return images
-    fill = np.repeat(images[-1:], batch - len(images), axis=0)
-    return np.concatenate([images, fill])
-
-
 class ModelBatches:
     """The decoded batches of `samples` for a prepared model, padded when its batch dimension is fixed.
 
@@ -156,11 +137,11 @@ class ModelBatches:
         batch_size: int,
         *,
         workers: int | None = None,
-        on_image: Callable[[int], None] | None = None,
+        progress: Progress | None = None,
     ):
         self.fixed = prepared.signature.fixed_batch
         self.batch = self.fixed or batch_size
-        self.stream = BatchStream(samples, spec, batch_size=self.batch, workers=workers, on_image=on_image)
+        self.stream = BatchStream(samples, spec, batch_size=self.batch, workers=workers, progress=progress)
         self.first: np.ndarray | None = None
 
     def __iter__(self):
@@ -168,7 +149,7 @@ class ModelBatches:
             images = item.images
             if self.first is None:
                 self.first = images[: min(len(images), 2)].copy()
-            yield padded(images, self.batch) if self.fixed else images
+            yield pad_batch(images, self.batch) if self.fixed else images
 
     @property
     def used(self) -> int:
@@ -213,15 +194,10 @@ def _stamp_metadata(model: onnx.ModelProto, recipe: QuantRecipe, spec: Preproces
 def _smoke_test(path: Path, input_name: str, sample: np.ndarray, fp32_path: Path) -> None:
     """The INT8 model must load and run in ONNX Runtime and give finite outputs of the FP32 model's shape."""
     try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        out = session.run(None, {input_name: sample})[0]
+        out = ort_session(path, log_severity=None).run(None, {input_name: sample})[0]
     except Exception as exc:  # ORT raises its own exception types
-        raise QuantizationFailed(
-            f"the quantized model fails in onnxruntime: {str(exc).splitlines()[0]}"
-        ) from None
-    reference = ort.InferenceSession(str(fp32_path), providers=["CPUExecutionProvider"]).run(
-        None, {input_name: sample}
-    )[0]
+        raise QuantizationFailed(f"the quantized model fails in onnxruntime: {one_line(exc)}") from None
+    reference = ort_session(fp32_path, log_severity=None).run(None, {input_name: sample})[0]
     if out.shape != reference.shape or not np.all(np.isfinite(out)):
         raise QuantizationFailed(
             f"the quantized model gives output {out.shape}, FP32 gives {reference.shape}"
@@ -300,14 +276,9 @@ def run_calibration(
     A backend that calibrates by itself (`uses_rq_ranges` False) gets no ranges: only a smoke-test sample is
     read here, and the backend reads the same samples again.
     """
-    progress = progress or Progress()
     started = time.perf_counter()
     samples = select_samples(dataset, recipe.samples, recipe.seed)
-    batches = ModelBatches(
-        prepared, samples, spec, recipe.batch_size, workers=workers, on_image=progress.calibration_advance
-    )
-    if progress.calibration_start:
-        progress.calibration_start(len(samples))
+    batches = ModelBatches(prepared, samples, spec, recipe.batch_size, workers=workers, progress=progress)
     with batches:
         if backends.get(recipe.backend).uses_rq_ranges:
             ranges = calibrate(prepared.path, prepared.signature.input_name, iter(batches), recipe, workdir)
@@ -316,7 +287,7 @@ def run_calibration(
             ranges = None
     sample = batches.first
     if batches.fixed:
-        sample = padded(sample[:1], batches.fixed)
+        sample = pad_batch(sample[:1], batches.fixed)
     return CalibrationRun(
         dataset=dataset,
         samples=samples,
@@ -395,7 +366,7 @@ def quantize_prepared(
     return publish_int8(prepared, calibration, recipe, spec, scratch, output, tuning_fallback=tuning_fallback)
 
 
-def _tune(backend, prepared, calibration, recipe, spec, workdir, tune: TuneRequest, model, workers, log):
+def _tune(backend, prepared, calibration, recipe, spec, workdir, tune: TuneRequest, model, workers, progress):
     """(recipe, TuneReport, scratch model or None, seconds): the backend's own tuner, else rq's fallback tuner."""
     if backend.has_tuner:
         started = time.perf_counter()
@@ -411,7 +382,7 @@ def _tune(backend, prepared, calibration, recipe, spec, workdir, tune: TuneReque
             )
             return run.models[0].top1
 
-        tuned = backend.tune(prepared, calibration, recipe, spec, workdir, tune, top1, log)
+        tuned = backend.tune(prepared, calibration, recipe, spec, workdir, tune, top1, progress)
         return tuned.recipe, tuned.report, tuned.scratch, time.perf_counter() - started
     recipe, report = tune_fallback(
         quantize_to=lambda r, path: quantize_prepared(prepared, calibration, r, spec, path, workdir),
@@ -428,7 +399,7 @@ def _tune(backend, prepared, calibration, recipe, spec, workdir, tune: TuneReque
         workdir=workdir,
         workers=workers,
         eval_batch=tune.eval_batch,
-        log=log,
+        progress=progress,
     )
     return recipe, report, None, report.seconds
 
@@ -445,7 +416,6 @@ def quantize_model(
     workers: int | None = None,
     progress: Progress | None = None,
     tune: TuneRequest | None = None,
-    log: Callable[[str], None] = lambda _m: None,
 ) -> QuantizeResult:
     """Quantize `model` with images from `calib`; write the INT8 model to `output` atomically.
 
@@ -458,7 +428,7 @@ def quantize_model(
     model = Path(model)
     recipe = recipe or QuantRecipe()
     spec = spec or PreprocessSpec()
-    progress = progress or Progress()
+    progress = progress or NO_PROGRESS
     cpu = cpu or detect_cpu()
     output = Path(output) if output is not None else default_output_path(model)
     backend = backends.get(recipe.backend)
@@ -475,17 +445,13 @@ def quantize_model(
     dataset = discover_dataset(calib, labels)  # before the slow stages: a bad folder fails at once
     seconds: dict[str, float] = {}
 
-    def stage(name: str) -> None:
-        if progress.stage:
-            progress.stage(name)
-
     with work_folder("rq-") as workdir:
-        stage("prepare")
+        progress.stage("prepare")
         prepared = prepare_model(model, workdir)
         seconds["prepare"] = prepared.seconds
         check_spec_matches(prepared.signature, spec)
         check_recipe_matches(prepared, recipe)
-        stage("calibrate")
+        progress.stage("calibrate")
         calibration = run_calibration(
             prepared, dataset, recipe, spec, workdir, workers=workers, progress=progress
         )
@@ -493,11 +459,11 @@ def quantize_model(
         tuning = scratch = None
         user_excluded = recipe.exclude_nodes
         if tune is not None:
-            stage("tune")
+            progress.stage("tune")
             recipe, tuning, scratch, seconds["tune"] = _tune(
-                backend, prepared, calibration, recipe, spec, workdir, tune, model, workers, log
+                backend, prepared, calibration, recipe, spec, workdir, tune, model, workers, progress
             )
-        stage("quantize")
+        progress.stage("quantize")
         started = time.perf_counter()
         fallback = tuple(n for n in recipe.exclude_nodes if n not in user_excluded) if tuning else ()
         if scratch is not None:  # the backend's own tuner already produced the model: check and publish it
@@ -538,7 +504,6 @@ def read_model_metadata(path: Path) -> dict[str, str]:
 
 __all__ = [
     "ModelError",
-    "Progress",
     "QuantizationFailed",
     "QuantizeResult",
     "default_output_path",

@@ -16,23 +16,27 @@ Errors are those of the stages: `RqInputError` (bad input, nothing written), `Qu
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from calibration import PreprocessSpec
 from calibration.errors import RqEnvironmentError, RqInputError
+from calibration.progress import NO_PROGRESS, Progress
 from quantize.exits import EXIT_GATE_FAILED, EXIT_OK, ReportFailed, one_line
 from quantize.files import ensure_writable_dir
 from quantize.measure.bench import BenchResult
 from quantize.measure.cpu import CpuInfo
 from quantize.measure.fidelity import Fidelity
 from quantize.measure.validate import GATE_ON, Gate, Validation
-from quantize.pipeline import Progress, QuantizeResult, quantize_model
+from quantize.pipeline import QuantizeResult, quantize_model
 from quantize.recipe import QuantRecipe
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -127,7 +131,6 @@ def run(
     request: RunRequest,
     *,
     progress: Progress | None = None,
-    log: Callable[[str], None] = lambda _m: None,
     ray=None,
 ) -> RunResult:
     """Run every stage of `request` (see the module docstring). `ray`: a connected
@@ -138,7 +141,7 @@ def run(
     request.check(ray=ray is not None)
     if request.model is None:
         raise RqInputError("no model given")
-    progress = progress or Progress()
+    progress = progress or NO_PROGRESS
     model = Path(request.model)
     val_dataset = val_samples = tune_request = None
     if request.val is not None:
@@ -172,7 +175,6 @@ def run(
         workers=request.workers,
         progress=progress,
         tune=tune_request,
-        log=log,
     )
     runtimes = list(request.runtimes)
     validations: dict[str, Validation] = {}
@@ -185,7 +187,7 @@ def run(
     if request.bench_batches:
         from quantize.measure.bench import bench_models
 
-        _stage(progress, "bench (FP32 and INT8 interleaved)")
+        progress.stage("bench (FP32 and INT8 interleaved)")
         started = time.perf_counter()
         bench = bench_models(
             [model, result.output],
@@ -195,15 +197,6 @@ def run(
         )
         result.seconds["bench"] = time.perf_counter() - started
     return _report(request, result, validations, gate, fidelity, bench, runtimes)
-
-
-def _stage(progress: Progress, name: str) -> None:
-    if progress.stage:
-        progress.stage(name)
-
-
-def _counter(progress: Progress, description: str, total: int) -> Callable[[int], None] | None:
-    return progress.task(description, total) if progress.task else None
 
 
 def _check_evaluable(model: Path) -> None:
@@ -220,7 +213,7 @@ def _validate(request, model, result, dataset, samples, runtimes, progress, ray)
     validations = {}
     for rt in runtimes:
         where = "" if runtimes == ["ort"] else f" in {rt}"
-        _stage(progress, f"validate (FP32 and INT8 on the same images{where})")
+        progress.stage(f"validate{where} (FP32 and INT8 on the same images)")
         validations[rt] = validate(
             model,
             result.output,
@@ -230,7 +223,7 @@ def _validate(request, model, result, dataset, samples, runtimes, progress, ray)
             batch_size=request.eval_batch,
             calibration_files=result.calibration_files,
             workers=request.workers,
-            on_images=_counter(progress, f"validating{where}", len(samples)),
+            progress=progress,
             ray=ray,
             runtime=rt,
         )
@@ -264,13 +257,12 @@ def _holdout_fidelity(request, model, result, progress) -> Fidelity | None:
     limit = DEFAULT_HOLDOUT_IMAGES if request.holdout_images is None else request.holdout_images
     held = held_back_samples(result.calibration_dataset, result.calibration_files, limit, result.recipe.seed)
     if not held:
-        if progress.note:
-            progress.note(
-                "every --calib image was used for calibration: no held-back image is left to check INT8's "
-                "agreement with FP32 (use more calibration images than --samples, or --val)"
-            )
+        logger.warning(
+            "every --calib image was used for calibration: no held-back image is left to check INT8's "
+            "agreement with FP32 (use more calibration images than --samples, or --val)"
+        )
         return None
-    _stage(progress, f"fidelity (FP32 vs INT8 on {len(held)} held-back calibration images)")
+    progress.stage(f"fidelity (FP32 vs INT8 on {len(held)} held-back calibration images)")
     fidelity = measure_fidelity(
         model,
         result.output,
@@ -279,7 +271,7 @@ def _holdout_fidelity(request, model, result, progress) -> Fidelity | None:
         source=f"{len(held)} held-back calibration images (not used to calibrate; no labels needed)",
         batch_size=request.eval_batch,
         workers=request.workers,
-        on_images=_counter(progress, "fidelity", len(held)),
+        progress=progress,
     )
     result.seconds["fidelity"] = fidelity.seconds
     return fidelity
@@ -320,17 +312,17 @@ def evaluate_in(runtimes, models, samples, spec, batch, workers=None, ray=None, 
     """`rq eval`: the models on the same batches, in each runtime (`quantize.measure.evaluate.evaluate`)."""
     from quantize.measure.evaluate import evaluate
 
-    progress = progress or Progress()
+    progress = progress or NO_PROGRESS
     by_runtime = {}
     for name in runtimes:
-        where = f"evaluating ({name})" if list(runtimes) != ["ort"] else "evaluating"
+        progress.stage(f"evaluate in {name}" if list(runtimes) != ["ort"] else "evaluate")
         by_runtime[name] = evaluate(
             models,
             samples,
             spec,
             batch_size=batch,
             workers=workers,
-            on_images=_counter(progress, where, len(samples)),
+            progress=progress,
             ray=ray,
             runtime=name,
         )

@@ -18,7 +18,7 @@ import hashlib
 import itertools
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +26,7 @@ import numpy as np
 
 from calibration import PreprocessSpec, discover_dataset, select_samples
 from calibration.errors import RqInputError
+from calibration.progress import NO_PROGRESS, Progress
 from quantize import backends as registry
 from quantize.backends.ort import QuantizedOps
 from quantize.fetch import sha256_file
@@ -37,7 +38,6 @@ from quantize.measure.evaluate import evaluate
 from quantize.measure.validate import count_overlap, validation_samples
 from quantize.pipeline import (
     CalibrationRun,
-    Progress,
     calibration_key,
     check_spec_matches,
     file_list_sha256,
@@ -238,7 +238,6 @@ def run_sweep(
     eval_batch: int = 32,
     workers: int | None = None,
     cpu: CpuInfo | None = None,
-    log: Callable[[str], None] = lambda _msg: None,
     progress: Progress | None = None,
     ray=None,
     runtimes: Sequence[str] = ("ort",),
@@ -250,6 +249,7 @@ def run_sweep(
     `runtimes`: the runtimes (quantize.measure.runtimes names) every model is validated and benchmarked in; entries
     come recipe by recipe, one per runtime in this order."""
     model = Path(model)
+    progress = progress or NO_PROGRESS
     base = base or QuantRecipe()
     spec = spec or PreprocessSpec()
     cpu = cpu or detect_cpu()
@@ -282,7 +282,7 @@ def run_sweep(
 
     with work_folder("rq-sweep-") as workdir:
         started = time.perf_counter()
-        log("prepare")
+        progress.stage("prepare")
         prepared = prepare_model(model, workdir)
         check_spec_matches(prepared.signature, spec)
         seconds["prepare"] = time.perf_counter() - started
@@ -300,7 +300,7 @@ def run_sweep(
                 pred, top5, rt_labels = data["predictions"], data["top5"], data["labels"]
                 rt_skipped = [(Path(p), r) for p, r in json.loads(str(data["skipped"]))]
             else:
-                log(f"validate FP32{where(rt)}")
+                progress.stage(f"validate FP32{where(rt)}")
                 started = time.perf_counter()
                 run = evaluate(
                     [model], val_set, spec, batch_size=eval_batch, workers=workers, ray=ray, runtime=rt
@@ -356,11 +356,11 @@ def run_sweep(
                 calib_summary = summary.get("calibration") or calib_summary
                 ops_dict = summary["quantized_ops"]
                 if all(p.is_file() for p in npz_paths.values()):
-                    log(f"[{index}/{len(recipes)}] {variant_name(recipe)}: cached")
+                    progress.stage(f"[{index}/{len(recipes)}] {variant_name(recipe)}: cached")
                 else:
-                    log(f"[{index}/{len(recipes)}] {variant_name(recipe)}: cached model, validate")
+                    progress.stage(f"[{index}/{len(recipes)}] {variant_name(recipe)}: cached model, validate")
             else:
-                log(f"[{index}/{len(recipes)}] {variant_name(recipe)}")
+                progress.stage(f"[{index}/{len(recipes)}] {variant_name(recipe)}")
                 key = calibration_key(recipe)
                 if key in calibration_seconds:
                     timing["calibrate"] = calibration_seconds.pop(key)
@@ -429,7 +429,7 @@ def run_sweep(
     bench = None
     if bench_batches:
         where_all = "" if runtimes == ["ort"] else f" in {', '.join(runtimes)}"
-        log(f"bench (FP32 and every INT8 variant, interleaved{where_all})")
+        progress.stage(f"bench (FP32 and every INT8 variant, interleaved{where_all})")
         started = time.perf_counter()
         bench = bench_models(
             [model, *model_paths], batch_sizes=bench_batches, runs=bench_runs, runtimes=runtimes

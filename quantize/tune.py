@@ -35,6 +35,7 @@ import numpy as np
 
 from calibration import BatchStream, PreprocessSpec, Sample
 from calibration.errors import RqInputError
+from calibration.progress import NO_PROGRESS, Progress
 from quantize.graph.inspection import DEQUANT_SUFFIX, _run_all, _session, _with_outputs
 from quantize.measure.evaluate import open_session, run_model
 from quantize.measure.fidelity import compare_logits
@@ -394,7 +395,7 @@ def tune_fallback(
     holdout_samples: Sequence[Sample] = (),
     workers: int | None = None,
     eval_batch: int = 32,
-    log: Callable[[str], None] = lambda _m: None,
+    progress: Progress | None = None,
 ) -> tuple[QuantRecipe, TuneReport]:
     """Run the fallback loop; return the recipe to publish (its exclude_nodes = the chosen fallbacks).
 
@@ -405,6 +406,7 @@ def tune_fallback(
     from quantize.measure.bench import bench_models
     from quantize.measure.validate import _identity
 
+    progress = progress or NO_PROGRESS
     started = time.perf_counter()
     forbidden = {_identity(Path(p)) for p in request.never_use}
     holdout_samples = [s for s in holdout_samples if _identity(Path(s.path)) not in forbidden]
@@ -444,7 +446,7 @@ def tune_fallback(
             loss_per_disagreement.append(max(ratio, 0.0))
         predicted = 100.0 * figures.disagreement_rate * loss_per_disagreement[0]
         step_models.append(path)
-        log(
+        progress.note(
             f"tune step {step}: {len(fallback)} node(s) in FP32, agreement {figures.agreement_pct:.2f}% on "
             f"{report.pool_images} images, drop {figures.drop_pt:.2f} pt on {report.tune_images} labelled "
             f"(predicted {predicted:.2f} pt)"
@@ -468,7 +470,7 @@ def tune_fallback(
     report.steps.append(measure(0, [], None))
     report.loss_per_disagreement = loss_per_disagreement[0]
     if not meets(report.steps[0]):
-        log("ranking nodes by sensitivity (one pass of FP32 and INT8, every candidate exposed)")
+        progress.note("ranking nodes by sensitivity (one pass of FP32 and INT8, every candidate exposed)")
         nodes = candidate_nodes(prepared_path, recipe)
         if any(not n for n in nodes):
             raise RqInputError("the model has unnamed nodes; rq cannot fall them back by name")
@@ -495,7 +497,7 @@ def tune_fallback(
         )
     report.chosen = chosen.step
     if len(step_models) > 1 and request.bench_runs > 0:
-        log("bench: FP32 and every tuning step, interleaved (batch 1)")
+        progress.note("bench: FP32 and every tuning step, interleaved (batch 1)")
         bench = bench_models([fp32_path, *step_models], batch_sizes=(1,), runs=request.bench_runs, warmup=2)
         for row in bench.rows:
             if row.model_index > 0:

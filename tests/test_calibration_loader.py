@@ -23,6 +23,7 @@ from calibration import (
     Sample,
 )
 from calibration.loader import THREAD_NAME_PREFIX, pad_batch
+from calibration.progress import ProgressCallbacks
 from tests.helpers.calib_images import write_rgb, write_text_as_image, write_truncated_jpeg, write_zero_byte
 
 SMALL = PreprocessSpec(resize=16, crop=16)
@@ -50,7 +51,9 @@ def test_batches_in_order(tmp_path):
     samples = make_samples(tmp_path, 10)
     samples[3] = Sample(samples[3].path, None)
     seen: list[int] = []
-    stream = BatchStream(samples, SMALL, batch_size=4, workers=3, on_image=seen.append)
+    stream = BatchStream(
+        samples, SMALL, batch_size=4, workers=3, progress=ProgressCallbacks(on_advance=seen.append)
+    )
     batches = list(stream)
     assert [len(b) for b in batches] == [4, 4, 2]
     assert [p for b in batches for p in b.paths] == [s.path for s in samples]
@@ -84,7 +87,9 @@ def test_corrupt_files_are_skipped_and_recorded(tmp_path):
     # Batch 2 (samples 3..5) is entirely bad: it must vanish, not come out empty.
     samples = [*good[:3], *bad, *good[3:]]
     progress: list[int] = []
-    stream = BatchStream(samples, SMALL, batch_size=3, workers=2, on_image=progress.append)
+    stream = BatchStream(
+        samples, SMALL, batch_size=3, workers=2, progress=ProgressCallbacks(on_advance=progress.append)
+    )
     batches = list(stream)
     assert all(len(b) > 0 for b in batches)
     assert [len(b) for b in batches] == [3, 2]

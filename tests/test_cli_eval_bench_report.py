@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime
 import pytest
 
-from quantize.cli import EXIT_BAD_INPUT
+from quantize.exits import EXIT_BAD_INPUT
 from quantize.fetch import sha256_file
 from quantize.report import validate_report
 from tests.helpers.calib_images import make_class_folders, write_rgb

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from quantize.cli import EXIT_BAD_INPUT
+from quantize.console import setup_logging
+from quantize.exits import EXIT_BAD_INPUT
 from quantize.measure.cpu import advise_int8, detect_cpu
 from tests.helpers.calib_images import (
     WNIDS,
@@ -264,3 +265,19 @@ def test_quantize_help_groups_the_options_in_panels(cli):
     for panel in ("Calibration", "Recipe", "Preprocessing", "Validation & gate", "Tuning", "Speed", "Output"):
         assert f"─ {panel} ─" in text, panel
     assert "[x>=1]" in text and "qdq|qoperator" in text
+
+
+def test_warnings_always_show_and_verbose_adds_the_diagnostics(cli, tiny_model, calib, tmp_path):
+    # All 8 --calib images calibrate (--samples 100): none is left to measure fidelity on, which is a warning.
+    quiet = cli("quantize", tiny_model, "--calib", calib, "--out", tmp_path / "a.onnx", *SMALL)
+    text = all_output(quiet)
+    assert quiet.exit_code == 0, text
+    assert "warning: every --calib image was used for calibration" in text
+    assert "rq quantize.graph.prepare:" not in text
+    try:
+        loud = cli("-v", "quantize", tiny_model, "--calib", calib, "--out", tmp_path / "b.onnx", *SMALL)
+        text = all_output(loud)
+        assert loud.exit_code == 0, text
+        assert "rq quantize.graph.prepare: prepare" in text and "rq quantize.calibrate:" in text
+    finally:
+        setup_logging(False)  # the loggers are process-wide: leave them as other tests expect

@@ -15,6 +15,7 @@ import pytest
 
 from calibration import discover_dataset
 from calibration.errors import RqInputError
+from calibration.progress import ProgressCallbacks
 from quantize.measure.evaluate import evaluate, require_labels
 from quantize.measure.validate import validation_samples
 from tests.helpers.calib_images import make_class_folders, write_rgb, write_truncated_jpeg
@@ -173,7 +174,13 @@ def test_two_models_same_batches_equal_lengths(tmp_path, models):
     write_truncated_jpeg(root / wnid(J) / "broken.JPEG")
     _dataset, chosen = validation_samples(root, None, None)
     seen = []
-    run = evaluate([models["k"], models["j_then_k"]], chosen, SMALL_SPEC, batch_size=3, on_images=seen.append)
+    run = evaluate(
+        [models["k"], models["j_then_k"]],
+        chosen,
+        SMALL_SPEC,
+        batch_size=3,
+        progress=ProgressCallbacks(on_advance=seen.append),
+    )
     a, b = run.models
     assert len(run.skipped) == 1 and run.skipped[0][0].name == "broken.JPEG"
     assert run.images == 7 == len(run.paths) == len(run.labels)

@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 
 from calibration import discover_dataset, load_image, load_synsets, select_samples
 from calibration.errors import RqInputError
-from quantize.cli import EXIT_BAD_INPUT, EXIT_GATE_FAILED, app
+from quantize.cli import app
+from quantize.exits import EXIT_BAD_INPUT, EXIT_GATE_FAILED
 from quantize.measure.fidelity import compare_logits, held_back_samples, softmax_kl
 from quantize.measure.stats import agreement, images_to_confirm, paired_drop
 from quantize.measure.validate import Gate

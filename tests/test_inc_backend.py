@@ -14,6 +14,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from calibration.progress import ProgressCallbacks
+
 pytest.importorskip("neural_compressor")
 
 from calibration.errors import RqInputError
@@ -239,7 +241,12 @@ class FakeEval:
 def test_tuning_goal_not_met_writes_best(tiny_prepared, tmp_path):
     messages: list[str] = []
     outcome, _ = quantize(
-        tiny_prepared, tmp_path, eval_func=FakeEval(), max_drop_pt=1.0, max_trials=3, log=messages.append
+        tiny_prepared,
+        tmp_path,
+        eval_func=FakeEval(),
+        max_drop_pt=1.0,
+        max_trials=3,
+        progress=ProgressCallbacks(on_note=messages.append),
     )
     assert outcome.goal_met is False
     assert outcome.baseline_accuracy == 100.0
@@ -263,7 +270,12 @@ def test_tuning_trial_error_is_recorded_and_tuning_goes_on(tiny_prepared, tmp_pa
     messages: list[str] = []
     evaluator = FakeEval(raise_on_call=3)  # call 1 = FP32 baseline, call 3 = the second quantized trial
     outcome, _ = quantize(
-        tiny_prepared, tmp_path, eval_func=evaluator, max_drop_pt=1.0, max_trials=4, log=messages.append
+        tiny_prepared,
+        tmp_path,
+        eval_func=evaluator,
+        max_drop_pt=1.0,
+        max_trials=4,
+        progress=ProgressCallbacks(on_note=messages.append),
     )
     failed = [t for t in outcome.trials if t["error"] and "exploded" in t["error"]]
     assert len(failed) == 1 and failed[0]["accuracy"] is None

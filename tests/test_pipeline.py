@@ -17,6 +17,7 @@ import pytest
 import quantize.pipeline as pipeline
 from calibration import PreprocessSpec
 from calibration.errors import RqInputError
+from calibration.progress import ProgressCallbacks
 from quantize.pipeline import (
     PREPROCESS_METADATA_KEY,
     default_output_path,
@@ -59,9 +60,7 @@ def test_quantize_model_end_to_end(which, request, calib_dir, tmp_path, avx2_cpu
     stages: list[str] = []
     started: list[int] = []
     advanced: list[int] = []
-    progress = pipeline.Progress(
-        stage=stages.append, calibration_start=started.append, calibration_advance=advanced.append
-    )
+    progress = ProgressCallbacks(on_stage=stages.append, on_total=started.append, on_advance=advanced.append)
     result = quantize(model, calib_dir, output, cpu=avx2_cpu, progress=progress)
 
     assert result.output == output and output.is_file()

@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import pytest
-
 from calibration import BatchStream, PreprocessSpec, Sample
 from calibration.progress import NO_PROGRESS, Progress, ProgressCallbacks, as_progress
 from quantize.calibrate import calibrate
@@ -54,11 +52,6 @@ def test_the_default_and_the_callback_form_are_progress():
 def test_as_progress():
     recorder = Recorder()
     assert as_progress(None) is NO_PROGRESS and as_progress(recorder) is recorder
-    seen: list[int] = []
-    as_progress(None, seen.append).advance(4)
-    assert seen == [4]
-    with pytest.raises(TypeError, match="not both"):
-        as_progress(recorder, seen.append)
 
 
 def test_batch_stream_reports_the_total_then_every_sample_skipped_ones_included(tmp_path):
@@ -74,15 +67,12 @@ def test_batch_stream_reports_the_total_then_every_sample_skipped_ones_included(
     assert recorder.of("total") == [6, 6] and sum(recorder.of("advance")) == 12
 
 
-def test_evaluate_reports_images_and_still_takes_on_images(tmp_path):
+def test_evaluate_reports_images(tmp_path):
     model = onehot_model(tmp_path / "k.onnx", onehot_row(1000, [3]))
     samples = [Sample(write_rgb(tmp_path / wnid(3) / f"{i}.png", size=(40, 36), seed=i), 3) for i in range(7)]
     recorder = Recorder()
     run = evaluate([model], samples, SMALL_SPEC, batch_size=3, workers=1, progress=recorder)
     assert run.images == 7 and recorder.of("total") == [7] and recorder.of("advance") == [3, 3, 1]
-    seen: list[int] = []
-    evaluate([model], samples, SMALL_SPEC, batch_size=3, workers=1, on_images=seen.append)
-    assert seen == [3, 3, 1]
 
 
 def test_bench_reports_a_stage_per_batch_size_and_every_round(tmp_path):

@@ -37,6 +37,7 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 
 from calibration import discover_dataset  # noqa: E402
+from calibration.progress import ProgressCallbacks  # noqa: E402
 from quantize.distributed import RayRunner  # noqa: E402
 from quantize.measure.evaluate import evaluate  # noqa: E402
 from quantize.measure.validate import validate, validation_samples  # noqa: E402
@@ -131,7 +132,9 @@ def test_ray_validation_equals_the_local_pipeline(inputs, local_ray):
     args = (inputs["fp32"], inputs["int8"], dataset, samples, SMALL_SPEC)
     local = validate(*args, batch_size=4)
     seen = []
-    distributed = validate(*args, batch_size=4, ray=local_ray, on_images=seen.append)
+    distributed = validate(
+        *args, batch_size=4, ray=local_ray, progress=ProgressCallbacks(on_advance=seen.append)
+    )
     _assert_same_run(distributed.run, local.run)
     assert distributed.drop == local.drop  # drop, interval, discordant counts: equal, not close
     assert sum(seen) == len(samples)  # the progress bar reaches every image, skipped ones included
@@ -192,7 +195,7 @@ def test_killing_an_inference_actor_mid_run_loses_and_repeats_nothing(inputs, lo
         SMALL_SPEC,
         batch_size=2,
         ray=local_ray,
-        on_images=on_images,
+        progress=ProgressCallbacks(on_advance=on_images),
     )
     assert state["killed"] is not None
     assert state["done_at_kill"] < len(samples)  # killed while images were still outstanding

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from calibration.errors import RqInputError
+from calibration.progress import ProgressCallbacks
 from quantize import backends
 from quantize.exits import EXIT_GATE_FAILED, EXIT_OK
-from quantize.pipeline import Progress
 from quantize.recipe import LEGACY_OP_TYPES, QuantRecipe
 from quantize.report import validate_report
 from quantize.run import RunRequest, run
@@ -65,7 +65,9 @@ def written_report(result) -> dict:
 
 def test_failed_gate_is_a_result_not_an_exception_and_the_report_is_written(flipping, tmp_path):
     stages: list[str] = []
-    result = run(request(flipping, tmp_path, max_drop=0.0), progress=Progress(stage=stages.append))
+    result = run(
+        request(flipping, tmp_path, max_drop=0.0), progress=ProgressCallbacks(on_stage=stages.append)
+    )
     assert result.gate is not None and not result.gate.passed
     assert result.exit_code == EXIT_GATE_FAILED
     assert result.output == tmp_path / "int8.onnx" and result.output.is_file()
@@ -101,15 +103,14 @@ def test_without_val_fidelity_is_measured_on_held_back_calibration_images(tmp_pa
     calib = tmp_path / "calib"
     make_class_folders(calib, {WNIDS[0]: 10, WNIDS[1]: 10}, size=(48, 40))
     notes: list[str] = []
+    stages: list[str] = []
     counted: dict[str, int] = {}
 
-    def task(description: str, total: int):
-        counted[description] = 0
+    def total(n: int) -> None:
+        counted[stages[-1].split(" (")[0]] = 0
 
-        def advance(n: int) -> None:
-            counted[description] += n
-
-        return advance
+    def advance(n: int) -> None:
+        counted[stages[-1].split(" (")[0]] += n
 
     result = run(
         RunRequest(
@@ -122,13 +123,15 @@ def test_without_val_fidelity_is_measured_on_held_back_calibration_images(tmp_pa
             report_dir=None,
             cpu=x86_cpu("avx2"),
         ),
-        progress=Progress(task=task, note=notes.append),
+        progress=ProgressCallbacks(
+            on_stage=stages.append, on_total=total, on_advance=advance, on_note=notes.append
+        ),
     )
     assert result.report_paths is None  # report_dir None: assembled, not written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib", "tiny-int8.onnx"]
     assert result.gate is None and result.validations == {} and result.exit_code == EXIT_OK
     assert result.fidelity is not None and result.fidelity.images == 12  # 20 images, 8 calibrated with
-    assert counted == {"fidelity": 12} and notes == []
+    assert counted == {"calibrate": 8, "fidelity": 12} and notes == []
     assert result.report["fidelity"]["images"] == 12
     validate_report(result.report)
 

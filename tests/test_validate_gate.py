@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from quantize.cli import EXIT_BAD_INPUT, EXIT_GATE_FAILED
+from quantize.exits import EXIT_BAD_INPUT, EXIT_GATE_FAILED
 from quantize.measure.stats import paired_drop
 from quantize.measure.validate import Gate, count_overlap, validate, validation_samples
 from tests.helpers.calib_images import make_class_folders, write_rgb

@@ -26,6 +26,7 @@ from calibration.errors import RqInputError
 
 if TYPE_CHECKING:
     from calibration import PreprocessSpec
+    from calibration.progress import Progress
     from quantize.graph.prepare import PreparedModel
     from quantize.pipeline import CalibrationRun
     from quantize.recipe import QuantRecipe
@@ -82,7 +83,7 @@ class Backend(Protocol):
         workdir: Path,
         request: TuneRequest,
         top1: Callable[[Path], float],
-        log: Callable[[str], None],
+        progress: Progress,
     ) -> Tuned:
         """Only when `has_tuner`: tune against `top1` (ONNX path → top-1 % on the tuning images)."""
 

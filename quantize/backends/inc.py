@@ -36,6 +36,7 @@ import numpy as np
 import onnx
 
 from calibration.errors import RqInputError
+from calibration.progress import NO_PROGRESS, Progress
 from quantize.backends import Tuned
 from quantize.backends.inc_config import (
     INC_INSTALL_HINT,
@@ -165,13 +166,13 @@ class _TrialEvaluator:
         workdir: Path,
         op_types: tuple[str, ...],
         excluded: tuple[str, ...],
-        log: Callable[[str], None],
+        progress: Progress,
     ):
         self.eval_func = eval_func
         self.workdir = workdir
         self.op_types = op_types
         self.excluded = set(excluded)
-        self.log = log
+        self.progress = progress
         self.calls = 0
         self.baseline: float | None = None
         self.baseline_error: str | None = None
@@ -193,7 +194,7 @@ class _TrialEvaluator:
 
     def _say(self, message: str) -> None:
         with self._outside():
-            self.log(message)
+            self.progress.note(message)
 
     def _run(self, path: Path) -> float:
         with self._outside():
@@ -370,7 +371,7 @@ def quantize_with_inc(
     max_drop_pt: float | None = None,
     max_trials: int = 20,
     timeout_s: int = 0,
-    log: Callable[[str], None] = lambda m: None,
+    progress: Progress | None = None,
 ) -> IncOutcome:
     """Quantize `prepared_path` with INC into `output_path` (a scratch path; the caller publishes it).
 
@@ -379,6 +380,7 @@ def quantize_with_inc(
     first configuration within the drop, > 0 lets INC keep tuning until the timeout or `max_trials`). When no
     configuration meets the goal, the most accurate quantized candidate is written and `goal_met` is False.
     """
+    progress = progress or NO_PROGRESS
     started = time.perf_counter()
     require_inc()
     from neural_compressor.quantization import fit
@@ -398,9 +400,11 @@ def quantize_with_inc(
     workspace.mkdir(parents=True, exist_ok=True)
     loader = IncCalibrationLoader(make_batches, batch_size)
     evaluator = (
-        _TrialEvaluator(eval_func, workdir, inc_op_types(recipe), recipe.exclude_nodes, log) if tune else None
+        _TrialEvaluator(eval_func, workdir, inc_op_types(recipe), recipe.exclude_nodes, progress)
+        if tune
+        else None
     )
-    log(
+    progress.note(
         f"INC: {'tuning (at most ' + str(max_trials) + ' trials)' if tune else 'calibrating and quantizing'}"
         f" {prepared_path.name}"
     )
@@ -473,7 +477,7 @@ def quantize_with_inc(
     excluded = set(recipe.exclude_nodes)
     outcome.fallback_nodes = [n for n in fp32_candidates(written, inc_op_types(recipe)) if n not in excluded]
     outcome.seconds = time.perf_counter() - started
-    log(f"INC: done in {outcome.seconds:.1f} s")
+    progress.note(f"INC: done in {outcome.seconds:.1f} s")
     return outcome
 
 
@@ -498,16 +502,16 @@ class IncBackend:
     def quantize(self, prepared, calibration, recipe, spec, scratch: Path, workdir: Path) -> None:
         self._run(prepared, calibration, recipe, spec, scratch, workdir)
 
-    def tune(self, prepared, calibration, recipe, spec, workdir, request, top1, log) -> Tuned:
+    def tune(self, prepared, calibration, recipe, spec, workdir, request, top1, progress) -> Tuned:
         scratch = workdir / "int8-inc-tuned.onnx"
         outcome = self._run(
-            prepared, calibration, recipe, spec, scratch, workdir, top1=top1, tune=request, log=log
+            prepared, calibration, recipe, spec, scratch, workdir, top1=top1, tune=request, progress=progress
         )
         tuned = recipe.with_changes(exclude_nodes=recipe.exclude_nodes + tuple(outcome.fallback_nodes))
         return Tuned(tuned, inc_tune_report(outcome, request), scratch)
 
     @staticmethod
-    def _run(prepared, calibration, recipe, spec, scratch, workdir, *, top1=None, tune=None, log=None):
+    def _run(prepared, calibration, recipe, spec, scratch, workdir, *, top1=None, tune=None, progress=None):
         make_batches, batch = calibration_passes(prepared, calibration, recipe, spec)
         return quantize_with_inc(
             prepared.path,
@@ -519,7 +523,7 @@ class IncBackend:
             eval_func=top1,
             max_drop_pt=tune.max_drop_pt if tune else None,
             max_trials=tune.max_trials if tune else 20,
-            log=log or (lambda _m: None),
+            progress=progress,
         )
 
 

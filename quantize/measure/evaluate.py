@@ -8,7 +8,7 @@ the paired confidence interval of the drop needs).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -260,22 +260,21 @@ def evaluate(
     threads: int | None = None,
     workers: int | None = None,
     progress: Progress | None = None,
-    on_images: Callable[[int], None] | None = None,
     ray=None,
     runtime: str = "ort",
 ) -> EvalRun:
     """Run every model on the same decoded batches in `runtime` (quantize.measure.runtimes); per-image correctness.
 
     `progress` (calibration.progress): ``total`` images, then ``advance`` as images are read (skipped ones
-    included); `on_images`, the older form of ``advance``, is still accepted.
+    included).
     `ray`: a `quantize.distributed.RayRunner` to run on a Ray cluster instead of this machine's threads
     (same result object, same statistics; ONNX Runtime only)."""
-    progress = as_progress(progress, on_images)
+    progress = as_progress(progress)
     if ray is not None:
         if runtime != "ort":
             raise RqInputError("--ray runs models in onnxruntime only; drop --runtime or --ray")
         progress.total(len(samples))
-        return ray.evaluate(models, samples, spec, batch_size=batch_size, on_images=progress.advance)
+        return ray.evaluate(models, samples, spec, batch_size=batch_size, progress=progress)
     check_evaluation_inputs(models, samples, batch_size)
     sessions = [open_in_runtime(Path(m), runtime, threads) for m in models]
     io = [_classes_and_offset(s, Path(m)) for s, m in zip(sessions, models, strict=True)]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +27,7 @@ import numpy as np
 
 from calibration import BatchStream, ImageDataset, PreprocessSpec, Sample
 from calibration.errors import RqInputError
-from calibration.progress import Progress, as_progress
+from calibration.progress import Progress
 from quantize.graph.inspection import _Accumulator
 from quantize.measure.evaluate import open_session, run_model
 from quantize.measure.stats import agreement
@@ -146,12 +146,10 @@ def measure_fidelity(
     batch_size: int = 32,
     workers: int | None = None,
     progress: Progress | None = None,
-    on_images: Callable[[int], None] | None = None,
 ) -> Fidelity:
     """Run both models on the same decoded batches of `samples` (labels are ignored) and compare their logits.
 
-    `progress` (calibration.progress): ``total`` images, then ``advance`` as they are read; `on_images`, the
-    older form of ``advance``, is still accepted."""
+    `progress` (calibration.progress): ``total`` images, then ``advance`` as they are read."""
     if not samples:
         raise RqInputError(f"no images to measure fidelity on ({source})")
     sessions = [open_session(Path(reference)), open_session(Path(candidate))]
@@ -159,9 +157,7 @@ def measure_fidelity(
     acc = FidelityAccumulator()
     started = time.perf_counter()
     unlabelled = [Sample(s.path, None) for s in samples]
-    stream = BatchStream(
-        unlabelled, spec, batch_size=batch_size, workers=workers, progress=as_progress(progress, on_images)
-    )
+    stream = BatchStream(unlabelled, spec, batch_size=batch_size, workers=workers, progress=progress)
     with stream:
         for batch in stream:
             ref = run_model(sessions[0], names[0], batch.images)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from calibration import ImageDataset, PreprocessSpec, Sample, discover_dataset, select_samples
 from calibration.errors import RqInputError
-from calibration.progress import Progress, as_progress
+from calibration.progress import Progress
 from quantize.measure.evaluate import EvalRun, evaluate, require_labels
 from quantize.measure.stats import PairedDrop, images_to_confirm, paired_drop
 
@@ -224,19 +224,18 @@ def validate(
     calibration_files: Sequence[Path] = (),
     workers: int | None = None,
     progress: Progress | None = None,
-    on_images: Callable[[int], None] | None = None,
     ray=None,
     runtime: str = "ort",
 ) -> Validation:
     """Evaluate FP32 and INT8 on `samples` in one pass (see `validation_samples`) and compare them pair-wise,
-    both run in `runtime` (quantize.measure.runtimes). `progress`/`on_images`: as `evaluate`'s."""
+    both run in `runtime` (quantize.measure.runtimes). `progress`: as `evaluate`'s."""
     run = evaluate(
         [fp32, int8],
         samples,
         spec,
         batch_size=batch_size,
         workers=workers,
-        progress=as_progress(progress, on_images),
+        progress=progress,
         ray=ray,
         runtime=runtime,
     )

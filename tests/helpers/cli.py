@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typer.testing import CliRunner
 
-from quantize.cli import EXIT_BAD_INPUT, app
+from quantize.cli import app
+from quantize.exits import EXIT_BAD_INPUT
 
 #: The environment of every CLI test: wide lines, a fixed CPU (AVX2, no VNNI), no colour, no debug tracebacks.
 ENV = {"COLUMNS": "200", "RQ_CPU_FLAGS": "avx2", "RQ_DEBUG": None, "NO_COLOR": "1"}
