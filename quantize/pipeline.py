@@ -18,7 +18,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from calibration import BatchStream, ImageDataset, PreprocessSpec, Sample, discover_dataset, select_samples
+from calibration import (
+    BatchStream,
+    ImageCalibrationReader,
+    ImageDataset,
+    PreprocessSpec,
+    Sample,
+    discover_dataset,
+    select_samples,
+)
 from calibration.errors import RqInputError
 from calibration.loader import pad_batch
 from calibration.progress import NO_PROGRESS, Progress
@@ -142,14 +150,18 @@ class ModelBatches:
         self.fixed = prepared.signature.fixed_batch
         self.batch = self.fixed or batch_size
         self.stream = BatchStream(samples, spec, batch_size=self.batch, workers=workers, progress=progress)
+        # The public calibration reader (calibration.ImageCalibrationReader) is what every pass reads through.
+        self.reader = ImageCalibrationReader(
+            self.stream, prepared.signature.input_name, fixed_batch=self.fixed
+        )
         self.first: np.ndarray | None = None
 
     def __iter__(self):
-        for item in self.stream:
-            images = item.images
+        for feed in iter(self.reader.get_next, None):
+            images = feed[self.reader.input_name]
             if self.first is None:
                 self.first = images[: min(len(images), 2)].copy()
-            yield pad_batch(images, self.batch) if self.fixed else images
+            yield images
 
     @property
     def used(self) -> int:
@@ -160,7 +172,7 @@ class ModelBatches:
         return list(self.stream.skipped)
 
     def close(self) -> None:
-        self.stream.close()
+        self.reader.close()
 
     def __enter__(self) -> ModelBatches:
         return self

@@ -270,6 +270,20 @@ def test_reader_argument_validation(tmp_path):
         ImageCalibrationReader(stream, "")
     with pytest.raises(RqInputError):
         ImageCalibrationReader([], "input")  # type: ignore[arg-type]
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(RqInputError, match="fixed_batch must be a positive integer"):
+            ImageCalibrationReader(stream, "input", fixed_batch=bad)
+
+
+def test_reader_pads_the_short_last_batch_of_a_fixed_batch_model(tmp_path):
+    stream = BatchStream(make_samples(tmp_path, 6), SMALL, batch_size=4, workers=1)
+    reader = ImageCalibrationReader(stream, "input", fixed_batch=4)
+    first, last = reader.get_next()["input"], reader.get_next()["input"]
+    assert reader.get_next() is None and reader.used == 6
+    assert first.shape[0] == last.shape[0] == 4
+    np.testing.assert_array_equal(last[2], last[1])  # images 5 and 6, then image 6 repeated
+    np.testing.assert_array_equal(last[3], last[1])
+    reader.close()
 
 
 def test_pad_batch_repeats_the_last_image_up_to_a_fixed_batch():

@@ -114,6 +114,27 @@ def test_v2_model_is_upgraded_on_the_way(v2_model, calib_dir, tmp_path, avx2_cpu
     assert onnx.load(str(result.output)).opset_import[0].version >= 13
 
 
+def test_calibration_images_are_read_through_the_public_reader(
+    tiny_model, calib_dir, tmp_path, avx2_cpu, monkeypatch
+):
+    """rq feeds its own calibrator (and bias correction) through calibration.ImageCalibrationReader."""
+    from calibration import ImageCalibrationReader
+
+    feeds: list[int] = []
+    real_get_next = ImageCalibrationReader.get_next
+
+    def counted(self):
+        feed = real_get_next(self)
+        if feed is not None:
+            feeds.append(len(feed[self.input_name]))
+        return feed
+
+    monkeypatch.setattr(ImageCalibrationReader, "get_next", counted)
+    quantize(tiny_model, calib_dir, tmp_path / "int8.onnx", cpu=avx2_cpu)
+    # All 16 images, once for the ranges and once for bias correction.
+    assert sum(feeds) == 2 * 16 and len(feeds) >= 2
+
+
 def test_fixed_batch_model(calib_dir, tmp_path, avx2_cpu):
     model = fixed_batch1(tmp_path / "b1.onnx")
     result = quantize(model, calib_dir, tmp_path / "b1-int8.onnx", cpu=avx2_cpu)
