@@ -98,21 +98,27 @@ def test_every_placement_is_rewritten_exactly():
     model = onnx.ModelProto()
     model.CopyFrom(original)
     result = rewrite_batchnorms(model)
-    assert sorted(result.depthwise) == ["bn_add", "bn_c2", "bn_in"]
+    assert sorted(result.depthwise) == ["bn_add", "bn_c2"]
     assert result.folded == ["bn_c1"]
-    assert [s.split(":")[0] for s in result.skipped] == ["bn_flat"]
+    assert result.skipped == [
+        f"bn_in: {rewrite.INPUT_REASON}",
+        "bn_flat: input rank 2 (needs [N, C, spatial…])",
+    ]
     onnx.checker.check_model(model, full_check=True)
 
     ops = Counter(n.op_type for n in model.graph.node)
-    assert ops["BatchNormalization"] == 1  # only the 2-D one
+    bns = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+    assert [n.name for n in bns] == ["bn_in", "bn_flat"]  # the input normalization and the 2-D one
+    assert bns[0].input[0] == "x"
     depthwise = {n.name: n for n in model.graph.node if n.op_type == "Conv" and n.name.startswith("bn_")}
-    assert set(depthwise) == {"bn_in", "bn_c2", "bn_add"}
+    assert set(depthwise) == {"bn_c2", "bn_add"}
     for node in depthwise.values():
-        group = next(a.i for a in node.attribute if a.name == "group")
-        assert group in (3, 8)
-    # The replaced BN parameters are gone, nothing else is.
+        assert next(a.i for a in node.attribute if a.name == "group") == 8
+    assert ops["Conv"] == 4
+    # The replaced BN parameters are gone, the kept ones are not.
     names = {i.name for i in model.graph.initializer}
-    assert not any(n.startswith("bn_in_") and n.endswith(("_gamma", "_var")) for n in names)
+    assert not any(n.startswith("bn_add_") and n.endswith(("_gamma", "_var")) for n in names)
+    assert {"bn_in_gamma", "bn_in_var"} <= names
 
     x = random_inputs(3, seed=5)
     for a, b in zip(run(original, x), run(model, x), strict=True):
@@ -136,8 +142,12 @@ def test_prepare_rewrites_v2_and_keeps_outputs(v2_model, tmp_path):
     prepared = prepare_model(v2_model, tmp_path)
     step = next(s for s in prepared.steps if "depthwise 1×1 Conv" in s)
     assert "FP32 outputs checked" in step
+    assert "1 left as they are (bn_data: it normalizes the graph input" in step
     model = onnx.load(str(prepared.path))
-    assert not [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+    # Only the data normalization in front of the first quantize stays a BatchNormalization.
+    assert [(n.name, n.input[0]) for n in model.graph.node if n.op_type == "BatchNormalization"] == [
+        ("bn_data", "data")
+    ]
     x = random_inputs(4, seed=11)
     np.testing.assert_allclose(run(prepared.path, x)[0], run(v2_model, x)[0], rtol=1e-4, atol=1e-4)
 
@@ -178,13 +188,17 @@ def test_int8_v2_runs_without_float_batchnorm_or_add(ops, v2_model, calib_dir, t
     )
     nodes = _optimized_ops(output, tmp_path)
     types = Counter(n.op_type for n in nodes)
-    assert types["BatchNormalization"] == 0
+    # The data normalization runs in float on the graph input, and feeds the first (only) quantize.
+    (bn,) = [n for n in nodes if n.op_type == "BatchNormalization"]
+    assert bn.input[0] == "data"
+    assert [n.op_type for n in nodes if bn.output[0] in n.input] == ["QuantizeLinear"]
+    assert types["QuantizeLinear"] == 1
     assert types["Add"] == 0, "a residual Add still runs in float"
     assert types["QLinearAdd"] == 2
-    # Every convolution, the 4 rewritten BNs (bn_data, bn1, bn3, bn_final) included, runs as QLinearConv.
-    assert types["QLinearConv"] == 9
+    # Every convolution, the 3 rewritten BNs (bn1, bn3, bn_final) included, runs as QLinearConv.
+    assert types["QLinearConv"] == 8
     # No float arithmetic between the integer convolutions (Transpose/NhwcMaxPool are layout ops on uint8).
-    float_math = {"BatchNormalization", "Add", "Relu", "Conv", "FusedConv", "Mul", "Sum", "MaxPool"}
+    float_math = {"Add", "Relu", "Conv", "FusedConv", "Mul", "Sum", "MaxPool"}
     assert not float_math & set(types), types
     x = random_inputs(2, seed=1)
     assert np.isfinite(run(output, x, optimize=True)[0]).all()
