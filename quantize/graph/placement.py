@@ -12,7 +12,7 @@ quantized nodes:
 - LeakyRelu/Sigmoid after a quantized node (QLinearLeakyRelu/QLinearSigmoid);
 - Add of two activations (residual connections; QLinearAdd) when at least one comes from a quantized node;
 - pooling (GlobalAveragePool, AveragePool, MaxPool) and Concat fed by quantized nodes;
-- data movement (Reshape, Flatten, Transpose, Squeeze, Unsqueeze) fed by quantized nodes and consumed by one,
+- data movement (Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Slice) fed by quantized nodes and consumed by one,
   which ORT runs on uint8 directly.
 
 The classifier head (a Gemm/MatMul that writes the graph output) stays FP32 when anything else is quantized:
@@ -38,7 +38,7 @@ ANCHORS = ("Conv", "Gemm", "MatMul")
 FOLDED_ACTIVATIONS = ("Relu", "Clip")  # removed by ORT's QDQ quantizer, their range kept in the Q node
 INTEGER_ACTIVATIONS = ("LeakyRelu", "Sigmoid")
 POOLING = ("GlobalAveragePool", "AveragePool", "MaxPool")
-CARRY_THROUGH = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze")
+CARRY_THROUGH = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice")
 # Nodes worth quantizing only when a quantized node reads their output (else: a Q/DQ pair for nothing, e.g. a
 # QLinearSigmoid feeding the float Mul of a swish).
 PRUNABLE = CARRY_THROUGH + INTEGER_ACTIVATIONS
