@@ -20,6 +20,8 @@ BACKENDS = ("ort", "inc")
 FORMATS = ("qdq", "qoperator")
 INT8_TYPES = ("uint8", "int8")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mean-minmax", "mse")
+# The runtime the Q/DQ placement is tuned for (quantize.graph.placement; measured in docs/placement.md).
+PLACEMENT_RUNTIMES = ("ort", "openvino")
 # What `op_types=None` (placement decided from the graph, see quantize.graph.placement) replaced as the default in
 # recipe version 2, and what a version-1 recipe without op types meant.
 LEGACY_OP_TYPES = ("Conv", "Gemm", "MatMul")
@@ -79,6 +81,8 @@ class QuantRecipe:
     # Fold the mean shift INT8 causes in each Conv/Gemm output channel back into its bias
     # (quantize.bias_correction); on by default: measured in docs/placement.md.
     bias_correction: bool = True
+    # "openvino": the placement OpenVINO runs fastest (the classifier head quantized too); "ort": ORT's.
+    placement_runtime: str = "ort"
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
@@ -107,6 +111,10 @@ class QuantRecipe:
                 self.num_bins is None or self.calibration not in ("minmax", "mean-minmax"),
                 f"histogram bins apply to entropy, percentile and mse calibration, not {self.calibration}",
             ),
+            (
+                self.placement_runtime in PLACEMENT_RUNTIMES,
+                f"placement_runtime must be one of {', '.join(PLACEMENT_RUNTIMES)}, not {self.placement_runtime!r}",
+            ),
             (self.samples >= 1, f"samples must be ≥ 1, not {self.samples}"),
             (self.batch_size >= 1, f"batch size must be ≥ 1, not {self.batch_size}"),
             (self.op_types is None or bool(self.op_types), "op_types must name at least one operator type"),
@@ -133,7 +141,14 @@ class QuantRecipe:
         def is_int(value) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
 
-        for name in ("backend", "format", "activation_type", "weight_type", "calibration"):
+        for name in (
+            "backend",
+            "format",
+            "activation_type",
+            "weight_type",
+            "calibration",
+            "placement_runtime",
+        ):
             if not isinstance(getattr(self, name), str):
                 raise RqInputError(f"recipe {name} must be a string, not {getattr(self, name)!r}")
         for name in ("per_channel", "bias_correction"):
@@ -173,6 +188,8 @@ class QuantRecipe:
         data = asdict(self)
         data["op_types"] = None if self.op_types is None else list(self.op_types)
         data["exclude_nodes"] = list(self.exclude_nodes)
+        if self.placement_runtime == "ort":  # the default is left out: earlier recipes keep their digest
+            del data["placement_runtime"]
         return data
 
     def to_json(self) -> str:
