@@ -15,6 +15,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from tiny_models import CLASSES, _Weights, random_inputs
 
+from calibration.errors import RqInputError
 from quantize.backends.ort import count_quantized, quantize_with_ort
 from quantize.calibrate import calibrate
 from quantize.graph.placement import HEAD_REASON, NothingToQuantize, place, require_something
@@ -505,3 +506,21 @@ def test_openvino_runs_every_strided_pointwise_conv_in_int8(tmp_path, monkeypatc
     (tmp_path / "without").mkdir()
     _prepared, plain, *_ = quantize(strided_pointwise, tmp_path / "without")
     assert "f32" in _openvino_conv_precisions(plain).values()
+
+
+def test_openvino_placement_quantizes_the_head(tmp_path):
+    """placement_runtime="openvino": the classifier head (and the Flatten feeding it) is quantized as well; ORT
+    then runs it as an integer Gemm. The default ("ort") keeps it FP32."""
+    recipe = QuantRecipe(placement_runtime="openvino")
+    assert recipe.to_dict()["placement_runtime"] == "openvino"
+    assert "placement_runtime" not in QuantRecipe().to_dict()  # the default leaves earlier digests alone
+    assert QuantRecipe.from_json(recipe.to_json()) == recipe
+    with pytest.raises(RqInputError, match="placement_runtime must be one of ort, openvino"):
+        QuantRecipe(placement_runtime="tensorrt")
+    _prepared, out, fp32, _int8, _recipe = quantize(strided_pointwise, tmp_path, placement_runtime="openvino")
+    placement = place(fp32, recipe)
+    assert {"fc", "flatten", "gap"} <= placement.node_set() and "fc" not in placement.fp32
+    assert "fc" in place(fp32, QuantRecipe()).fp32
+    executed = executed_ops(out, tmp_path)
+    assert "Gemm" not in executed and "DequantizeLinear" in executed  # the logits are dequantized
+    assert {"QGemm", "QLinearMatMul", "MatMulInteger"} & set(executed), executed

@@ -16,7 +16,8 @@ quantized nodes:
   which ORT runs on uint8 directly.
 
 The classifier head (a Gemm/MatMul that writes the graph output) stays FP32 when anything else is quantized:
-the logits are what top-1 and agreement read, and the head costs well under 1% of a CNN's compute.
+the logits are what top-1 and agreement read, and the head costs well under 1% of a CNN's compute. With
+``recipe.placement_runtime == "openvino"`` it is quantized too (OpenVINO's f32 FullyConnected is slow).
 
 Everything else (HardSigmoid, Mul, Softmax, BatchNormalization left unfolded, shape sub-graphs) stays FP32,
 and so does a carry-through node whose output no quantized node reads, so no Q/DQ pair is left dangling in
@@ -184,7 +185,9 @@ def place(model: onnx.ModelProto, recipe: QuantRecipe) -> Placement:
         if n.op_type in ("Gemm", "MatMul") and _writes_output(n, consumers, graph_outputs)
     ]
     others = [n for n in quantized if n.op_type in ANCHORS and n not in heads]
-    if heads and others:
+    # For OpenVINO the head is quantized like NNCF's: its f32 FullyConnected cost 2-3 % of ResNet-50's INT8
+    # time there, and rq's OpenVINO agreement had the margin (docs/placement.md).
+    if heads and others and recipe.placement_runtime != "openvino":
         for node in heads:
             chosen.discard(node.name)
             fp32[node.name] = HEAD_REASON
