@@ -25,6 +25,8 @@ BACKENDS = ("ort", "inc")
 FORMATS = ("qdq", "qoperator")
 INT8_TYPES = ("uint8", "int8")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mean-minmax", "mse")
+# The runtime the Q/DQ placement is tuned for (quantize.graph.placement; measured in docs/placement.md).
+PLACEMENT_RUNTIMES = ("ort", "openvino")
 # What `op_types=None` (placement decided from the graph, see quantize.graph.placement) replaced as the default in
 # recipe version 2, and what a version-1 recipe without op types meant.
 LEGACY_OP_TYPES = ("Conv", "Gemm", "MatMul")
@@ -74,13 +76,17 @@ _VALUE_RULES = {
     "activation_type": ("activation type", "uint8 or int8"),
     "weight_type": ("weight type", "uint8 or int8"),
     "calibration": ("calibration", f"one of {', '.join(CALIBRATION_METHODS)}"),
+    "placement_runtime": ("placement_runtime", f"one of {', '.join(PLACEMENT_RUNTIMES)}"),
     "percentile": ("percentile", "in (0, 100]"),
     "num_bins": ("num_bins", "≥ 128"),
     "samples": ("samples", "≥ 1"),
     "batch_size": ("batch size", "≥ 1"),
 }
 _TYPE_WORDS = {
-    **dict.fromkeys(("backend", "format", "activation_type", "weight_type", "calibration"), "a string"),
+    **dict.fromkeys(
+        ("backend", "format", "activation_type", "weight_type", "calibration", "placement_runtime"),
+        "a string",
+    ),
     **dict.fromkeys(("samples", "seed", "batch_size", "version"), "a whole number"),
     "per_channel": "true or false",
     "bias_correction": "true or false",
@@ -132,6 +138,8 @@ class QuantRecipe:
     # Fold the mean shift INT8 causes in each Conv/Gemm output channel back into its bias
     # (quantize.bias_correction); on by default: measured in docs/placement.md.
     bias_correction: StrictBool = True
+    # "openvino": the placement OpenVINO runs fastest (the classifier head quantized too); "ort": ORT's.
+    placement_runtime: Literal[PLACEMENT_RUNTIMES] = "ort"
     version: StrictInt = RECIPE_VERSION
 
     def __post_init__(self) -> None:
@@ -174,6 +182,8 @@ class QuantRecipe:
         data = asdict(self)
         data["op_types"] = None if self.op_types is None else list(self.op_types)
         data["exclude_nodes"] = list(self.exclude_nodes)
+        if self.placement_runtime == "ort":  # the default is left out: earlier recipes keep their digest
+            del data["placement_runtime"]
         return data
 
     def to_json(self) -> str:
@@ -234,6 +244,8 @@ class QuantRecipe:
             parts.append("ops")
         if not self.bias_correction:
             parts.append("nobc")
+        if self.placement_runtime != "ort":
+            parts.append(f"for-{self.placement_runtime}")
         if self.activation_type != "uint8" or self.weight_type != "int8":
             parts.append(f"{self.activation_type[0]}{self.weight_type[0]}")
         if self.backend != "ort":

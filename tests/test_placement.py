@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from calibration.errors import RqInputError
 from quantize.backends.ort import count_quantized, quantize_with_ort
 from quantize.calibrate import calibrate
 from quantize.graph.placement import HEAD_REASON, NothingToQuantize, place, require_something
@@ -423,3 +424,103 @@ def test_swish_sigmoid_feeding_a_float_mul_stays_fp32():
     placement = place(model, QuantRecipe())
     assert placement.fp32["sigmoid"] == "its output feeds only FP32 nodes"
     assert {"conv1", "conv2", "gap"} <= placement.node_set() and "mul" not in placement.node_set()
+
+
+def strided_pointwise(path: Path) -> Path:
+    """A ResNet-50 v1 down-sampling block: Conv → Relu = a; a → 1×1 stride-2 Conv → Relu → Conv = y and
+    a → 1×1 stride-2 projection = sc; Add(y, sc) → Relu → head. Both strided 1×1 Convs read the same tensor."""
+    w = _Weights(6)
+    c1w, c1b = w.conv("conv1", 8, 3)
+    aw, ab = w.conv("conv_a", 8, 8, k=1)
+    bw, bb = w.conv("conv_b", 16, 8)
+    pw, pb = w.conv("proj", 16, 8, k=1)
+    nodes = [
+        helper.make_node("Conv", ["input", c1w, c1b], ["conv1_out"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv1_out"], ["a"], name="relu1"),
+        helper.make_node("Conv", ["a", aw, ab], ["conv_a_out"], name="conv_a", strides=[2, 2]),
+        helper.make_node("Relu", ["conv_a_out"], ["relu_a_out"], name="relu_a"),
+        helper.make_node("Conv", ["relu_a_out", bw, bb], ["y"], name="conv_b", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["a", pw, pb], ["sc"], name="proj", strides=[2, 2]),
+        helper.make_node("Add", ["y", "sc"], ["sum"], name="add"),
+        helper.make_node("Relu", ["sum"], ["relu_out"], name="relu2"),
+        *_head(w, "relu_out", 16),
+    ]
+    return _model(nodes, w, path)
+
+
+def test_strided_pointwise_convs_read_a_uint8_slice(tmp_path):
+    prepared, out, fp32, _int8, recipe = quantize(strided_pointwise, tmp_path)
+    # Preparation: one Slice (shared by both strided 1×1 Convs), which now run with stride 1.
+    (slice_node,) = [n for n in fp32.graph.node if n.op_type == "Slice"]
+    assert slice_node.input[0] == "a"
+    for name in ("conv_a", "proj"):
+        conv = next(n for n in fp32.graph.node if n.name == name)
+        assert conv.input[0] == slice_node.output[0]
+        assert next(list(a.ints) for a in conv.attribute if a.name == "strides") == [1, 1]
+    # Placement carries the Slice in uint8: ORT runs it between integer kernels, no float op around it.
+    assert slice_node.name in place(fp32, recipe).node_set()
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    executed = list(onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+    types = [n.op_type for n in executed]
+    assert types.count("QLinearConv") == 4 and "QLinearAdd" in types
+    assert not {"Conv", "Add", "Relu"} & set(types)
+    # Only the head's input is dequantized (GAP → DQ → Flatten → FP32 Gemm).
+    assert types.count("DequantizeLinear") == 1 and types.count("QuantizeLinear") == 1
+    (ran,) = [n for n in executed if n.op_type == "Slice"]
+    readers = [n.op_type for n in executed if ran.output[0] in n.input]
+    producers = [n.op_type for n in executed if set(n.output) & set(ran.input[:1])]
+    assert readers == ["QLinearConv", "QLinearConv"] and producers[0] in ("QLinearConv", "Transpose")
+    assert np.corrcoef(run(out, TEST).ravel(), run(prepared, TEST).ravel())[0, 1] > 0.95
+
+
+def _openvino_conv_precisions(path: Path) -> dict[str, str]:
+    """Convolution name → the precision OpenVINO's CPU plugin runs it in (its runtime model)."""
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(path))
+    model.reshape({model.inputs[0].get_any_name(): [1, 3, HW, HW]})
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    found = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if info["layerType"].astype(str) == "Convolution":
+            found[op.get_friendly_name()] = info["runtimePrecision"].astype(str)
+    return found
+
+
+@pytest.mark.openvino
+def test_openvino_runs_every_strided_pointwise_conv_in_int8(tmp_path, monkeypatch):
+    pytest.importorskip("openvino")
+    import quantize.graph.rewrite as rewrite
+
+    (tmp_path / "with").mkdir()
+    _prepared, out, *_ = quantize(strided_pointwise, tmp_path / "with")
+    precisions = _openvino_conv_precisions(out)
+    assert len(precisions) == 4 and set(precisions.values()) == {"u8"}, precisions
+    # Without the rewrite OpenVINO's strides optimization leaves the strided 1×1 Convs in f32: the check above
+    # can fail.
+    monkeypatch.setattr(rewrite, "rewrite_strided_pointwise", lambda model: [])
+    (tmp_path / "without").mkdir()
+    _prepared, plain, *_ = quantize(strided_pointwise, tmp_path / "without")
+    assert "f32" in _openvino_conv_precisions(plain).values()
+
+
+def test_openvino_placement_quantizes_the_head(tmp_path):
+    """placement_runtime="openvino": the classifier head (and the Flatten feeding it) is quantized as well; ORT
+    then runs it as an integer Gemm. The default ("ort") keeps it FP32."""
+    recipe = QuantRecipe(placement_runtime="openvino")
+    assert recipe.to_dict()["placement_runtime"] == "openvino"
+    assert "placement_runtime" not in QuantRecipe().to_dict()  # the default leaves earlier digests alone
+    assert QuantRecipe.from_json(recipe.to_json()) == recipe
+    with pytest.raises(RqInputError, match="placement_runtime must be one of ort, openvino"):
+        QuantRecipe(placement_runtime="tensorrt")
+    _prepared, out, fp32, _int8, _recipe = quantize(strided_pointwise, tmp_path, placement_runtime="openvino")
+    placement = place(fp32, recipe)
+    assert {"fc", "flatten", "gap"} <= placement.node_set() and "fc" not in placement.fp32
+    assert "fc" in place(fp32, QuantRecipe()).fp32
+    executed = executed_ops(out, tmp_path)
+    assert "Gemm" not in executed and "DequantizeLinear" in executed  # the logits are dequantized
+    assert {"QGemm", "QLinearMatMul", "MatMulInteger"} & set(executed), executed

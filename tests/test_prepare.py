@@ -77,8 +77,9 @@ def test_prepare_upgrades_v2_opset7(v2_model, tmp_path):
     initializers = {i.name for i in model.graph.initializer}
     assert not initializers & {i.name for i in model.graph.input}
     bns = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
-    assert not bns, (
-        "pre-activation BNs (no Conv to fold into) become depthwise 1×1 Convs (quantize/graph/rewrite.py)"
+    assert [n.input[0] for n in bns] == ["data"], (
+        "pre-activation BNs (no Conv to fold into) become depthwise 1×1 Convs (quantize/graph/rewrite.py); "
+        "only the input normalization stays a BatchNormalization"
     )
     assert any("depthwise 1×1 Conv" in s for s in prepared.steps)
     for node in model.graph.node:

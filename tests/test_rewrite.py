@@ -98,21 +98,27 @@ def test_every_placement_is_rewritten_exactly():
     model = onnx.ModelProto()
     model.CopyFrom(original)
     result = rewrite_batchnorms(model)
-    assert sorted(result.depthwise) == ["bn_add", "bn_c2", "bn_in"]
+    assert sorted(result.depthwise) == ["bn_add", "bn_c2"]
     assert result.folded == ["bn_c1"]
-    assert [s.split(":")[0] for s in result.skipped] == ["bn_flat"]
+    assert result.skipped == [
+        f"bn_in: {rewrite.INPUT_REASON}",
+        "bn_flat: input rank 2 (needs [N, C, spatial…])",
+    ]
     onnx.checker.check_model(model, full_check=True)
 
     ops = Counter(n.op_type for n in model.graph.node)
-    assert ops["BatchNormalization"] == 1  # only the 2-D one
+    bns = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+    assert [n.name for n in bns] == ["bn_in", "bn_flat"]  # the input normalization and the 2-D one
+    assert bns[0].input[0] == "x"
     depthwise = {n.name: n for n in model.graph.node if n.op_type == "Conv" and n.name.startswith("bn_")}
-    assert set(depthwise) == {"bn_in", "bn_c2", "bn_add"}
+    assert set(depthwise) == {"bn_c2", "bn_add"}
     for node in depthwise.values():
-        group = next(a.i for a in node.attribute if a.name == "group")
-        assert group in (3, 8)
-    # The replaced BN parameters are gone, nothing else is.
+        assert next(a.i for a in node.attribute if a.name == "group") == 8
+    assert ops["Conv"] == 4
+    # The replaced BN parameters are gone, the kept ones are not.
     names = {i.name for i in model.graph.initializer}
-    assert not any(n.startswith("bn_in_") and n.endswith(("_gamma", "_var")) for n in names)
+    assert not any(n.startswith("bn_add_") and n.endswith(("_gamma", "_var")) for n in names)
+    assert {"bn_in_gamma", "bn_in_var"} <= names
 
     x = random_inputs(3, seed=5)
     for a, b in zip(run(original, x), run(model, x), strict=True):
@@ -136,8 +142,12 @@ def test_prepare_rewrites_v2_and_keeps_outputs(v2_model, tmp_path):
     prepared = prepare_model(v2_model, tmp_path)
     step = next(s for s in prepared.steps if "depthwise 1×1 Conv" in s)
     assert "FP32 outputs checked" in step
+    assert "1 left as they are (bn_data: it normalizes the graph input" in step
     model = onnx.load(str(prepared.path))
-    assert not [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+    # Only the data normalization in front of the first quantize stays a BatchNormalization.
+    assert [(n.name, n.input[0]) for n in model.graph.node if n.op_type == "BatchNormalization"] == [
+        ("bn_data", "data")
+    ]
     x = random_inputs(4, seed=11)
     np.testing.assert_allclose(run(prepared.path, x)[0], run(v2_model, x)[0], rtol=1e-4, atol=1e-4)
 
@@ -155,7 +165,7 @@ def test_prepare_keeps_the_original_when_the_rewrite_changes_outputs(v2_model, t
     monkeypatch.setattr(rewrite, "rewrite_batchnorms", wrong)
     prepared = prepare_model(v2_model, tmp_path)
     assert not any("depthwise" in s for s in prepared.steps)
-    assert any("rewrite not applied: FP32 outputs changed" in w for w in prepared.warnings)
+    assert any("not applied: FP32 outputs changed" in w for w in prepared.warnings)
     model = onnx.load(str(prepared.path))
     assert [n for n in model.graph.node if n.op_type == "BatchNormalization"]
 
@@ -178,13 +188,72 @@ def test_int8_v2_runs_without_float_batchnorm_or_add(ops, v2_model, calib_dir, t
     )
     nodes = _optimized_ops(output, tmp_path)
     types = Counter(n.op_type for n in nodes)
-    assert types["BatchNormalization"] == 0
+    # The data normalization runs in float on the graph input, and feeds the first (only) quantize.
+    (bn,) = [n for n in nodes if n.op_type == "BatchNormalization"]
+    assert bn.input[0] == "data"
+    assert [n.op_type for n in nodes if bn.output[0] in n.input] == ["QuantizeLinear"]
+    assert types["QuantizeLinear"] == 1
     assert types["Add"] == 0, "a residual Add still runs in float"
     assert types["QLinearAdd"] == 2
-    # Every convolution, the 4 rewritten BNs (bn_data, bn1, bn3, bn_final) included, runs as QLinearConv.
-    assert types["QLinearConv"] == 9
+    # Every convolution, the 3 rewritten BNs (bn1, bn3, bn_final) included, runs as QLinearConv.
+    assert types["QLinearConv"] == 8
     # No float arithmetic between the integer convolutions (Transpose/NhwcMaxPool are layout ops on uint8).
-    float_math = {"BatchNormalization", "Add", "Relu", "Conv", "FusedConv", "Mul", "Sum", "MaxPool"}
+    float_math = {"Add", "Relu", "Conv", "FusedConv", "Mul", "Sum", "MaxPool"}
     assert not float_math & set(types), types
     x = random_inputs(2, seed=1)
     assert np.isfinite(run(output, x, optimize=True)[0]).all()
+
+
+def test_strided_pointwise_convs_become_slice_and_stride_1_exactly():
+    """1×1 stride 2 (two Convs sharing a tensor, one Slice), 1×1 stride (2, 3) with an odd size; left alone:
+    a padded 1×1 stride 2, a 3×3 stride 2 and a 1×1 stride 1."""
+    rng = np.random.default_rng(3)
+    inits: list = []
+
+    def conv(name, x, cout, cin, k, **attrs):
+        w = (rng.standard_normal((cout, cin, k, k)) * 0.3).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"{name}_W"))
+        return helper.make_node("Conv", [x, f"{name}_W"], [f"{name}_out"], name=name, **attrs)
+
+    nodes = [
+        conv("s2a", "x", 4, 3, 1, strides=[2, 2]),
+        conv("s2b", "x", 4, 3, 1, strides=[2, 2]),
+        conv("s23", "x", 4, 3, 1, strides=[2, 3]),
+        conv("padded", "x", 4, 3, 1, strides=[2, 2], pads=[1, 1, 1, 1]),
+        conv("k3", "x", 4, 3, 3, strides=[2, 2], pads=[1, 1, 1, 1]),
+        conv("s1", "x", 4, 3, 1),
+    ]
+    shapes = {"s2a": 9, "s2b": 9, "s23": 9, "padded": 10, "k3": 9, "s1": 17}
+    outputs = [
+        helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, ["N", 4, size, None])
+        for name, size in shapes.items()
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "strided",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 17, 17])],
+        outputs,
+        initializer=inits,
+    )
+    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    model = onnx.ModelProto()
+    model.CopyFrom(original)
+    assert rewrite.rewrite_strided_pointwise(model) == ["s2a", "s2b", "s23"]
+    onnx.checker.check_model(model)
+    slices = [n for n in model.graph.node if n.op_type == "Slice"]
+    assert len(slices) == 2  # (x, 2×2) shared by s2a and s2b; (x, 2×3)
+    strides = {
+        n.name: next(list(a.ints) for a in n.attribute if a.name == "strides")
+        for n in model.graph.node
+        if n.op_type == "Conv" and any(a.name == "strides" for a in n.attribute)
+    }
+    assert strides == {"s2a": [1, 1], "s2b": [1, 1], "s23": [1, 1], "padded": [2, 2], "k3": [2, 2]}
+    x = np.random.default_rng(4).standard_normal((2, 3, 17, 17)).astype(np.float32)
+    for a, b in zip(run(original, x), run(model, x), strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
+    # Opset 9 has no Slice steps: nothing changes.
+    old = onnx.ModelProto()
+    old.CopyFrom(original)
+    old.opset_import[0].version = 9
+    assert rewrite.rewrite_strided_pointwise(old) == []

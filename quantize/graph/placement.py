@@ -12,11 +12,12 @@ quantized nodes:
 - LeakyRelu/Sigmoid after a quantized node (QLinearLeakyRelu/QLinearSigmoid);
 - Add of two activations (residual connections; QLinearAdd) when at least one comes from a quantized node;
 - pooling (GlobalAveragePool, AveragePool, MaxPool) and Concat fed by quantized nodes;
-- data movement (Reshape, Flatten, Transpose, Squeeze, Unsqueeze) fed by quantized nodes and consumed by one,
+- data movement (Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Slice) fed by quantized nodes and consumed by one,
   which ORT runs on uint8 directly.
 
 The classifier head (a Gemm/MatMul that writes the graph output) stays FP32 when anything else is quantized:
-the logits are what top-1 and agreement read, and the head costs well under 1% of a CNN's compute.
+the logits are what top-1 and agreement read, and the head costs well under 1% of a CNN's compute. With
+``recipe.placement_runtime == "openvino"`` it is quantized too (OpenVINO's f32 FullyConnected is slow).
 
 Everything else (HardSigmoid, Mul, Softmax, BatchNormalization left unfolded, shape sub-graphs) stays FP32,
 and so does a carry-through node whose output no quantized node reads, so no Q/DQ pair is left dangling in
@@ -38,7 +39,7 @@ ANCHORS = ("Conv", "Gemm", "MatMul")
 FOLDED_ACTIVATIONS = ("Relu", "Clip")  # removed by ORT's QDQ quantizer, their range kept in the Q node
 INTEGER_ACTIVATIONS = ("LeakyRelu", "Sigmoid")
 POOLING = ("GlobalAveragePool", "AveragePool", "MaxPool")
-CARRY_THROUGH = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze")
+CARRY_THROUGH = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice")
 # Nodes worth quantizing only when a quantized node reads their output (else: a Q/DQ pair for nothing, e.g. a
 # QLinearSigmoid feeding the float Mul of a swish).
 PRUNABLE = CARRY_THROUGH + INTEGER_ACTIVATIONS
@@ -184,7 +185,9 @@ def place(model: onnx.ModelProto, recipe: QuantRecipe) -> Placement:
         if n.op_type in ("Gemm", "MatMul") and _writes_output(n, consumers, graph_outputs)
     ]
     others = [n for n in quantized if n.op_type in ANCHORS and n not in heads]
-    if heads and others:
+    # For OpenVINO the head is quantized like NNCF's: its f32 FullyConnected cost 2-3 % of ResNet-50's INT8
+    # time there, and rq's OpenVINO agreement had the margin (docs/placement.md).
+    if heads and others and recipe.placement_runtime != "openvino":
         for node in heads:
             chosen.discard(node.name)
             fp32[node.name] = HEAD_REASON

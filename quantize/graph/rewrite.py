@@ -12,6 +12,10 @@ QuantizeLinear in float. Here each one becomes
   ``B − mean · scale / sqrt(var + eps)``: the same per-channel affine, which the quantizer handles like any
   Conv (per-channel int8 weights: one value per channel is represented exactly).
 
+A BatchNormalization that reads the graph input (a data normalization, as in the zoo's ResNet v2) is left as
+it is: it runs in float before the first quantize node either way, where it is far cheaper than an int8
+depthwise conv of the raw image.
+
 The rewritten FP32 graph is run against the original on a seeded random batch before it is used; a mismatch
 keeps the original model and says so in the preparation warnings.
 """
@@ -34,6 +38,13 @@ if TYPE_CHECKING:
 #: reordered float arithmetic differs in the last bits; a wrong rewrite differs by O(1).
 TOLERANCE = 1e-4
 VERIFY_BATCH = 2
+#: A BatchNormalization of the graph input (a data normalization) stays a float BatchNormalization: it runs
+#: before the first quantize node either way, and ORT's float kernel on the raw image costs a tenth of an
+#: int8 depthwise conv there (which would need its own quantize of the raw image too). Profiled on the
+#: ResNet50-v2 topology, batch 1: 0.06 ms as a float BN, 0.7-1.0 ms as QLinearConv (docs/placement.md).
+INPUT_REASON = (
+    "it normalizes the graph input: stays a float BatchNormalization in front of the first quantize"
+)
 VERIFY_SEED = 0
 
 
@@ -92,6 +103,7 @@ def rewrite_batchnorms(model: onnx.ModelProto) -> RewriteResult:
         ranks.setdefault(vi.name, len(vi.type.tensor_type.shape.dim))
     inits = {i.name: i for i in graph.initializer}
     graph_outputs = {o.name for o in graph.output}
+    graph_inputs = {i.name for i in graph.input} - set(inits)
     taken = set(inits) | {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
     taken |= {n.name for n in graph.node}
     uses = Counter(name for n in graph.node for name in n.input)
@@ -104,6 +116,8 @@ def rewrite_batchnorms(model: onnx.ModelProto) -> RewriteResult:
             continue
         label = node.name or node.output[0]
         reason = _why_not(node, inits, uses, graph_outputs, ranks)
+        if reason is None and node.input[0] in graph_inputs:
+            reason = INPUT_REASON
         if reason:
             result.skipped.append(f"{label}: {reason}")
             out_nodes.append(node)
@@ -200,18 +214,94 @@ def _drop_unused_initializers(model: onnx.ModelProto) -> None:
     model.graph.input.extend(inputs)
 
 
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def rewrite_strided_pointwise(model: onnx.ModelProto) -> list[str]:
+    """Every 1×1 Conv with a stride > 1 and no padding reads a Slice that keeps every stride-th pixel, and runs
+    with stride 1 (in place; returns the Conv names). Exact: a 1×1 kernel reads only those pixels.
+
+    For ONNX Runtime this is the same work (the Slice moves uint8 data; the Conv computes the same outputs).
+    For OpenVINO it decides whether the convolution runs in int8 at all: its strides optimization moves such a
+    stride up onto the tensor in front of the convolution, which in a Q/DQ graph lands between the quantize and
+    the dequantize and leaves the convolution in f32 (ResNet-50 v1's 6 strided 1×1 convolutions: a third of the
+    INT8 model's time in OpenVINO). With the Slice placed where the quantized tensor is, every convolution
+    runs in int8 in both runtimes. Convs reading the same tensor with the same stride share one Slice.
+    """
+    graph = model.graph
+    if _default_opset(model) < 10:  # Slice takes `steps` from opset 10
+        return []
+    inits = {i.name for i in graph.initializer}
+    taken = inits | {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+    taken |= {n.name for n in graph.node}
+    weights = {i.name: i for i in graph.initializer}
+    changed: list[str] = []
+    slices: dict[tuple[str, tuple[int, ...]], str] = {}
+    out_nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        strides = _strided_pointwise(node, weights)
+        if strides is None or node.input[0] in inits:
+            out_nodes.append(node)
+            continue
+        key = (node.input[0], strides)
+        if key not in slices:
+            base = _unique(f"{node.input[0]}_subsample{'x'.join(map(str, strides))}", taken)
+            params = {
+                "starts": [0] * len(strides),
+                "ends": [np.iinfo(np.int64).max] * len(strides),
+                "axes": list(range(2, 2 + len(strides))),
+                "steps": list(strides),
+            }
+            names = []
+            for what, values in params.items():
+                name = _unique(f"{base}_{what}", taken)
+                graph.initializer.append(numpy_helper.from_array(np.array(values, np.int64), name))
+                names.append(name)
+            out_nodes.append(helper.make_node("Slice", [node.input[0], *names], [base], name=base))
+            slices[key] = base
+        node.input[0] = slices[key]
+        for a in node.attribute:
+            if a.name == "strides":
+                del a.ints[:]
+                a.ints.extend([1] * len(strides))
+        out_nodes.append(node)
+        changed.append(node.name or node.output[0])
+    if changed:
+        del graph.node[:]
+        graph.node.extend(out_nodes)
+    return changed
+
+
+def _strided_pointwise(node: onnx.NodeProto, weights: dict) -> tuple[int, ...] | None:
+    """The strides of a 1×1, unpadded, strided Conv with a constant weight; None for any other node."""
+    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+        return None
+    weight = weights.get(node.input[1])
+    if weight is None or len(weight.dims) < 3 or any(d != 1 for d in weight.dims[2:]):
+        return None
+    spatial = len(weight.dims) - 2
+    strides = tuple(_attr(node, "strides", [1] * spatial))
+    if len(strides) != spatial or all(s == 1 for s in strides) or any(s < 1 for s in strides):
+        return None
+    if any(_attr(node, "pads", [0] * 2 * spatial)):
+        return None
+    auto_pad = _attr(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad not in ("NOTSET", "VALID"):
+        return None
+    return strides
+
+
 def max_output_difference(
     original: onnx.ModelProto, rewritten: onnx.ModelProto, batch: np.ndarray
 ) -> tuple[float, float]:
     """(max |Δ| over all outputs, max |original output|) of two FP32 models run by ORT on the same batch."""
-    import onnxruntime as ort
+    from quantize.measure.runtimes import ort_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     # Compare the graphs as written, not what ORT's optimizer makes of them.
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sessions = [
-        ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        ort_session(m.SerializeToString(), graph_optimization="off", log_severity=3)
         for m in (original, rewritten)
     ]
     name = sessions[0].get_inputs()[0].name
@@ -231,7 +321,8 @@ def verification_batch(shape: list[int | str]) -> np.ndarray | None:
 
 
 def rewrite_standalone_batchnorms(prepared: PreparedModel) -> None:
-    """The preparation hook: rewrite `prepared.path` in place when it has foldable/affine BNs, verified.
+    """The preparation hook: rewrite `prepared.path` in place (unfoldable BatchNormalizations → exact affines,
+    strided 1×1 Convs → Slice + stride 1), verified against the original FP32 graph.
 
     Appends what was done to `prepared.steps` (or why nothing was done to `prepared.warnings`).
     """
@@ -239,48 +330,58 @@ def rewrite_standalone_batchnorms(prepared: PreparedModel) -> None:
 
     path = Path(prepared.path)
     model = load_model(path)
-    if not any(n.op_type == "BatchNormalization" for n in model.graph.node):
+    weights = {i.name: i for i in model.graph.initializer}
+    has_bn = any(n.op_type == "BatchNormalization" for n in model.graph.node)
+    if not has_bn and not any(_strided_pointwise(n, weights) for n in model.graph.node):
         return
     original = onnx.ModelProto()
     original.CopyFrom(model)
     result = rewrite_batchnorms(model)
+    subsampled = rewrite_strided_pointwise(model)
     left = f"; {len(result.skipped)} left as they are ({'; '.join(result.skipped)})" if result.skipped else ""
-    if not result.changed:
+    if not result.changed and not subsampled:
         prepared.warnings.append(f"{len(result.skipped)} BatchNormalization node(s) stay FP32{left}")
         return
-    what = (
-        f"{len(result.depthwise)} BatchNormalization node(s) without a Conv to fold into → depthwise 1×1 Conv"
-    )
-    if result.folded:
-        what += f", {len(result.folded)} folded into their Conv"
+    what = []
+    if result.changed:
+        bn = (
+            f"{len(result.depthwise)} BatchNormalization node(s) without a Conv to fold into → depthwise 1×1 "
+            "Conv"
+        )
+        if result.folded:
+            bn += f", {len(result.folded)} folded into their Conv"
+        what.append(bn + " (exact per-channel affines ONNX Runtime can run in INT8)")
+    if subsampled:
+        what.append(
+            f"{len(subsampled)} strided 1×1 Conv(s) → Slice + stride-1 Conv (so OpenVINO runs them in INT8)"
+        )
+    what = "; ".join(what)
     batch = verification_batch(prepared.signature.input_shape)
     if batch is None:
         prepared.warnings.append(
-            f"BatchNormalization rewrite not applied: cannot verify it (input shape {prepared.signature.input_shape} is not fixed){left}"
+            f"graph rewrite ({what}) not applied: cannot verify it (input shape "
+            f"{prepared.signature.input_shape} is not fixed){left}"
         )
         return
     if original.ByteSize() > 1_800_000_000:
         prepared.warnings.append(
-            f"BatchNormalization rewrite not applied: the model is too large to verify in memory{left}"
+            f"graph rewrite ({what}) not applied: the model is too large to verify in memory{left}"
         )
         return
     try:
         diff, peak = max_output_difference(original, model, batch)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        prepared.warnings.append(
-            f"BatchNormalization rewrite not applied: verification failed to run ({reason})"
-        )
+        prepared.warnings.append(f"graph rewrite ({what}) not applied: verification failed to run ({reason})")
         return
     limit = TOLERANCE * max(1.0, peak)
     if not diff <= limit:
         prepared.warnings.append(
-            f"BatchNormalization rewrite not applied: FP32 outputs changed by max |Δ| {diff:.3g} "
+            f"graph rewrite ({what}) not applied: FP32 outputs changed by max |Δ| {diff:.3g} "
             f"(limit {limit:.3g}); the original graph is kept{left}"
         )
         return
     _save(model, path)
     prepared.steps.append(
-        f"{what} (exact per-channel affines ONNX Runtime can run in INT8; FP32 outputs checked on a random "
-        f"batch: max |Δ| {diff:.2g} on outputs up to {peak:.3g}){left}"
+        f"{what}; FP32 outputs checked on a random batch: max |Δ| {diff:.2g} on outputs up to {peak:.3g}{left}"
     )
