@@ -133,6 +133,7 @@ def quantize(
     op_types: opt.OpTypes = None,
     exclude_nodes: opt.ExcludeNodes = None,
     backend: opt.Backend = None,
+    placement_runtime: opt.PlacementRuntime = None,
     preset_name: opt.Preset = None,
     mean: opt.Mean = None,
     std: opt.Std = None,
@@ -160,10 +161,8 @@ def quantize(
 ) -> None:
     """Quantize an FP32 ONNX classifier to INT8 with calibration images; write a checked model and a report.
 
-    With --val, FP32 and INT8 are evaluated on the same images and the top-1 drop is reported with a paired
-    95% confidence interval; with --max-drop the run fails (exit code 3) when the drop exceeds it, though the
-    model and the report are still written.
-    """
+    With --val, FP32 and INT8 are evaluated on the same images (top-1 drop with a paired 95% interval); with
+    --max-drop the run fails (exit code 3) when the drop exceeds it, the model and report still written."""
     from quantize.console import BarProgress, print_run
     from quantize.fetch import fetch_with_progress, model_argument
     from quantize.measure import runtimes
@@ -174,6 +173,7 @@ def quantize(
         recipe = _recipe_from_options(
             _read_recipe(recipe_file),
             backend=_value(backend),
+            placement_runtime=_value(placement_runtime),
             format=_value(fmt),
             activation_type=_value(activation_type),
             weight_type=_value(weight_type),

@@ -22,7 +22,14 @@ from calibration.errors import RqInputError
 from quantize.console import err
 from quantize.exits import EXIT_BAD_INPUT
 from quantize.measure.validate import GATE_ON
-from quantize.recipe import BACKENDS, CALIBRATION_METHODS, FORMATS, INT8_TYPES, QuantRecipe
+from quantize.recipe import (
+    BACKENDS,
+    CALIBRATION_METHODS,
+    FORMATS,
+    INT8_TYPES,
+    PLACEMENT_RUNTIMES,
+    QuantRecipe,
+)
 
 
 class RqCommand(TyperCommand):
@@ -122,6 +129,7 @@ Formats = _choices("Formats", FORMATS)
 Methods = _choices("Methods", CALIBRATION_METHODS)
 Int8Types = _choices("Int8Types", INT8_TYPES)
 Backends = _choices("Backends", BACKENDS)
+PlacementRuntimes = _choices("PlacementRuntimes", PLACEMENT_RUNTIMES)
 GateModes = _choices("GateModes", GATE_ON)
 
 # Options shared by commands that read images.
@@ -305,6 +313,14 @@ Backend = Annotated[
     Backends | None,
     typer.Option(
         help="Quantization backend: ort (default) or inc (needs the inc extra).", rich_help_panel=REC
+    ),
+]
+PlacementRuntime = Annotated[
+    PlacementRuntimes | None,
+    typer.Option(
+        help="Runtime the Q/DQ placement is made for: ort (default) or openvino (also quantizes the classifier "
+        "head; see docs/placement.md).",
+        rich_help_panel=REC,
     ),
 ]
 Val = Annotated[

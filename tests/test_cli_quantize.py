@@ -281,3 +281,27 @@ def test_warnings_always_show_and_verbose_adds_the_diagnostics(cli, tiny_model, 
         assert "rq quantize.graph.prepare: prepare" in text and "rq quantize.calibrate:" in text
     finally:
         setup_logging(False)  # the loggers are process-wide: leave them as other tests expect
+
+
+def test_placement_for_openvino_quantizes_the_head_and_names_itself(cli, tiny_model, calib, tmp_path):
+    out = tmp_path / "tiny-int8.onnx"
+    result = cli(
+        "quantize",
+        tiny_model,
+        "--calib",
+        calib,
+        "--out",
+        out,
+        "--json",
+        *SMALL,
+        "--placement-runtime",
+        "openvino",
+    )
+    assert result.exit_code == 0, all_output(result)
+    data = json.loads(result.stdout)
+    assert find_key(data, "recipe")["placement_runtime"] == "openvino"
+    ops = find_key(data, "quantized_ops")
+    assert (ops["quantized"], ops["candidates"]) == (7, 7)  # flatten and the head too (ORT's placement: 5/7)
+    assert data["run_id"].endswith("-for-openvino")
+    bad = cli("quantize", tiny_model, "--calib", calib, "--out", out, "--placement-runtime", "tensorrt")
+    assert_one_line_error(bad, "--placement-runtime")
