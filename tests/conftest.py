@@ -94,3 +94,10 @@ def tune_calib(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tune-calib")
     colored_images(root, 16, start=500)
     return root
+
+
+@pytest.fixture(scope="module")
+def flipping(sensitive, sensitive_val, tune_calib) -> dict[str, Path]:
+    """A model whose INT8 version (under tests.helpers.sensitive's BREAKING recipes) flips predictions: the
+    sensitive model, validation images labelled by its FP32 predictions, and calibration images."""
+    return {"model": sensitive, "val": sensitive_val, "calib": tune_calib}

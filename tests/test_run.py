@@ -4,7 +4,6 @@ writes, the held-back fidelity without --val, the request's checks, and the back
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +16,6 @@ from quantize.report import validate_report
 from quantize.run import RunRequest, run
 from tests.helpers.calib_images import WNIDS, make_class_folders
 from tests.helpers.cpu import x86_cpu
-from tests.helpers.sensitive import center_fc_bias, colored_images, labelled_by_fp32, sensitive_model
 from tests.helpers.tiny_models import SMALL_SPEC
 
 # Per-tensor, minmax, Conv/Gemm/MatMul, 7-bit: the sensitive node's outlier wrecks INT8 (see test_tune).
@@ -29,18 +27,6 @@ BREAKING = QuantRecipe(
     samples=16,
     batch_size=8,
 )
-
-
-@pytest.fixture(scope="module")
-def flipping(tmp_path_factory) -> dict[str, Path]:
-    """The sensitive model, calibration images, and validation images labelled by its FP32 predictions."""
-    base = tmp_path_factory.mktemp("run")
-    model = sensitive_model(base / "sensitive.onnx")
-    center_fc_bias(model, colored_images(base / "staging", 36))
-    counts = labelled_by_fp32(model, base / "val", base / "staging")
-    assert len(counts) >= 2, counts
-    colored_images(base / "calib", 16, start=500)
-    return {"model": model, "val": base / "val", "calib": base / "calib"}
 
 
 def request(flipping, tmp_path, **changes) -> RunRequest:

@@ -21,10 +21,6 @@ from tests.helpers.cli import all_output, assert_one_line_error
 from tests.helpers.onehot import onehot_model, onehot_row, wnid
 from tests.helpers.sensitive import (
     BREAKING,
-    center_fc_bias,
-    colored_images,
-    labelled_by_fp32,
-    sensitive_model,
 )
 from tests.helpers.tiny_models import SMALL_SPEC
 
@@ -174,18 +170,6 @@ def test_count_overlap_same_files_links_and_copies(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # rq quantize --val --max-drop (a model whose INT8 version flips predictions)
 # ---------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def flipping(tmp_path_factory) -> dict[str, Path]:
-    """The sensitive model, calibration images, and validation images labelled by its FP32 predictions."""
-    base = tmp_path_factory.mktemp("gate-cli")
-    model = sensitive_model(base / "sensitive.onnx")
-    center_fc_bias(model, colored_images(base / "staging", 36))
-    counts = labelled_by_fp32(model, base / "val", base / "staging")
-    assert len(counts) >= 2, counts
-    colored_images(base / "calib", 16, start=500)
-    return {"model": model, "val": base / "val", "calib": base / "calib"}
 
 
 def _report(report_dir: Path) -> dict:
