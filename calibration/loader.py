@@ -26,7 +26,7 @@ from calibration import preprocess
 from calibration.datasets import Sample
 from calibration.errors import DatasetError, RqInputError
 from calibration.preprocess import ImageDecodeError, PreprocessSpec
-from calibration.progress import Progress, as_progress
+from calibration.progress import NO_PROGRESS, Progress
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class BatchStream:
             raise RqInputError(f"spec must be a PreprocessSpec, got {type(spec).__name__}")
         self.samples: list[Sample] = list(samples)
         self.spec = spec
-        self.progress = as_progress(progress)
+        self.progress = progress or NO_PROGRESS
         self.skipped: list[tuple[Path, str]] = []
         self.used: int = 0
         # A *weak* reference to the running pass: a strong one would keep an abandoned generator

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-__all__ = ["NO_PROGRESS", "Progress", "ProgressCallbacks", "as_progress"]
+__all__ = ["NO_PROGRESS", "Progress", "ProgressCallbacks"]
 
 
 @runtime_checkable
@@ -79,8 +79,3 @@ class ProgressCallbacks:
     def note(self, text: str) -> None:
         if self.on_note is not None:
             self.on_note(text)
-
-
-def as_progress(progress: Progress | None) -> Progress:
-    """`progress`, or NO_PROGRESS for None (the default of every optional ``progress`` argument)."""
-    return NO_PROGRESS if progress is None else progress

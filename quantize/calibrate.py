@@ -22,7 +22,7 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, c
 from onnxruntime.quantization.calibrate import TensorData, TensorsData
 
 from calibration.errors import RqInputError
-from calibration.progress import Progress, as_progress
+from calibration.progress import NO_PROGRESS, Progress
 from quantize.measure.runtimes import quiet
 from quantize.recipe import QuantRecipe
 
@@ -159,7 +159,7 @@ def calibrate(
     """
     from quantize.graph.placement import calibration_op_types
 
-    progress = as_progress(progress)
+    progress = progress or NO_PROGRESS
     started = time.perf_counter()
     with quiet():
         calibrator = create_calibrator(

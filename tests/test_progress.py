@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from calibration import BatchStream, PreprocessSpec, Sample
-from calibration.progress import NO_PROGRESS, Progress, ProgressCallbacks, as_progress
+from calibration.progress import NO_PROGRESS, Progress, ProgressCallbacks
 from quantize.calibrate import calibrate
 from quantize.graph.prepare import prepare_model
 from quantize.measure.bench import bench_models
@@ -47,11 +47,6 @@ def test_the_default_and_the_callback_form_are_progress():
     assert isinstance(callbacks, Progress)
     callbacks.stage("calibrate"), callbacks.total(5), callbacks.advance(2), callbacks.note("ignored")
     assert seen == ["calibrate", 2]
-
-
-def test_as_progress():
-    recorder = Recorder()
-    assert as_progress(None) is NO_PROGRESS and as_progress(recorder) is recorder
 
 
 def test_batch_stream_reports_the_total_then_every_sample_skipped_ones_included(tmp_path):

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from calibration.errors import RqInputError
-from calibration.progress import Progress, as_progress
+from calibration.progress import NO_PROGRESS, Progress
 from quantize.exits import ort_reason
 from quantize.measure import runtimes as runtimes_mod
 from quantize.measure.cpu import CpuInfo, detect_cpu, int8_speedup_note, physical_core_count
@@ -305,7 +305,7 @@ def bench_models(
 
     import onnxruntime as ort
 
-    progress = as_progress(progress)
+    progress = progress or NO_PROGRESS
     cpu = cpu or detect_cpu()
     n_threads = threads or physical_core_count(cpu)
 

@@ -18,7 +18,7 @@ import onnxruntime as ort
 from calibration import BatchStream, ImageDataset, PreprocessSpec, Sample
 from calibration.errors import RqInputError
 from calibration.loader import pad_batch
-from calibration.progress import Progress, as_progress
+from calibration.progress import NO_PROGRESS, Progress
 from quantize.exits import ort_reason
 from quantize.measure.runtimes import ort_session
 
@@ -269,7 +269,7 @@ def evaluate(
     included).
     `ray`: a `quantize.distributed.RayRunner` to run on a Ray cluster instead of this machine's threads
     (same result object, same statistics; ONNX Runtime only)."""
-    progress = as_progress(progress)
+    progress = progress or NO_PROGRESS
     if ray is not None:
         if runtime != "ort":
             raise RqInputError("--ray runs models in onnxruntime only; drop --runtime or --ray")
