@@ -204,56 +204,114 @@ def test_int8_v2_runs_without_float_batchnorm_or_add(ops, v2_model, calib_dir, t
     assert np.isfinite(run(output, x, optimize=True)[0]).all()
 
 
-def test_strided_pointwise_convs_become_slice_and_stride_1_exactly():
-    """1×1 stride 2 (two Convs sharing a tensor, one Slice), 1×1 stride (2, 3) with an odd size; left alone:
-    a padded 1×1 stride 2, a 3×3 stride 2 and a 1×1 stride 1."""
-    rng = np.random.default_rng(3)
-    inits: list = []
+def _strided_graph(nodes, inits, outputs: dict[str, list], hw: int = 17) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes,
+        "strided",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, hw, hw])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in outputs.items()],
+        initializer=inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def _strides(model: onnx.ModelProto) -> dict[str, list[int]]:
+    return {
+        n.name: next((list(a.ints) for a in n.attribute if a.name == "strides"), [1, 1])
+        for n in model.graph.node
+        if n.op_type == "Conv"
+    }
+
+
+def _same_outputs(original: onnx.ModelProto, model: onnx.ModelProto, hw: int = 17) -> None:
+    x = np.random.default_rng(4).standard_normal((2, 3, hw, hw)).astype(np.float32)
+    for a, b in zip(run(original, x), run(model, x), strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+def _conv_factory(seed: int, inits: list):
+    rng = np.random.default_rng(seed)
 
     def conv(name, x, cout, cin, k, **attrs):
         w = (rng.standard_normal((cout, cin, k, k)) * 0.3).astype(np.float32)
         inits.append(numpy_helper.from_array(w, f"{name}_W"))
         return helper.make_node("Conv", [x, f"{name}_W"], [f"{name}_out"], name=name, **attrs)
 
+    return conv
+
+
+def test_a_downsampling_block_computes_only_the_pixels_its_strided_convs_read():
+    """ResNet-50 v1's down-sampling: t = Relu(Add(conv_c(Relu(conv_b(h))), h)), read only by two 1×1 stride-2
+    Convs. The subsampling moves up through the Relu, the Add, the 1×1 conv_c and the Relu into the 3×3 conv_b
+    (now stride 2); the shortcut h has another reader (conv_b), so it gets a Slice."""
+    inits: list = []
+    conv = _conv_factory(3, inits)
     nodes = [
-        conv("s2a", "x", 4, 3, 1, strides=[2, 2]),
-        conv("s2b", "x", 4, 3, 1, strides=[2, 2]),
-        conv("s23", "x", 4, 3, 1, strides=[2, 3]),
-        conv("padded", "x", 4, 3, 1, strides=[2, 2], pads=[1, 1, 1, 1]),
-        conv("k3", "x", 4, 3, 3, strides=[2, 2], pads=[1, 1, 1, 1]),
-        conv("s1", "x", 4, 3, 1),
+        conv("stem", "x", 4, 3, 3, pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["stem_out"], ["h"], name="relu_h"),
+        conv("conv_b", "h", 4, 4, 3, pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv_b_out"], ["b"], name="relu_b"),
+        conv("conv_c", "b", 4, 4, 1),
+        helper.make_node("Add", ["conv_c_out", "h"], ["sum"], name="add"),
+        helper.make_node("Relu", ["sum"], ["t"], name="relu_t"),
+        conv("next_a", "t", 8, 4, 1, strides=[2, 2]),
+        conv("next_proj", "t", 8, 4, 1, strides=[2, 2]),
     ]
-    shapes = {"s2a": 9, "s2b": 9, "s23": 9, "padded": 10, "k3": 9, "s1": 17}
-    outputs = [
-        helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, ["N", 4, size, None])
-        for name, size in shapes.items()
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "strided",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 17, 17])],
-        outputs,
-        initializer=inits,
-    )
-    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    original = _strided_graph(nodes, inits, {"next_a_out": ["N", 8, 9, 9], "next_proj_out": ["N", 8, 9, 9]})
     model = onnx.ModelProto()
     model.CopyFrom(original)
-    assert rewrite.rewrite_strided_pointwise(model) == ["s2a", "s2b", "s23"]
+    done = rewrite.rewrite_strided_pointwise(model)
     onnx.checker.check_model(model)
-    slices = [n for n in model.graph.node if n.op_type == "Slice"]
-    assert len(slices) == 2  # (x, 2×2) shared by s2a and s2b; (x, 2×3)
-    strides = {
-        n.name: next(list(a.ints) for a in n.attribute if a.name == "strides")
-        for n in model.graph.node
-        if n.op_type == "Conv" and any(a.name == "strides" for a in n.attribute)
+    assert done.convs == ["next_a", "next_proj"] and done.slices == 1
+    assert set(done.lowered) == {"relu_t", "add", "conv_c", "relu_b", "conv_b"}
+    assert _strides(model) == {
+        "stem": [1, 1],
+        "conv_b": [2, 2],
+        "conv_c": [1, 1],
+        "next_a": [1, 1],
+        "next_proj": [1, 1],
     }
-    assert strides == {"s2a": [1, 1], "s2b": [1, 1], "s23": [1, 1], "padded": [2, 2], "k3": [2, 2]}
-    x = np.random.default_rng(4).standard_normal((2, 3, 17, 17)).astype(np.float32)
-    for a, b in zip(run(original, x), run(model, x), strict=True):
-        assert a.shape == b.shape
-        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
+    (slice_node,) = [n for n in model.graph.node if n.op_type == "Slice"]
+    assert slice_node.input[0] == "h"  # the shortcut, which conv_b reads at full resolution
+    assert "1 Slice" in done.describe() and "5 node(s)" in done.describe()
+    _same_outputs(original, model)
+
+
+def test_strided_convs_of_a_graph_input_read_a_slice_and_other_strides_are_left_alone():
+    """Left as they are: a strided 1×1 Conv whose input has a stride-1 reader too (ResNet v2's projection), a
+    padded one, a 3×3 stride 2. A graph input read only by 1×1 stride-2 Convs: one shared Slice."""
+    inits: list = []
+    conv = _conv_factory(5, inits)
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"], name="relu"),
+        conv("v2_proj", "r", 4, 3, 1, strides=[2, 2]),
+        conv("v2_conv1", "r", 4, 3, 1),
+        conv("padded", "r", 4, 3, 1, strides=[2, 2], pads=[1, 1, 1, 1]),
+        conv("k3", "r", 4, 3, 3, strides=[2, 2], pads=[1, 1, 1, 1]),
+    ]
+    outputs = {f"{n}_out": ["N", 4, None, None] for n in ("v2_proj", "v2_conv1", "padded", "k3")}
+    original = _strided_graph(nodes, inits, outputs)
+    model = onnx.ModelProto()
+    model.CopyFrom(original)
+    assert rewrite.rewrite_strided_pointwise(model).convs == []
+    assert model == original
+
+    inits = []
+    conv = _conv_factory(6, inits)
+    nodes = [conv("s2a", "x", 4, 3, 1, strides=[2, 2]), conv("s2b", "x", 4, 3, 1, strides=[2, 2])]
+    original = _strided_graph(nodes, inits, {"s2a_out": ["N", 4, 9, 9], "s2b_out": ["N", 4, 9, 9]})
+    model = onnx.ModelProto()
+    model.CopyFrom(original)
+    done = rewrite.rewrite_strided_pointwise(model)
+    onnx.checker.check_model(model)
+    assert done.convs == ["s2a", "s2b"] and done.slices == 1 and done.lowered == []
+    (slice_node,) = [n for n in model.graph.node if n.op_type == "Slice"]
+    assert slice_node.input[0] == "x"
+    assert _strides(model) == {"s2a": [1, 1], "s2b": [1, 1]}
+    _same_outputs(original, model)
     # Opset 9 has no Slice steps: nothing changes.
     old = onnx.ModelProto()
     old.CopyFrom(original)
     old.opset_import[0].version = 9
-    assert rewrite.rewrite_strided_pointwise(old) == []
+    assert rewrite.rewrite_strided_pointwise(old).convs == []

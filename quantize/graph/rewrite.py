@@ -218,59 +218,205 @@ def _default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def rewrite_strided_pointwise(model: onnx.ModelProto) -> list[str]:
-    """Every 1×1 Conv with a stride > 1 and no padding reads a Slice that keeps every stride-th pixel, and runs
-    with stride 1 (in place; returns the Conv names). Exact: a 1×1 kernel reads only those pixels.
+@dataclass
+class Subsampled:
+    """What :func:`rewrite_strided_pointwise` changed (the model is modified in place)."""
 
-    For ONNX Runtime this is the same work (the Slice moves uint8 data; the Conv computes the same outputs).
-    For OpenVINO it decides whether the convolution runs in int8 at all: its strides optimization moves such a
-    stride up onto the tensor in front of the convolution, which in a Q/DQ graph lands between the quantize and
-    the dequantize and leaves the convolution in f32 (ResNet-50 v1's 6 strided 1×1 convolutions: a third of the
-    INT8 model's time in OpenVINO). With the Slice placed where the quantized tensor is, every convolution
-    runs in int8 in both runtimes. Convs reading the same tensor with the same stride share one Slice.
+    convs: list[str] = field(default_factory=list)  # strided 1×1 Convs now stride 1 on a subsampled tensor
+    lowered: list[str] = field(default_factory=list)  # nodes that now compute only the pixels read
+    slices: int = 0  # Slice nodes added where the subsampling could not move further up
+
+    def describe(self) -> str:
+        text = f"{len(self.convs)} strided 1×1 Conv(s) → stride 1 on a subsampled tensor"
+        if self.lowered:
+            text += f" ({len(self.lowered)} node(s) before them now compute only the pixels read"
+            text += f", {self.slices} Slice(s))" if self.slices else ")"
+        elif self.slices:
+            text += f" ({self.slices} Slice(s))"
+        return text
+
+
+#: Elementwise on one activation: f(x)[::s] = f(x[::s]), so the subsampling moves up through them.
+_PIXELWISE_UNARY = (
+    "Relu",
+    "Clip",
+    "LeakyRelu",
+    "Sigmoid",
+    "HardSigmoid",
+    "Tanh",
+    "Identity",
+    "BatchNormalization",
+)
+#: Elementwise on several tensors of the output's shape (per-channel constants broadcast).
+_PIXELWISE_NARY = ("Add", "Sub", "Mul", "Div", "Max", "Min", "Sum")
+
+
+def rewrite_strided_pointwise(model: onnx.ModelProto) -> Subsampled:
+    """Strided 1×1 Convs that are the only readers of their input: compute that input at the lower resolution.
+
+    A 1×1 Conv with stride s and no padding reads one pixel in s per axis. When every reader of a tensor is
+    such a Conv (with the same stride), nothing else needs the other pixels, so the subsampling moves up the
+    graph: through pixel-wise nodes (Relu, Add, BatchNormalization, ...) into the Conv that makes the tensor,
+    which then runs with stride s (a stride-1 Conv with "same" padding, sampled every s-th pixel, is that Conv
+    with stride s). Where it cannot move further (a graph input, a tensor with other readers, another kind of
+    node), a Slice keeps every s-th pixel. The strided 1×1 Convs then run with stride 1. Exact; checked on the
+    FP32 graph by the caller.
+
+    ResNet-50 v1's three down-sampling blocks: the last 3×3 and 1×1 convolutions of the block before, and its
+    residual Add, now compute a quarter of the pixels (docs/placement.md). For OpenVINO this also decides
+    whether those convolutions run in int8 at all: its strides optimization moves such a stride up onto the
+    tensor in front of the convolution, which in a Q/DQ graph lands between the quantize and the dequantize and
+    leaves the convolution in f32. For ONNX Runtime it is less work. A strided 1×1 Conv whose input has other
+    readers (ResNet v2's projection shortcut) is left as it is: both runtimes run it in int8.
     """
+    result = Subsampled()
     graph = model.graph
     if _default_opset(model) < 10:  # Slice takes `steps` from opset 10
-        return []
-    inits = {i.name for i in graph.initializer}
-    taken = inits | {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
-    taken |= {n.name for n in graph.node}
+        return result
     weights = {i.name: i for i in graph.initializer}
-    changed: list[str] = []
-    slices: dict[tuple[str, tuple[int, ...]], str] = {}
-    out_nodes: list[onnx.NodeProto] = []
+    taken = set(weights) | {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+    taken |= {n.name for n in graph.node}
+    graph_outputs = {o.name for o in graph.output}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # without shapes nothing moves through an n-ary node; Slices still work
+        inferred = model
+    shapes = {
+        vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+        for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
+    }
+    readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
-        strides = _strided_pointwise(node, weights)
-        if strides is None or node.input[0] in inits:
-            out_nodes.append(node)
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    producer = {o: n for n in graph.node for o in n.output}
+    new_slices: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []  # (Slice, node it must come before)
+
+    def only_reader(name: str, node: onnx.NodeProto) -> bool:
+        return name not in graph_outputs and all(r is node for r in readers.get(name, []))
+
+    def slice_of(name: str, strides: tuple[int, ...], before: onnx.NodeProto) -> str:
+        base = _unique(f"{name}_subsample{'x'.join(map(str, strides))}", taken)
+        params = {
+            "starts": [0] * len(strides),
+            "ends": [np.iinfo(np.int64).max] * len(strides),
+            "axes": list(range(2, 2 + len(strides))),
+            "steps": list(strides),
+        }
+        names = []
+        for what, values in params.items():
+            init = _unique(f"{base}_{what}", taken)
+            graph.initializer.append(numpy_helper.from_array(np.array(values, np.int64), init))
+            names.append(init)
+        new_slices.append((helper.make_node("Slice", [name, *names], [base], name=base), before))
+        result.slices += 1
+        return base
+
+    def lower(name: str, strides: tuple[int, ...], reader: onnx.NodeProto, *, sole: bool = False) -> str:
+        """A tensor holding `name`[..., ::s, ::s] for `reader`: its producer lowered when nothing else reads
+        `name` (`sole`: the caller knows), else a Slice."""
+        node = producer.get(name)
+        if node is not None and (sole or only_reader(name, reader)) and node.domain in ("", "ai.onnx"):
+            if node.op_type == "Conv" and _same_padded_stride_1(node, weights):
+                source = node.input[0]
+                if _pointwise(node, weights) and source not in weights and only_reader(source, node):
+                    node.input[0] = lower(source, strides, node)  # a 1×1 Conv is pixel-wise: move further up
+                else:
+                    _set_strides(node, strides)
+                result.lowered.append(node.name or name)
+                return name
+            if node.op_type in _PIXELWISE_UNARY and node.input:
+                node.input[0] = lower(node.input[0], strides, node)
+                result.lowered.append(node.name or name)
+                return name
+            operands = [i for i in node.input if i]
+            if (
+                node.op_type in _PIXELWISE_NARY
+                and len(set(operands)) == len(operands)  # Add(x, x) would lower x twice
+                and _same_shape_operands(node, shapes, weights)
+            ):
+                for i, operand in enumerate(node.input):
+                    if operand and operand not in weights:
+                        node.input[i] = lower(operand, strides, node)
+                result.lowered.append(node.name or name)
+                return name
+        return slice_of(name, strides, reader)
+
+    groups: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        if _strided_pointwise(node, weights) is not None and node.input[0] not in weights:
+            groups.setdefault(node.input[0], []).append(node)
+    for tensor, convs in groups.items():
+        strides = {_strided_pointwise(c, weights) for c in convs}
+        every_reader = {id(r) for r in readers.get(tensor, [])} == {id(c) for c in convs}
+        if len(strides) != 1 or not every_reader or tensor in graph_outputs:
             continue
-        key = (node.input[0], strides)
-        if key not in slices:
-            base = _unique(f"{node.input[0]}_subsample{'x'.join(map(str, strides))}", taken)
-            params = {
-                "starts": [0] * len(strides),
-                "ends": [np.iinfo(np.int64).max] * len(strides),
-                "axes": list(range(2, 2 + len(strides))),
-                "steps": list(strides),
-            }
-            names = []
-            for what, values in params.items():
-                name = _unique(f"{base}_{what}", taken)
-                graph.initializer.append(numpy_helper.from_array(np.array(values, np.int64), name))
-                names.append(name)
-            out_nodes.append(helper.make_node("Slice", [node.input[0], *names], [base], name=base))
-            slices[key] = base
-        node.input[0] = slices[key]
-        for a in node.attribute:
-            if a.name == "strides":
-                del a.ints[:]
-                a.ints.extend([1] * len(strides))
-        out_nodes.append(node)
-        changed.append(node.name or node.output[0])
-    if changed:
+        (stride,) = strides
+        # The Convs are the tensor's only readers: lower its producer for all of them at once.
+        lowered = lower(tensor, stride, convs[0], sole=True)
+        for conv in convs:
+            conv.input[0] = lowered
+            _set_strides(conv, (1,) * len(stride))
+            result.convs.append(conv.name or conv.output[0])
+    if new_slices:
+        nodes = list(graph.node)
+        for slice_node, before in new_slices:
+            nodes.insert(nodes.index(before), slice_node)
         del graph.node[:]
-        graph.node.extend(out_nodes)
-    return changed
+        graph.node.extend(nodes)
+    if result.convs:
+        del graph.value_info[:]  # shapes below the lowered nodes changed; ORT infers them again
+    return result
+
+
+def _set_strides(node: onnx.NodeProto, strides: tuple[int, ...]) -> None:
+    for a in node.attribute:
+        if a.name == "strides":
+            del a.ints[:]
+            a.ints.extend(strides)
+            return
+    node.attribute.append(helper.make_attribute("strides", list(strides)))
+
+
+def _same_padded_stride_1(node: onnx.NodeProto, weights: dict) -> bool:
+    """A stride-1, undilated Conv with odd kernels and "same" padding ((k − 1) / 2 each side) or none for 1×1:
+    sampled every s-th pixel, it is the same Conv with stride s (same begin padding, same output size)."""
+    weight = weights.get(node.input[1]) if len(node.input) > 1 else None
+    if weight is None or len(weight.dims) < 3:
+        return False
+    kernel = list(weight.dims[2:])
+    spatial = len(kernel)
+    if any(s != 1 for s in _attr(node, "strides", [1] * spatial)):
+        return False
+    if any(d != 1 for d in _attr(node, "dilations", [1] * spatial)):
+        return False
+    auto_pad = _attr(node, "auto_pad", b"NOTSET")
+    if (auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad) != "NOTSET":
+        return False
+    pads = list(_attr(node, "pads", [0] * 2 * spatial))
+    return all(k % 2 == 1 for k in kernel) and pads == [(k - 1) // 2 for k in kernel] * 2
+
+
+def _pointwise(node: onnx.NodeProto, weights: dict) -> bool:
+    return all(d == 1 for d in weights[node.input[1]].dims[2:])
+
+
+def _same_shape_operands(node: onnx.NodeProto, shapes: dict, weights: dict) -> bool:
+    """Every non-constant operand has the output's (known) shape; constants only broadcast per channel."""
+    out = shapes.get(node.output[0])
+    if not out or any(d is None for d in out[2:]):
+        return False
+    for operand in node.input:
+        if not operand:
+            continue
+        if operand in weights:
+            dims = list(weights[operand].dims)
+            if len(dims) >= len(out) - 1 and any(d != 1 for d in dims[-(len(out) - 2) :]):
+                return False  # a constant that varies over the pixels
+            continue
+        if shapes.get(operand) != out:
+            return False
+    return True
 
 
 def _strided_pointwise(node: onnx.NodeProto, weights: dict) -> tuple[int, ...] | None:
@@ -339,7 +485,7 @@ def rewrite_standalone_batchnorms(prepared: PreparedModel) -> None:
     result = rewrite_batchnorms(model)
     subsampled = rewrite_strided_pointwise(model)
     left = f"; {len(result.skipped)} left as they are ({'; '.join(result.skipped)})" if result.skipped else ""
-    if not result.changed and not subsampled:
+    if not result.changed and not subsampled.convs:
         prepared.warnings.append(f"{len(result.skipped)} BatchNormalization node(s) stay FP32{left}")
         return
     what = []
@@ -351,10 +497,8 @@ def rewrite_standalone_batchnorms(prepared: PreparedModel) -> None:
         if result.folded:
             bn += f", {len(result.folded)} folded into their Conv"
         what.append(bn + " (exact per-channel affines ONNX Runtime can run in INT8)")
-    if subsampled:
-        what.append(
-            f"{len(subsampled)} strided 1×1 Conv(s) → Slice + stride-1 Conv (so OpenVINO runs them in INT8)"
-        )
+    if subsampled.convs:
+        what.append(subsampled.describe())
     what = "; ".join(what)
     batch = verification_batch(prepared.signature.input_shape)
     if batch is None:
