@@ -198,11 +198,20 @@ def _layer_output_mean(node: onnx.NodeProto, x: np.ndarray, weight: np.ndarray) 
     return y[0].reshape(y.shape[1], -1).astype(np.float64).mean(axis=1)
 
 
-def _apply(int8: onnx.ModelProto, layer: _Layer, shift: np.ndarray, report: BiasCorrectionReport) -> None:
+#: Why a layer without a bias is left alone when `give_bias=False` (the OpenVINO form).
+NO_BIAS_REASON = "has no bias, and a new one would add a pass to OpenVINO's fused residual sum"
+
+
+def _apply(
+    int8: onnx.ModelProto, layer: _Layer, shift: np.ndarray, report: BiasCorrectionReport, give_bias: bool
+) -> None:
     inits = _initializers(int8)
     producer = {out: node for node in int8.graph.node for out in node.output}
     node = layer.node
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if bias is None and not give_bias:
+        report.skipped[node.name] = NO_BIAS_REASON
+        return
     if bias is None:
         # Give the layer a bias: int32 through DequantizeLinear with scale s_x·s_w, as ORT quantizes biases.
         w_dq = producer[node.input[1]]
@@ -265,8 +274,12 @@ def correct_biases(
     batches: Iterable[np.ndarray],
     *,
     cache: dict | None = None,
+    give_bias: bool = True,
 ) -> BiasCorrectionReport:
     """Correct, in place, the biases of `int8` (QDQ) quantized from `fp32`, on the images of `batches`.
+
+    `give_bias=False` leaves a layer without a bias alone (NNCF does the same): OpenVINO fuses a bias-less
+    convolution into the residual sum after it without the extra per-channel pass a bias costs there.
 
     `cache` (optional, kept by the caller between models quantized with the same ranges, as tuning does)
     holds the input means per (tensor, quantization parameters): when every layer is found there, the images
@@ -292,7 +305,7 @@ def correct_biases(
             report.skipped[layer.node.name] = "non-finite shift"
             continue
         report.max_shift = max(report.max_shift, float(np.abs(shift).max()))
-        _apply(int8, layer, shift, report)
+        _apply(int8, layer, shift, report, give_bias)
     logger.debug(
         "bias correction: %d layer(s) corrected on %d images (max shift %.4g), %d skipped",
         len(report.corrected),

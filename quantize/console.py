@@ -162,6 +162,8 @@ def summary_table(result) -> Table:
     table.add_row("ops quantized", result.quantized_ops.describe())
     if result.bias_correction is not None:
         table.add_row("bias correction", result.bias_correction.describe())
+    if result.runtime_form is not None:
+        table.add_row("runtime form", result.runtime_form.describe())
     if result.tuning is not None:
         t = result.tuning
         steps = "; ".join(

@@ -36,6 +36,7 @@ from quantize.bias_correction import BiasCorrectionReport
 from quantize.calibrate import CalibrationRanges, calibrate
 from quantize.exits import QuantizerError, one_line
 from quantize.files import atomic_output, check_output_path, work_folder
+from quantize.graph.openvino_form import OpenVinoForm
 from quantize.graph.placement import place, require_something
 from quantize.graph.prepare import ModelError, PreparedModel, load_model, prepare_model
 from quantize.measure.cpu import CpuInfo, IntegerKernelAdvice, advise_int8, detect_cpu
@@ -77,6 +78,7 @@ class QuantizeResult:
     seconds: dict[str, float] = field(default_factory=dict)
     tuning: TuneReport | None = None
     bias_correction: BiasCorrectionReport | None = None
+    runtime_form: OpenVinoForm | None = None  # placement_runtime="openvino": what the OpenVINO form changed
 
     def to_dict(self) -> dict:
         return {
@@ -106,6 +108,7 @@ class QuantizeResult:
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "tuning": self.tuning.to_dict() if self.tuning else None,
             "bias_correction": self.bias_correction.to_dict() if self.bias_correction else None,
+            "runtime_form": self.runtime_form.to_dict() if self.runtime_form else None,
         }
 
 
@@ -251,6 +254,7 @@ class CalibrationRun:
     smoke_sample: np.ndarray  # a couple of real images, to check the INT8 model runs
     seconds: float
     bias_correction: BiasCorrectionReport | None = None  # of the last model quantized with these ranges
+    runtime_form: OpenVinoForm | None = None  # likewise: the OpenVINO form's changes, if the recipe asked
     # Input means bias correction computed with these ranges: tuning's steps reuse them.
     bias_statistics: dict = field(default_factory=dict)
     # Image-decoding processes (`--workers`): INC's own calibration passes use them too.
@@ -505,6 +509,7 @@ def quantize_model(
         seconds=seconds,
         tuning=tuning,
         bias_correction=calibration.bias_correction,
+        runtime_form=calibration.runtime_form,
     )
 
 

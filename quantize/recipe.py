@@ -138,7 +138,8 @@ class QuantRecipe:
     # Fold the mean shift INT8 causes in each Conv/Gemm output channel back into its bias
     # (quantize.bias_correction); on by default: measured in docs/placement.md.
     bias_correction: StrictBool = True
-    # "openvino": the placement OpenVINO runs fastest (the classifier head quantized too); "ort": ORT's.
+    # "openvino": the graph OpenVINO runs fastest (the classifier head quantized too, then the OpenVINO form of
+    # quantize/graph/openvino_form.py); "ort": ORT's.
     placement_runtime: Literal[PLACEMENT_RUNTIMES] = "ort"
     version: StrictInt = RECIPE_VERSION
 
@@ -152,6 +153,10 @@ class QuantRecipe:
             (
                 self.num_bins is None or self.calibration not in ("minmax", "mean-minmax"),
                 f"histogram bins apply to entropy, percentile and mse calibration, not {self.calibration}",
+            ),
+            (
+                self.placement_runtime == "ort" or self.format == "qdq",
+                "placement_runtime openvino rewrites a QDQ model: it needs format qdq",
             ),
             (
                 self.version == RECIPE_VERSION,

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from quantize.bias_correction import correct_biases
+from quantize.bias_correction import NO_BIAS_REASON, correct_biases
 
 W = np.array([[0.334, -0.171], [0.515, 0.262]], np.float32)
 B = np.array([0.5, -0.3], np.float32)
@@ -92,6 +92,16 @@ def test_layer_without_bias_gets_one():
     onnx.checker.check_model(int8)
     after = np.abs(_mean_output(int8, IMAGES) - _mean_output(fp32, IMAGES)).max()
     assert before > 0.4 and after <= 0.002
+
+
+def test_layer_without_bias_is_left_alone_when_no_bias_may_be_given():
+    """The OpenVINO form (`give_bias=False`): a bias-less layer keeps no bias, and the report says why."""
+    fp32, int8 = _gemm_models(with_bias=False)
+    before = int8.SerializeToString()
+    report = correct_biases(fp32, int8, "x", [IMAGES], give_bias=False)
+    assert report.created == [] and report.corrected == []
+    assert report.skipped == {"fc": NO_BIAS_REASON}
+    assert int8.SerializeToString() == before
 
 
 def test_model_without_quantized_layers_is_left_alone():

@@ -496,8 +496,11 @@ class IncBackend:
 
     def adapt(self, recipe: QuantRecipe) -> QuantRecipe:
         # Placement from the graph and bias correction are ort-backend steps: INC gets the op types it always
-        # had, and the recipe recorded with its model says that no bias correction was done.
-        return recipe.with_changes(op_types=recipe.op_types or LEGACY_OP_TYPES, bias_correction=False)
+        # had, and the recipe recorded with its model says that no bias correction (and no OpenVINO form) was
+        # done.
+        return recipe.with_changes(
+            op_types=recipe.op_types or LEGACY_OP_TYPES, bias_correction=False, placement_runtime="ort"
+        )
 
     def quantize(self, prepared, calibration, recipe, spec, scratch: Path, workdir: Path) -> None:
         self._run(prepared, calibration, recipe, spec, scratch, workdir)

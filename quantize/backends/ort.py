@@ -15,6 +15,7 @@ from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.calibrate import save_tensors_data
 
 from quantize.calibrate import CalibrationRanges
+from quantize.graph.openvino_form import AFFINE_REASON
 from quantize.graph.placement import FOLDED_ACTIVATIONS, PLACEMENT_OP_TYPES, place, require_something
 from quantize.graph.prepare import load_model
 from quantize.measure.runtimes import quiet
@@ -161,6 +162,8 @@ def count_quantized(
             reason = "excluded by the user"
         elif node.name in placement.fp32:
             reason = placement.fp32[node.name]
+        elif twin is not None and twin.op_type == "Mul" and recipe.placement_runtime == "openvino":
+            reason = AFFINE_REASON
         else:
             reason = "not converted by onnxruntime's quantizer"
         fp32_nodes[node.name] = [node.op_type, reason]
@@ -252,6 +255,10 @@ class OrtBackend:
             raise QuantizationFailed(
                 f"onnxruntime's quantizer failed: {type(exc).__name__}: {reason}"
             ) from None
+        if recipe.placement_runtime == "openvino":
+            calibration.runtime_form = _openvino_form(scratch)
+        else:
+            calibration.runtime_form = None
         if recipe.bias_correction and recipe.format == "qoperator":
             from quantize.bias_correction import BiasCorrectionReport
 
@@ -269,6 +276,17 @@ class OrtBackend:
         )
 
 
+def _openvino_form(scratch: Path):
+    """Rewrite the quantized model into the graph shape OpenVINO fuses best (quantize/graph/openvino_form.py);
+    before bias correction, so that the correction measures the final quantization."""
+    from quantize.graph.openvino_form import to_openvino_form
+
+    int8 = load_model(scratch)
+    form = to_openvino_form(int8)
+    onnx.save_model(int8, str(scratch))
+    return form
+
+
 def _correct_biases(prepared, calibration, recipe: QuantRecipe, spec, scratch: Path):
     """Fold INT8's mean output shift of each Conv/Gemm channel into its bias, on the calibration images."""
     from quantize.bias_correction import correct_biases
@@ -281,6 +299,7 @@ def _correct_biases(prepared, calibration, recipe: QuantRecipe, spec, scratch: P
         prepared.signature.input_name,
         model_batches(prepared, calibration.samples, spec, recipe.batch_size),
         cache=calibration.bias_statistics,
+        give_bias=recipe.placement_runtime != "openvino",
     )
     onnx.save_model(int8, str(scratch))
     return report

@@ -240,6 +240,11 @@ def quantize_report(
         )
     if result.bias_correction is not None:
         notes.append(f"bias correction: {result.bias_correction.describe()}")
+    if result.runtime_form is not None:
+        notes.append(
+            f"{result.runtime_form.describe()}: this file is laid out for OpenVINO; ONNX Runtime runs those "
+            "parts in float"
+        )
     if result.tuning is not None:
         tuning = result.tuning
         notes.append(
@@ -266,6 +271,8 @@ def quantize_report(
     data["fidelity"] = fidelity.to_dict() if fidelity is not None else None
     if result.bias_correction is not None:
         data["bias_correction"] = result.bias_correction.to_dict()
+    if result.runtime_form is not None:
+        data["runtime_form"] = result.runtime_form.to_dict()
     return data
 
 
