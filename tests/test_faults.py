@@ -102,9 +102,21 @@ def run_rq(args: list, place: dict[str, Path], stage: str | None = None, signals
         else [sys.executable, "-m", "quantize.cli"]
     )
     proc = subprocess.run(
-        [*head, *map(str, args)], cwd=place["cwd"], env=env, capture_output=True, text=True, timeout=120
+        [*head, *map(str, args)],
+        cwd=place["cwd"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        # A suite started under `nohup` hands SIGHUP down ignored, and rq rightly keeps it ignored: the child
+        # gets the default disposition back, as in a terminal, so the SIGHUP cases test rq's handler.
+        preexec_fn=_default_sighup if hasattr(signal, "SIGHUP") else None,
     )
     return proc.returncode, proc.stdout + proc.stderr
+
+
+def _default_sighup() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def invoke(*args):
