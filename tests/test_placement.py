@@ -20,7 +20,7 @@ from quantize.calibrate import calibrate
 from quantize.graph.placement import HEAD_REASON, NothingToQuantize, place, require_something
 from quantize.graph.prepare import prepare_model
 from quantize.recipe import LEGACY_OP_TYPES, QuantRecipe
-from tests.helpers.tiny_models import CLASSES, _Weights, random_inputs
+from tests.helpers.tiny_models import CLASSES, _Weights, conv_strides, random_inputs
 
 HW = 32
 CALIB = random_inputs(16, seed=21)
@@ -469,19 +469,11 @@ def strided_after_pool(path: Path) -> Path:
     return _model(nodes, w, path)
 
 
-def _strides(model: onnx.ModelProto) -> dict[str, list[int]]:
-    return {
-        n.name: next((list(a.ints) for a in n.attribute if a.name == "strides"), [1, 1])
-        for n in model.graph.node
-        if n.op_type == "Conv"
-    }
-
-
 def test_strided_pointwise_block_computes_only_the_pixels_read(tmp_path):
     prepared, out, fp32, _int8, _recipe = quantize(strided_pointwise, tmp_path)
     # Preparation: `a` is read only by the two strided 1×1 Convs, so conv1 makes it at stride 2 and they run
     # with stride 1; no Slice is needed.
-    assert _strides(fp32) == {"conv1": [2, 2], "conv_a": [1, 1], "conv_b": [1, 1], "proj": [1, 1]}
+    assert conv_strides(fp32) == {"conv1": [2, 2], "conv_a": [1, 1], "conv_b": [1, 1], "proj": [1, 1]}
     assert "Slice" not in {n.op_type for n in fp32.graph.node}
     types = executed_ops(out, tmp_path)
     assert types.count("QLinearConv") == 4 and "QLinearAdd" in types
@@ -496,7 +488,7 @@ def test_a_slice_that_cannot_move_up_is_carried_in_uint8(tmp_path):
     for name in ("conv_a", "proj"):
         conv = next(n for n in fp32.graph.node if n.name == name)
         assert conv.input[0] == slice_node.output[0]
-    assert _strides(fp32) == {"conv1": [1, 1], "conv_a": [1, 1], "proj": [1, 1]}
+    assert conv_strides(fp32) == {"conv1": [1, 1], "conv_a": [1, 1], "proj": [1, 1]}
     # Placement carries the Slice in uint8: ORT runs it between integer kernels, no float op around it.
     assert slice_node.name in place(fp32, recipe).node_set()
     options = ort.SessionOptions()

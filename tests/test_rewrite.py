@@ -17,7 +17,7 @@ from quantize.graph.prepare import prepare_model
 from quantize.graph.rewrite import rewrite_batchnorms
 from quantize.pipeline import quantize_model
 from quantize.recipe import QuantRecipe
-from tests.helpers.tiny_models import HW, SMALL_SPEC, random_inputs
+from tests.helpers.tiny_models import HW, SMALL_SPEC, conv_strides, random_inputs
 
 #: Q/DQ on Add, Relu and pooling too (until the placement-from-the-graph recipe is the default).
 FULL_OPS = ("Conv", "Gemm", "MatMul", "Add", "Relu", "MaxPool", "GlobalAveragePool")
@@ -215,14 +215,6 @@ def _strided_graph(nodes, inits, outputs: dict[str, list], hw: int = 17) -> onnx
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 
 
-def _strides(model: onnx.ModelProto) -> dict[str, list[int]]:
-    return {
-        n.name: next((list(a.ints) for a in n.attribute if a.name == "strides"), [1, 1])
-        for n in model.graph.node
-        if n.op_type == "Conv"
-    }
-
-
 def _same_outputs(original: onnx.ModelProto, model: onnx.ModelProto, hw: int = 17) -> None:
     x = np.random.default_rng(4).standard_normal((2, 3, hw, hw)).astype(np.float32)
     for a, b in zip(run(original, x), run(model, x), strict=True):
@@ -265,7 +257,7 @@ def test_a_downsampling_block_computes_only_the_pixels_its_strided_convs_read():
     onnx.checker.check_model(model)
     assert done.convs == ["next_a", "next_proj"] and done.slices == 1
     assert set(done.lowered) == {"relu_t", "add", "conv_c", "relu_b", "conv_b"}
-    assert _strides(model) == {
+    assert conv_strides(model) == {
         "stem": [1, 1],
         "conv_b": [2, 2],
         "conv_c": [1, 1],
@@ -308,7 +300,7 @@ def test_strided_convs_of_a_graph_input_read_a_slice_and_other_strides_are_left_
     assert done.convs == ["s2a", "s2b"] and done.slices == 1 and done.lowered == []
     (slice_node,) = [n for n in model.graph.node if n.op_type == "Slice"]
     assert slice_node.input[0] == "x"
-    assert _strides(model) == {"s2a": [1, 1], "s2b": [1, 1]}
+    assert conv_strides(model) == {"s2a": [1, 1], "s2b": [1, 1]}
     _same_outputs(original, model)
     # Opset 9 has no Slice steps: nothing changes.
     old = onnx.ModelProto()

@@ -35,6 +35,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from quantize.graph.rewrite import attribute, drop_unused_initializers
+
 #: Why a BatchNormalization affine of the OpenVINO form counts as FP32 in the quantized-ops table.
 AFFINE_REASON = "float per-channel affine between int8 tensors (OpenVINO fuses it into the quantize)"
 
@@ -105,7 +107,7 @@ class _Graph:
         zero = self.constant(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else np.zeros((), np.int64)
         if q is None or scale is None or zero is None:
             return None
-        axis = _attr(dq, "axis", 1)
+        axis = attribute(dq, "axis", 1)
         if scale.ndim == 1 and scale.size > 1:
             shape = [1] * q.ndim
             shape[axis] = -1
@@ -115,20 +117,13 @@ class _Graph:
         )
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def to_openvino_form(model: onnx.ModelProto) -> OpenVinoForm:
     """Rewrite a QDQ model (in place) into the form OpenVINO fuses best; see the module doc."""
     form = OpenVinoForm()
     _float_outputs(model, form)
     _affines_as_mul_add(model, form)
     _signed_symmetric(model, form)
-    _drop_unused_initializers(model)
+    drop_unused_initializers(model)
     return form
 
 
@@ -158,13 +153,13 @@ def _is_channel_affine(node: onnx.NodeProto, g: _Graph) -> np.ndarray | None:
     if weight is None or weight.ndim < 3 or weight.shape[1] != 1 or any(d != 1 for d in weight.shape[2:]):
         return None
     spatial = weight.ndim - 2
-    if _attr(node, "group", 1) != weight.shape[0]:
+    if attribute(node, "group", 1) != weight.shape[0]:
         return None
-    if any(s != 1 for s in _attr(node, "strides", [1] * spatial)) or any(
-        _attr(node, "pads", [0] * 2 * spatial)
+    if any(s != 1 for s in attribute(node, "strides", [1] * spatial)) or any(
+        attribute(node, "pads", [0] * 2 * spatial)
     ):
         return None
-    auto_pad = _attr(node, "auto_pad", b"NOTSET")
+    auto_pad = attribute(node, "auto_pad", b"NOTSET")
     if (auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad) not in ("NOTSET", "VALID"):
         return None
     x = g.producer.get(node.input[0])
@@ -282,10 +277,3 @@ def _requantize_bias(model: onnx.ModelProto, g: _Graph, layer: onnx.NodeProto, x
             bias_dq.attribute.remove(a)
     bias_dq.attribute.append(helper.make_attribute("axis", 0))
     form.biases.append(name)
-
-
-def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    read = {name for n in model.graph.node for name in n.input}
-    keep = [i for i in model.graph.initializer if i.name in read]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)

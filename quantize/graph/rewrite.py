@@ -61,7 +61,7 @@ class RewriteResult:
         return len(self.depthwise) + len(self.folded)
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
+def attribute(node: onnx.NodeProto, name: str, default):
     for a in node.attribute:
         if a.name == name:
             return helper.get_attribute_value(a)
@@ -125,7 +125,7 @@ def rewrite_batchnorms(model: onnx.ModelProto) -> RewriteResult:
         x, y = node.input[0], node.output[0]
         rank = ranks[x]
         gamma, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in node.input[1:5])
-        eps = float(_attr(node, "epsilon", 1e-5))
+        eps = float(attribute(node, "epsilon", 1e-5))
         scale = gamma / np.sqrt(var + eps)
         shift = beta - mean * scale
         channels = scale.shape[0]
@@ -166,13 +166,13 @@ def rewrite_batchnorms(model: onnx.ModelProto) -> RewriteResult:
     if result.changed:
         del graph.node[:]
         graph.node.extend(out_nodes)
-        _drop_unused_initializers(model)
+        drop_unused_initializers(model)
     return result
 
 
 def _why_not(node, inits, uses, graph_outputs, ranks) -> str | None:
     """Why this BatchNormalization cannot become an affine (None: it can)."""
-    if _attr(node, "training_mode", 0):
+    if attribute(node, "training_mode", 0):
         return "training_mode=1"
     if len(node.input) < 5 or any(name not in inits for name in node.input[1:5]):
         return "its parameters are not constant initializers"
@@ -200,7 +200,7 @@ def _foldable(conv, x, channels, inits, uses, graph_outputs) -> bool:
     return True
 
 
-def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+def drop_unused_initializers(model: onnx.ModelProto) -> None:
     """Remove initializers nothing reads any more (the replaced BN parameters), and their graph inputs."""
     used = {name for n in model.graph.node for name in n.input} | {o.name for o in model.graph.output}
     dropped = {i.name for i in model.graph.initializer if i.name not in used}
@@ -386,14 +386,14 @@ def _same_padded_stride_1(node: onnx.NodeProto, weights: dict) -> bool:
         return False
     kernel = list(weight.dims[2:])
     spatial = len(kernel)
-    if any(s != 1 for s in _attr(node, "strides", [1] * spatial)):
+    if any(s != 1 for s in attribute(node, "strides", [1] * spatial)):
         return False
-    if any(d != 1 for d in _attr(node, "dilations", [1] * spatial)):
+    if any(d != 1 for d in attribute(node, "dilations", [1] * spatial)):
         return False
-    auto_pad = _attr(node, "auto_pad", b"NOTSET")
+    auto_pad = attribute(node, "auto_pad", b"NOTSET")
     if (auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad) != "NOTSET":
         return False
-    pads = list(_attr(node, "pads", [0] * 2 * spatial))
+    pads = list(attribute(node, "pads", [0] * 2 * spatial))
     return all(k % 2 == 1 for k in kernel) and pads == [(k - 1) // 2 for k in kernel] * 2
 
 
@@ -427,12 +427,12 @@ def _strided_pointwise(node: onnx.NodeProto, weights: dict) -> tuple[int, ...] |
     if weight is None or len(weight.dims) < 3 or any(d != 1 for d in weight.dims[2:]):
         return None
     spatial = len(weight.dims) - 2
-    strides = tuple(_attr(node, "strides", [1] * spatial))
+    strides = tuple(attribute(node, "strides", [1] * spatial))
     if len(strides) != spatial or all(s == 1 for s in strides) or any(s < 1 for s in strides):
         return None
-    if any(_attr(node, "pads", [0] * 2 * spatial)):
+    if any(attribute(node, "pads", [0] * 2 * spatial)):
         return None
-    auto_pad = _attr(node, "auto_pad", b"NOTSET")
+    auto_pad = attribute(node, "auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
     if auto_pad not in ("NOTSET", "VALID"):
         return None

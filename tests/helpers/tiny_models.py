@@ -324,3 +324,12 @@ __all__ = [
     "two_inputs",
     "v2_shaped_opset7",
 ]
+
+
+def conv_strides(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Conv name → its strides (1 per axis when the attribute is absent)."""
+    return {
+        n.name: next((list(a.ints) for a in n.attribute if a.name == "strides"), [1, 1])
+        for n in model.graph.node
+        if n.op_type == "Conv"
+    }
