@@ -79,7 +79,7 @@ def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     return {init.name: init for init in model.graph.initializer}
 
 
-def _dequantize(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[np.ndarray, np.ndarray, int]:
+def dequantize(dq: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[np.ndarray, np.ndarray, int]:
     """The float value, scale and axis of a DequantizeLinear node reading initializers."""
     values = numpy_helper.to_array(inits[dq.input[0]]).astype(np.float64)
     scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64)
@@ -122,7 +122,7 @@ def _find_layers(fp32: onnx.ModelProto, int8: onnx.ModelProto, report: BiasCorre
         if not all(name in inits for name in x_dq.input[1:] if name):
             report.skipped[node.name] = "input scale is not a constant"
             continue
-        weight_q, _scale, _axis = _dequantize(w_dq, inits)
+        weight_q, _scale, _axis = dequantize(w_dq, inits)
         x_scale = float(numpy_helper.to_array(inits[x_dq.input[1]]).reshape(-1)[0])
         zero = inits.get(x_dq.input[2]) if len(x_dq.input) > 2 and x_dq.input[2] else None
         x_zero = int(numpy_helper.to_array(zero).reshape(-1)[0]) if zero is not None else 0

@@ -255,20 +255,25 @@ class OrtBackend:
             raise QuantizationFailed(
                 f"onnxruntime's quantizer failed: {type(exc).__name__}: {reason}"
             ) from None
-        if recipe.placement_runtime == "openvino":
-            calibration.runtime_form = _openvino_form(scratch)
-        else:
-            calibration.runtime_form = None
+        calibration.runtime_form = calibration.bias_correction = None
         if recipe.bias_correction and recipe.format == "qoperator":
             from quantize.bias_correction import BiasCorrectionReport
 
             calibration.bias_correction = BiasCorrectionReport(
                 note="skipped: bias correction applies to QDQ models (this one is in QOperator format)"
             )
-        elif recipe.bias_correction:
-            calibration.bias_correction = _correct_biases(prepared, calibration, recipe, spec, scratch)
-        else:
-            calibration.bias_correction = None
+        correct = recipe.bias_correction and recipe.format == "qdq"
+        if recipe.placement_runtime != "openvino" and not correct:
+            return
+        int8 = load_model(scratch)
+        if recipe.placement_runtime == "openvino":
+            # Before bias correction, so that the correction measures the final quantization.
+            from quantize.graph.openvino_form import to_openvino_form
+
+            calibration.runtime_form = to_openvino_form(int8)
+        if correct:
+            calibration.bias_correction = _correct_biases(prepared, calibration, recipe, spec, int8)
+        onnx.save_model(int8, str(scratch))
 
     def tune(self, *args, **kwargs):
         raise NotImplementedError(
@@ -276,23 +281,11 @@ class OrtBackend:
         )
 
 
-def _openvino_form(scratch: Path):
-    """Rewrite the quantized model into the graph shape OpenVINO fuses best (quantize/graph/openvino_form.py);
-    before bias correction, so that the correction measures the final quantization."""
-    from quantize.graph.openvino_form import to_openvino_form
-
-    int8 = load_model(scratch)
-    form = to_openvino_form(int8)
-    onnx.save_model(int8, str(scratch))
-    return form
-
-
-def _correct_biases(prepared, calibration, recipe: QuantRecipe, spec, scratch: Path):
-    """Fold INT8's mean output shift of each Conv/Gemm channel into its bias, on the calibration images."""
+def _correct_biases(prepared, calibration, recipe: QuantRecipe, spec, int8: onnx.ModelProto):
+    """Fold INT8's mean output shift of each Conv/Gemm channel into `int8`'s biases, on the calibration images."""
     from quantize.bias_correction import correct_biases
     from quantize.pipeline import model_batches
 
-    int8 = load_model(scratch)
     report = correct_biases(
         load_model(prepared.path),
         int8,
@@ -301,5 +294,4 @@ def _correct_biases(prepared, calibration, recipe: QuantRecipe, spec, scratch: P
         cache=calibration.bias_statistics,
         give_bias=recipe.placement_runtime != "openvino",
     )
-    onnx.save_model(int8, str(scratch))
     return report

@@ -35,15 +35,13 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from quantize.graph.rewrite import attribute, drop_unused_initializers
+from quantize.bias_correction import dequantize
+from quantize.graph.rewrite import attribute, drop_unused_initializers, unique_name
 
 #: Why a BatchNormalization affine of the OpenVINO form counts as FP32 in the quantized-ops table.
 AFFINE_REASON = "float per-channel affine between int8 tensors (OpenVINO fuses it into the quantize)"
 
-_INT_RANGES = {
-    onnx.TensorProto.UINT8: (0, 255),
-    onnx.TensorProto.INT8: (-128, 127),
-}
+_INT_RANGES = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127)}
 _WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
@@ -88,11 +86,7 @@ class _Graph:
         self.taken |= {n.name for n in graph.node}
 
     def unique(self, base: str) -> str:
-        name, k = base, 1
-        while name in self.taken:
-            name, k = f"{base}_{k}", k + 1
-        self.taken.add(name)
-        return name
+        return unique_name(base, self.taken)
 
     def constant(self, name: str) -> np.ndarray | None:
         init = self.inits.get(name)
@@ -101,20 +95,9 @@ class _Graph:
     def dequantized(self, name: str) -> np.ndarray | None:
         """The float value of a constant read through a DequantizeLinear (None if `name` is not one)."""
         dq = self.producer.get(name)
-        if dq is None or dq.op_type != "DequantizeLinear":
+        if dq is None or dq.op_type != "DequantizeLinear" or any(i and i not in self.inits for i in dq.input):
             return None
-        q, scale = self.constant(dq.input[0]), self.constant(dq.input[1])
-        zero = self.constant(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else np.zeros((), np.int64)
-        if q is None or scale is None or zero is None:
-            return None
-        axis = attribute(dq, "axis", 1)
-        if scale.ndim == 1 and scale.size > 1:
-            shape = [1] * q.ndim
-            shape[axis] = -1
-            scale, zero = scale.reshape(shape), np.reshape(zero, shape) if zero.size > 1 else zero
-        return ((q.astype(np.float64) - zero.astype(np.float64)) * scale.astype(np.float64)).astype(
-            np.float32
-        )
+        return dequantize(dq, self.inits)[0].astype(np.float32)
 
 
 def to_openvino_form(model: onnx.ModelProto) -> OpenVinoForm:
@@ -171,12 +154,9 @@ def _affines_as_mul_add(model: onnx.ModelProto, form: OpenVinoForm) -> None:
     nodes: list[onnx.NodeProto] = []
     for node in model.graph.node:
         weight = _is_channel_affine(node, g)
-        bias = (
-            g.dequantized(node.input[2])
-            if weight is not None and len(node.input) > 2 and node.input[2]
-            else None
-        )
-        if weight is None or (len(node.input) > 2 and node.input[2] and bias is None):
+        has_bias = len(node.input) > 2 and bool(node.input[2])
+        bias = g.dequantized(node.input[2]) if weight is not None and has_bias else None
+        if weight is None or (has_bias and bias is None):
             nodes.append(node)
             continue
         channels, rank = weight.shape[0], weight.ndim
@@ -218,7 +198,7 @@ def _signed_symmetric(model: onnx.ModelProto, form: OpenVinoForm) -> None:
         scale, zero = g.constant(q.input[1]), g.constant(q.input[2])
         if scale is None or zero is None or scale.size != 1 or zero.size != 1 or int(zero.ravel()[0]) == 0:
             continue
-        if zero.dtype not in (np.uint8, np.int8):
+        if zero.dtype not in _INT_RANGES:
             continue
         dequantizers = g.readers[q.output[0]]
         if (
@@ -227,7 +207,7 @@ def _signed_symmetric(model: onnx.ModelProto, form: OpenVinoForm) -> None:
             or q.output[0] in g.outputs
         ):
             continue
-        qmin, qmax = _INT_RANGES[onnx.TensorProto.UINT8 if zero.dtype == np.uint8 else onnx.TensorProto.INT8]
+        qmin, qmax = _INT_RANGES[zero.dtype]
         s, z = float(scale.ravel()[0]), int(zero.ravel()[0])
         low, high = (qmin - z) * s, (qmax - z) * s
         new_scale = max(-low, high) / 127.0

@@ -78,7 +78,7 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
     return ranks
 
 
-def _unique(base: str, taken: set[str]) -> str:
+def unique_name(base: str, taken: set[str]) -> str:
     name, k = base, 1
     while name in taken:
         name, k = f"{base}_{k}", k + 1
@@ -135,8 +135,8 @@ def rewrite_batchnorms(model: onnx.ModelProto) -> RewriteResult:
             w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
             has_bias = len(conv.input) >= 3 and bool(conv.input[2])
             b = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if has_bias else 0.0
-            w_name = _unique(f"{conv.input[1]}_bnfold", taken)
-            b_name = _unique(f"{label}_bnfold_bias", taken)
+            w_name = unique_name(f"{conv.input[1]}_bnfold", taken)
+            b_name = unique_name(f"{label}_bnfold_bias", taken)
             folded_w = w * scale.reshape(-1, *[1] * (w.ndim - 1))
             graph.initializer.append(numpy_helper.from_array(folded_w.astype(np.float32), w_name))
             graph.initializer.append(numpy_helper.from_array((b * scale + shift).astype(np.float32), b_name))
@@ -147,8 +147,8 @@ def rewrite_batchnorms(model: onnx.ModelProto) -> RewriteResult:
             result.folded.append(label)
             continue
 
-        w_name = _unique(f"{label}_affine_W", taken)
-        b_name = _unique(f"{label}_affine_B", taken)
+        w_name = unique_name(f"{label}_affine_W", taken)
+        b_name = unique_name(f"{label}_affine_B", taken)
         weight = scale.astype(np.float32).reshape(channels, 1, *[1] * (rank - 2))
         graph.initializer.append(numpy_helper.from_array(weight, w_name))
         graph.initializer.append(numpy_helper.from_array(shift.astype(np.float32), b_name))
@@ -157,7 +157,7 @@ def rewrite_batchnorms(model: onnx.ModelProto) -> RewriteResult:
                 "Conv",
                 [x, w_name, b_name],
                 [y],
-                name=node.name or _unique(f"{y}_affine", taken),
+                name=node.name or unique_name(f"{y}_affine", taken),
                 group=channels,
                 kernel_shape=[1] * (rank - 2),
             )
@@ -296,7 +296,7 @@ def rewrite_strided_pointwise(model: onnx.ModelProto) -> Subsampled:
         return name not in graph_outputs and all(r is node for r in readers.get(name, []))
 
     def slice_of(name: str, strides: tuple[int, ...], before: onnx.NodeProto) -> str:
-        base = _unique(f"{name}_subsample{'x'.join(map(str, strides))}", taken)
+        base = unique_name(f"{name}_subsample{'x'.join(map(str, strides))}", taken)
         params = {
             "starts": [0] * len(strides),
             "ends": [np.iinfo(np.int64).max] * len(strides),
@@ -305,7 +305,7 @@ def rewrite_strided_pointwise(model: onnx.ModelProto) -> Subsampled:
         }
         names = []
         for what, values in params.items():
-            init = _unique(f"{base}_{what}", taken)
+            init = unique_name(f"{base}_{what}", taken)
             graph.initializer.append(numpy_helper.from_array(np.array(values, np.int64), init))
             names.append(init)
         new_slices.append((helper.make_node("Slice", [name, *names], [base], name=base), before))
