@@ -238,26 +238,7 @@ def conv_channel_mismatch(path: Path | str) -> Path:
     an FP32 model that is broken, i.e. bad input. Its head has 1000 classes, so every rq command gets as far
     as running it.
     """
-    w = _Weights(5)
-    c1w, c1b = w.conv("conv1", 8, 4)
-    fcw, fcb = w.gemm("fc", 1000, 8)
-    nodes = [
-        helper.make_node("Conv", ["input", c1w, c1b], ["conv1_out"], name="conv1", pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["conv1_out"], ["relu1_out"], name="relu1"),
-        helper.make_node("GlobalAveragePool", ["relu1_out"], ["gap_out"], name="gap"),
-        helper.make_node("Flatten", ["gap_out"], ["flat_out"], name="flatten", axis=1),
-        helper.make_node("Gemm", ["flat_out", fcw, fcb], ["logits"], name="fc", transB=1),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "conv_channel_mismatch",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, HW, HW])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1000])],
-        initializer=w.initializers,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
-    onnx.checker.check_model(model)
-    return _save(model, path)
+    return _save(_conv_gap_gemm("conv_channel_mismatch", 5, conv_in=4, features=8, classes=1000), path)
 
 
 def gemm_feature_mismatch(path: Path | str) -> Path:
@@ -266,9 +247,17 @@ def gemm_feature_mismatch(path: Path | str) -> Path:
     ORT's symbolic shape inference cannot complete on it (and, left alone, saves scratch files into the
     current directory); ONNX Runtime cannot run it either.
     """
-    w = _Weights(6)
-    c1w, c1b = w.conv("conv1", 16, 3)
-    fcw, fcb = w.gemm("fc", CLASSES, 24)
+    return _save(_conv_gap_gemm("gemm_feature_mismatch", 6, conv_out=16, features=24), path)
+
+
+def _conv_gap_gemm(
+    name: str, seed: int, *, conv_in: int = 3, conv_out: int = 8, features: int = 8, classes: int = CLASSES
+) -> onnx.ModelProto:
+    """Conv(conv_in → conv_out) → Relu → GlobalAveragePool → Flatten → Gemm(features → classes) on the usual
+    [N, 3, HW, HW] input: channel counts that disagree make a model ONNX Runtime cannot run."""
+    w = _Weights(seed)
+    c1w, c1b = w.conv("conv1", conv_out, conv_in)
+    fcw, fcb = w.gemm("fc", classes, features)
     nodes = [
         helper.make_node("Conv", ["input", c1w, c1b], ["conv1_out"], name="conv1", pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["conv1_out"], ["relu1_out"], name="relu1"),
@@ -278,14 +267,14 @@ def gemm_feature_mismatch(path: Path | str) -> Path:
     ]
     graph = helper.make_graph(
         nodes,
-        "gemm_feature_mismatch",
+        name,
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, HW, HW])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", CLASSES])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
         initializer=w.initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     onnx.checker.check_model(model)
-    return _save(model, path)
+    return model
 
 
 def tiny_imagenet_cnn(path: Path | str, seed: int = 0) -> Path:
