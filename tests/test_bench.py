@@ -108,7 +108,7 @@ def test_table_shows_no_vnni_note(two_models, monkeypatch):
 
     console = Console(width=300, record=True)
     console.print(res.render_table())
-    assert "1.33×" in console.export_text()
+    assert "INT8 gains are smaller on CPUs without VNNI" in console.export_text()
 
 
 def test_different_input_shape_is_rejected(tmp_path, two_models):

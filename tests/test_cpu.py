@@ -169,9 +169,9 @@ def test_advice_from_synthetic_cpuinfo_objects():
 
 def test_speedup_note():
     note = int8_speedup_note(detect_cpu(AMD))
-    assert note is not None and note.startswith("INT8 gains are bounded near 1.33× on CPUs without VNNI")
+    assert note is not None and note.startswith("INT8 gains are smaller on CPUs without VNNI")
     vnni_note = int8_speedup_note(detect_cpu(INTEL))
-    assert vnni_note is None or "1.33" not in vnni_note
+    assert vnni_note is None or "without VNNI" not in vnni_note
     assert int8_speedup_note(detect_cpu(ARM)) is None
 
 

@@ -439,10 +439,12 @@ def int8_speedup_note(cpu: CpuInfo) -> str | None:
             "widened to int16 and pairwise-accumulated, only about as many MACs per instruction as FP32 FMA"
         )
     if not cpu.has_vnni:
+        # No bound is quoted: an instruction count (4/3 of FP32) is not one. On an AVX2 AMD EPYC (Zen 3) whole
+        # ResNet-50-sized models measured 1.9-2.2x FP32 (docs/placement.md), against 3-3.8x on a VNNI one.
         return (
-            "INT8 gains are bounded near 1.33× on CPUs without VNNI (a register holds 4× as many int8 "
-            "values, but each u8×s8 multiply-accumulate step takes three instructions — vpmaddubsw, "
-            "vpmaddwd, vpaddd — where FP32 needs one FMA: 4/3)"
+            "INT8 gains are smaller on CPUs without VNNI: each u8×s8 multiply-accumulate step takes three "
+            "instructions (vpmaddubsw, vpmaddwd, vpaddd) where VNNI takes one (vpdpbusd), and vpmaddubsw's "
+            "int16 sums are why rq uses 7-bit weights here"
         )
     if cpu.has_amx_int8:
         return (

@@ -41,7 +41,7 @@ from quantize.report.sections import (
 )
 
 SKIPPED_SHOWN = 20  # skipped-file lists longer than this are cut, with "… and K more"
-NO_VNNI_NOTE = "INT8 gains are bounded near 1.33× on CPUs without VNNI"
+NO_VNNI_NOTE = "INT8 gains are smaller on CPUs without VNNI (three instructions per u8×s8 multiply-accumulate step, one with VNNI)"
 PLOT_MISSING = (
     "The accuracy-vs-speed plot needs --val and --bench: no INT8 variant has both accuracy and "
     "benchmark figures."
@@ -102,7 +102,7 @@ def _gate_blocks(data: dict) -> list[Block]:
 
 
 def _cpu_text(cpu: dict) -> tuple[str, bool]:
-    """The CPU line, and whether the CPU lacks VNNI (then the 1.33× note applies)."""
+    """The CPU line, and whether the CPU lacks VNNI (then the no-VNNI note applies)."""
     flags = cpu.get("isa")
     if not isinstance(flags, dict):  # a report holding only the copy earlier rq also wrote
         flags = cpu.get("flags_summary") if isinstance(cpu.get("flags_summary"), dict) else None
