@@ -47,6 +47,56 @@ def test_bench_in_ort_and_openvino(cli, tiny_pair):
     assert rows[("openvino", 1, 2)]["precision"] == "int8+f32"
 
 
+def test_precision_is_what_openvino_ran_not_what_the_file_says(cli, tiny_pair, tmp_path):
+    """OpenVINO's CPU plugin has no u8-weight convolution: a U8U8 file runs its convs in float (measured on
+    ResNet-50 v1: FP32's speed). Its label says so; the u8s8 file's convs run in integers."""
+    fp32, int8 = tiny_pair
+    calib = tmp_path / "calib"
+    make_class_folders(calib, {wnid(0): 4, wnid(1): 4}, size=(48, 40))
+    u8u8 = tmp_path / "tiny-u8u8.onnx"
+    result = cli(
+        "quantize", fp32, "--calib", calib, "--samples", "8", "--out", u8u8, "--weight-type", "uint8",
+        "--no-reduce-range", "--report-dir", tmp_path / "reports", *SMALL,
+    )  # fmt: skip
+    assert result.exit_code == 0, all_output(result)
+    x = random_inputs(2, seed=3)
+    emulated = runtimes.get("openvino").open(u8u8, threads=1)
+    emulated.run(x)
+    assert emulated.precision == "f32 (Q/DQ emulated)"
+    integer = runtimes.get("openvino").open(int8, threads=1)
+    integer.run(x)
+    assert integer.precision == "int8+f32"
+
+
+def test_executed_precision_counts_the_compute_layers():
+    class Info(dict):
+        def __getitem__(self, key):
+            value = dict.__getitem__(self, key)
+            return type("Any", (), {"astype": lambda _self, _t: value})()
+
+    class Op:
+        def __init__(self, layer, precision):
+            self.info = Info(layerType=layer, runtimePrecision=precision)
+
+        def get_rt_info(self):
+            return self.info
+
+    def compiled(*ops):
+        graph = type("G", (), {"get_ordered_ops": lambda _self: [Op(*o) for o in ops]})()
+        return type("C", (), {"get_runtime_model": lambda _self: graph})()
+
+    mixed = compiled(
+        ("Convolution", "u8"), ("Convolution", "f32"), ("Eltwise", "f32"), ("FullyConnected", "i8")
+    )
+    assert runtimes.executed_precision(mixed, "f32", True) == "int8+f32"
+    assert runtimes.executed_precision(mixed, "f32", False) == "f32"
+    assert (
+        runtimes.executed_precision(compiled(("Convolution", "f32")), "bf16", True) == "bf16 (Q/DQ emulated)"
+    )
+    broken = type("C", (), {"get_runtime_model": lambda _self: 1 / 0})()
+    assert runtimes.executed_precision(broken, "f32", True) == "int8+f32"
+
+
 def test_eval_top1_in_openvino(cli, tmp_path):
     model = onehot_model(tmp_path / "k.onnx", onehot_row(1000, [K, 0]))
     val = tmp_path / "val"

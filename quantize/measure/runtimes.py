@@ -311,7 +311,7 @@ class OpenVinoSession:
                 raise RqInputError(f"openvino cannot compile {self._path.name}: {ov_reason(exc)}") from None
             hint = compiled.get_property("INFERENCE_PRECISION_HINT")
             hint = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
-            self.precision = ("int8+" if self._int8 else "") + hint
+            self.precision = executed_precision(compiled, hint, self._int8)
             request = compiled.create_infer_request()
             self._compiled[batch] = request
         return request
@@ -320,6 +320,37 @@ class OpenVinoSession:
         request = self._request(len(images))
         request.infer({0: images})
         return np.array(request.get_output_tensor(0).data, copy=True)
+
+
+#: OpenVINO CPU runtime-graph layer types that do the multiply-accumulate work (the ones INT8 is for).
+_OV_COMPUTE_LAYERS = frozenset(
+    {"Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul"}
+)
+
+
+def executed_precision(compiled, hint: str, has_int8: bool) -> str:
+    """The precision OpenVINO *ran* `compiled` in, read from its runtime graph, not from the file's Q/DQ nodes.
+
+    A file with Q/DQ nodes is not necessarily run in integers: OpenVINO's CPU plugin has no u8-weight
+    convolution, so a U8U8 file (``--weight-type uint8``) runs every convolution in float, emulating the
+    quantize steps (measured: ResNet-50 v1 at FP32's speed). Then the label says so instead of "int8".
+    """
+    if not has_int8:
+        return hint
+    try:
+        layers = [op.get_rt_info() for op in compiled.get_runtime_model().get_ordered_ops()]
+        compute = [
+            str(info["runtimePrecision"].astype(str))
+            for info in layers
+            if str(info["layerType"].astype(str)) in _OV_COMPUTE_LAYERS
+        ]
+    except Exception:  # an OpenVINO without this runtime-graph API: fall back to the file's Q/DQ nodes
+        return f"int8+{hint}"
+    # "int8+f32" already says part ran in float (rq's default keeps the classifier head FP32); what it must
+    # not say is "int8" when no compute layer ran in integers.
+    if compute and not any(precision in ("u8", "i8") for precision in compute):
+        return f"{hint} (Q/DQ emulated)"
+    return f"int8+{hint}"
 
 
 class OpenVinoRuntime:
