@@ -429,6 +429,10 @@ def advise_int8(cpu: CpuInfo) -> IntegerKernelAdvice:
     )
 
 
+#: The start of the no-VNNI note, shared with the report's CPU line (quantize/report/blocks.py).
+NO_VNNI_GAINS = "INT8 gains are smaller on CPUs without VNNI"
+
+
 def int8_speedup_note(cpu: CpuInfo) -> str | None:
     """A one-line expectation for INT8-vs-FP32 speed on ``cpu`` (shown under benchmark tables)."""
     if cpu.is_arm:
@@ -442,7 +446,7 @@ def int8_speedup_note(cpu: CpuInfo) -> str | None:
         # No bound is quoted: an instruction count (4/3 of FP32) is not one. On an AVX2 AMD EPYC (Zen 3) whole
         # ResNet-50-sized models measured 1.9-2.2x FP32 (docs/placement.md), against 3-3.8x on a VNNI one.
         return (
-            "INT8 gains are smaller on CPUs without VNNI: each u8×s8 multiply-accumulate step takes three "
+            f"{NO_VNNI_GAINS}: each u8×s8 multiply-accumulate step takes three "
             "instructions (vpmaddubsw, vpmaddwd, vpaddd) where VNNI takes one (vpdpbusd), and vpmaddubsw's "
             "int16 sums are why rq uses 7-bit weights here"
         )

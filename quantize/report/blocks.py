@@ -20,6 +20,7 @@ from typing import Any
 
 from calibration.config import type_name
 from calibration.errors import RqInputError
+from quantize.measure.cpu import NO_VNNI_GAINS
 from quantize.report.plot import bench_of, model_name, runtimes_of, variants_of
 from quantize.report.schema import FLAG_LABELS, is_int, is_number
 from quantize.report.sections import (
@@ -41,7 +42,7 @@ from quantize.report.sections import (
 )
 
 SKIPPED_SHOWN = 20  # skipped-file lists longer than this are cut, with "… and K more"
-NO_VNNI_NOTE = "INT8 gains are smaller on CPUs without VNNI (three instructions per u8×s8 multiply-accumulate step, one with VNNI)"
+NO_VNNI_NOTE = f"{NO_VNNI_GAINS} (three instructions per u8×s8 multiply-accumulate step, one with VNNI)"
 PLOT_MISSING = (
     "The accuracy-vs-speed plot needs --val and --bench: no INT8 variant has both accuracy and "
     "benchmark figures."
