@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from quantize.files import json_text
+from quantize.graph.channel_pad import describe_channel_pads
 
 err = Console(stderr=True)
 
@@ -164,6 +165,8 @@ def summary_table(result) -> Table:
         table.add_row("bias correction", result.bias_correction.describe())
     if result.runtime_form is not None:
         table.add_row("runtime form", result.runtime_form.describe())
+    if result.channel_pads:
+        table.add_row("input channels", describe_channel_pads(result.channel_pads))
     if result.tuning is not None:
         t = result.tuning
         steps = "; ".join(

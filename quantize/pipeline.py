@@ -2,7 +2,8 @@
 
 The stages are the same for every backend (quantize.backends): the backend only turns the prepared model and
 the calibration into an INT8 file in scratch (`produce_int8`); `publish_int8` checks and publishes it, also
-after a backend's own tuner. `quantize.run.run` adds validate → gate → bench → report on top (`rq quantize`);
+after a backend's own tuner (and, for files laid out for ONNX Runtime, pads 3-channel convolution inputs to
+4: quantize.graph.channel_pad). `quantize.run.run` adds validate → gate → bench → report on top (`rq quantize`);
 `quantize.sweep` reuses `run_calibration` and `quantize_prepared` over a grid of recipes.
 """
 
@@ -36,6 +37,7 @@ from quantize.bias_correction import BiasCorrectionReport
 from quantize.calibrate import CalibrationRanges, calibrate
 from quantize.exits import QuantizerError, one_line
 from quantize.files import atomic_output, check_output_path, work_folder
+from quantize.graph.channel_pad import ChannelPad, pad_conv_input_channels
 from quantize.graph.openvino_form import OpenVinoForm
 from quantize.graph.placement import place, require_something
 from quantize.graph.prepare import ModelError, PreparedModel, load_model, prepare_model
@@ -79,6 +81,7 @@ class QuantizeResult:
     tuning: TuneReport | None = None
     bias_correction: BiasCorrectionReport | None = None
     runtime_form: OpenVinoForm | None = None  # placement_runtime="openvino": what the OpenVINO form changed
+    channel_pads: list[ChannelPad] = field(default_factory=list)  # inputs padded for ORT's direct int8 kernel
 
     def to_dict(self) -> dict:
         return {
@@ -109,6 +112,7 @@ class QuantizeResult:
             "tuning": self.tuning.to_dict() if self.tuning else None,
             "bias_correction": self.bias_correction.to_dict() if self.bias_correction else None,
             "runtime_form": self.runtime_form.to_dict() if self.runtime_form else None,
+            "channel_pads": [pad.to_dict() for pad in self.channel_pads],
         }
 
 
@@ -255,6 +259,7 @@ class CalibrationRun:
     seconds: float
     bias_correction: BiasCorrectionReport | None = None  # of the last model quantized with these ranges
     runtime_form: OpenVinoForm | None = None  # likewise: the OpenVINO form's changes, if the recipe asked
+    channel_pads: list[ChannelPad] = field(default_factory=list)  # likewise: convolution inputs padded
     # Input means bias correction computed with these ranges: tuning's steps reuse them.
     bias_statistics: dict = field(default_factory=dict)
     # Image-decoding processes (`--workers`): INC's own calibration passes use them too.
@@ -340,6 +345,9 @@ def publish_int8(
 ) -> QuantizedOps:
     """Stamp the recipe and spec, check (onnx.checker + a real inference), publish atomically at `output`."""
     int8 = load_model(scratch)
+    calibration.channel_pads = (
+        pad_conv_input_channels(int8) if recipe.placement_runtime == "ort" and recipe.format == "qdq" else []
+    )
     _stamp_metadata(int8, recipe, spec, prepared.source)
     try:
         onnx.checker.check_model(int8)
@@ -510,6 +518,7 @@ def quantize_model(
         tuning=tuning,
         bias_correction=calibration.bias_correction,
         runtime_form=calibration.runtime_form,
+        channel_pads=calibration.channel_pads,
     )
 
 

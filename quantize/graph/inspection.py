@@ -121,6 +121,12 @@ def weight_errors(fp32_path: Path, int8_path: Path) -> dict[str, float]:
 
     with quiet():
         matched = create_weight_matching(str(fp32_path), str(int8_path))
+    for pair in matched.values():
+        # A weight whose input channels rq padded with zeros for ONNX Runtime (graph/channel_pad.py): the
+        # model's own channels are the first ones.
+        fp32, int8 = pair.get("float"), pair.get("dequantized")
+        if fp32 is not None and int8 is not None and fp32.ndim >= 2 and int8.shape != fp32.shape:
+            pair["dequantized"] = int8[:, : fp32.shape[1]]
     return compute_weight_error(matched, compute_signal_to_quantization_noice_ratio)
 
 

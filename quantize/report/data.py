@@ -18,6 +18,7 @@ from pathlib import Path
 from quantize import __version__
 from quantize.backends.ort import QuantizedOps
 from quantize.fetch import sha256_file
+from quantize.graph.channel_pad import describe_channel_pads
 from quantize.graph.prepare import PreparedModel
 from quantize.measure.bench import BenchResult
 from quantize.measure.cpu import CpuInfo, IntegerKernelAdvice
@@ -245,6 +246,8 @@ def quantize_report(
             f"{result.runtime_form.describe()}: this file is laid out for OpenVINO; ONNX Runtime runs those "
             "parts in float"
         )
+    if result.channel_pads:
+        notes.append(describe_channel_pads(result.channel_pads))
     if result.tuning is not None:
         tuning = result.tuning
         notes.append(
@@ -273,6 +276,8 @@ def quantize_report(
         data["bias_correction"] = result.bias_correction.to_dict()
     if result.runtime_form is not None:
         data["runtime_form"] = result.runtime_form.to_dict()
+    if result.channel_pads:
+        data["channel_pads"] = [pad.to_dict() for pad in result.channel_pads]
     return data
 
 

@@ -250,6 +250,13 @@ def gemm_feature_mismatch(path: Path | str) -> Path:
     return _save(_conv_gap_gemm("gemm_feature_mismatch", 6, conv_out=16, features=24), path)
 
 
+def rgb_stem_cnn(path: Path | str, *, stem_out: int = 16, seed: int = 5) -> Path:
+    """Conv(3 → stem_out) → Relu → GlobalAveragePool → Flatten → Gemm(10): a first convolution on the RGB image
+    (3 input channels, like every ImageNet CNN's stem) with enough output channels for ONNX Runtime's direct
+    int8 kernel once its input is padded to 4 channels (quantize.graph.channel_pad)."""
+    return _save(_conv_gap_gemm("rgb_stem_cnn", seed, conv_out=stem_out, features=stem_out), path)
+
+
 def _conv_gap_gemm(
     name: str, seed: int, *, conv_in: int = 3, conv_out: int = 8, features: int = 8, classes: int = CLASSES
 ) -> onnx.ModelProto:
