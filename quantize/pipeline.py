@@ -342,12 +342,16 @@ def publish_int8(
     output: Path,
     *,
     tuning_fallback: tuple[str, ...] = (),
+    pad_channels: bool = True,
 ) -> QuantizedOps:
-    """Stamp the recipe and spec, check (onnx.checker + a real inference), publish atomically at `output`."""
+    """Stamp the recipe and spec, check (onnx.checker + a real inference), publish atomically at `output`.
+
+    `pad_channels`: pad 3-channel convolution inputs for ONNX Runtime (graph/channel_pad.py) when the file is
+    laid out for it; off for the fallback tuner's step models, which it matches to the FP32 graph by tensor name.
+    """
     int8 = load_model(scratch)
-    calibration.channel_pads = (
-        pad_conv_input_channels(int8) if recipe.placement_runtime == "ort" and recipe.format == "qdq" else []
-    )
+    for_ort = recipe.placement_runtime == "ort" and recipe.format == "qdq"
+    calibration.channel_pads = pad_conv_input_channels(int8) if pad_channels and for_ort else []
     _stamp_metadata(int8, recipe, spec, prepared.source)
     try:
         onnx.checker.check_model(int8)
@@ -380,14 +384,25 @@ def quantize_prepared(
     workdir: Path,
     *,
     tuning_fallback: tuple[str, ...] = (),
+    pad_channels: bool = True,
 ) -> QuantizedOps:
     """Quantize a prepared model with the recipe's backend, check the result, publish it atomically at `output`.
 
     `tuning_fallback`: the recipe's excluded nodes that tuning (not the user) chose, for the FP32 reasons.
+    `pad_channels`: see `publish_int8`.
     """
     scratch = workdir / f"int8-{recipe.digest()}.onnx"
     produce_int8(prepared, calibration, recipe, spec, scratch, workdir)
-    return publish_int8(prepared, calibration, recipe, spec, scratch, output, tuning_fallback=tuning_fallback)
+    return publish_int8(
+        prepared,
+        calibration,
+        recipe,
+        spec,
+        scratch,
+        output,
+        tuning_fallback=tuning_fallback,
+        pad_channels=pad_channels,
+    )
 
 
 def _tune(backend, prepared, calibration, recipe, spec, workdir, tune: TuneRequest, model, workers, progress):
@@ -409,7 +424,11 @@ def _tune(backend, prepared, calibration, recipe, spec, workdir, tune: TuneReque
         tuned = backend.tune(prepared, calibration, recipe, spec, workdir, tune, top1, progress)
         return tuned.recipe, tuned.report, tuned.scratch, time.perf_counter() - started
     recipe, report = tune_fallback(
-        quantize_to=lambda r, path: quantize_prepared(prepared, calibration, r, spec, path, workdir),
+        # Step models unpadded: the tuner matches their tensors to the FP32 graph's by name. The final file is
+        # quantized again below, and padded then.
+        quantize_to=lambda r, path: quantize_prepared(
+            prepared, calibration, r, spec, path, workdir, pad_channels=False
+        ),
         prepared_path=prepared.path,
         fp32_path=model,
         input_name=prepared.signature.input_name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -18,7 +19,7 @@ from quantize.graph.inspection import weight_errors
 from quantize.graph.prepare import prepare_model
 from quantize.recipe import QuantRecipe
 from tests.helpers.cli import SMALL
-from tests.helpers.tiny_models import random_inputs, rgb_stem_cnn, tiny_cnn
+from tests.helpers.tiny_models import SMALL_SPEC, random_inputs, rgb_stem_cnn, tiny_cnn
 
 CALIB = random_inputs(16, seed=41)
 TEST = random_inputs(8, seed=42)
@@ -139,3 +140,85 @@ def test_cli_pads_files_for_onnx_runtime_only(cli, calib_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert "channel_pads" not in json.loads(result.stdout) or not json.loads(result.stdout)["channel_pads"]
     assert not any(n.op_type == "Pad" for n in onnx.load(str(ov_out)).graph.node)
+
+
+def test_the_fallback_tuner_measures_unpadded_step_models(monkeypatch, calib_dir, tmp_path):
+    """The tuner matches a step model's tensors to the FP32 graph's by name, so its step models are not padded;
+    the file published after tuning is (it is quantized again)."""
+    from quantize import pipeline
+    from quantize.tune import TuneRequest
+
+    steps: list[onnx.ModelProto] = []
+
+    def tune_fallback(*, quantize_to, recipe, **_kwargs):
+        quantize_to(recipe, tmp_path / "step.onnx")
+        steps.append(onnx.load(str(tmp_path / "step.onnx")))
+        return recipe, SimpleNamespace(seconds=0.0)  # no fallback: the recipe as it came
+
+    monkeypatch.setattr(pipeline, "tune_fallback", tune_fallback)
+    out = tmp_path / "tuned.onnx"
+    result = pipeline.quantize_model(
+        rgb_stem_cnn(tmp_path / "stem.onnx"),
+        calib_dir,
+        output=out,
+        recipe=QuantRecipe(calibration="minmax", reduce_range=True),
+        spec=SMALL_SPEC,
+        workers=2,
+        tune=TuneRequest(max_drop_pt=1.0, tune_samples=()),
+    )
+    (step,) = steps
+    assert not any(n.op_type == "Pad" for n in step.graph.node)
+    assert result.channel_pads == [ChannelPad("conv1", 3, 4)]
+    assert any(n.op_type == "Pad" for n in onnx.load(str(out)).graph.node)
+
+
+def _qdq_stem(then_reads_x: bool) -> onnx.ModelProto:
+    """input → QuantizeLinear → DequantizeLinear (x) → Conv(3 → 16, int8 weights); with `then_reads_x`, an If
+    whose branches read x too (a tensor read only inside a subgraph)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(7)
+    inits = [
+        numpy_helper.from_array(np.float32(0.02), "x_scale"),
+        numpy_helper.from_array(np.uint8(128), "x_zero"),
+        numpy_helper.from_array(rng.integers(-127, 128, (16, 3, 3, 3)).astype(np.int8), "w_q"),
+        numpy_helper.from_array(np.full(16, 0.01, np.float32), "w_scale"),
+        numpy_helper.from_array(np.zeros(16, np.int8), "w_zero"),
+        numpy_helper.from_array(np.array(True), "cond"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["input", "x_scale", "x_zero"], ["x_q"], name="q"),
+        helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zero"], ["x"], name="dq"),
+        helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], ["w"], name="w_dq", axis=0),
+        helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1] * 4),
+    ]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 8, 8])]
+    if then_reads_x:
+        branch = helper.make_graph(
+            [helper.make_node("Identity", ["x"], ["x_copy"])],
+            "branch",
+            [],
+            [helper.make_tensor_value_info("x_copy", TensorProto.FLOAT, [1, 3, 8, 8])],
+        )
+        nodes.append(
+            helper.make_node("If", ["cond"], ["x_out"], name="if", then_branch=branch, else_branch=branch)
+        )
+        outputs.append(helper.make_tensor_value_info("x_out", TensorProto.FLOAT, [1, 3, 8, 8]))
+    graph = helper.make_graph(
+        nodes, "qdq_stem", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])], outputs,
+        initializer=inits,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def test_a_dequantize_read_inside_a_subgraph_is_kept():
+    x = np.random.default_rng(8).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    for then_reads_x in (False, True):
+        model = _qdq_stem(then_reads_x)
+        before = ort.InferenceSession(model.SerializeToString()).run(None, {"input": x})
+        assert pad_conv_input_channels(model) == [ChannelPad("conv", 3, 4)]
+        onnx.checker.check_model(model)
+        assert any(n.name == "dq" for n in model.graph.node) == then_reads_x
+        after = ort.InferenceSession(model.SerializeToString()).run(None, {"input": x})
+        for a, b in zip(before, after, strict=True):
+            np.testing.assert_array_equal(a, b)

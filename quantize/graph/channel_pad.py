@@ -8,9 +8,12 @@ ResNet50-v2 (1.41 ms at batch 1, slower than its FP32 twin's 1.14 ms; padded: 0.
 
 The rewrite is exact by construction: the quantized input gets a fourth channel that holds the zero point
 (a uint8 ``Pad`` between its QuantizeLinear and DequantizeLinear, so it dequantizes to 0.0), and the int8
-weight a matching input channel of zeros; the integer accumulators are unchanged. It is applied to the published
-file (after bias correction and tuning, which compare the INT8 graph with the FP32 one tensor by tensor) and
-only where rq lays the file out for ONNX Runtime: OpenVINO picks its own first-layer kernels.
+weight a matching input channel of zeros; the integer sums are unchanged. (One caveat: without VNNI, u8×s8
+kernels add products in int16 pairs that can saturate with 8-bit weights, and the two kernels pair different
+products; rq picks 7-bit weights on such CPUs, where nothing saturates.) It is applied when a file is published
+(after bias correction, which compares the INT8 graph with the FP32 one tensor by tensor; the fallback tuner's
+step models are not padded, for the same reason), and only where rq lays the file out for ONNX Runtime:
+OpenVINO picks its own first-layer kernels.
 """
 
 from __future__ import annotations
@@ -47,12 +50,22 @@ def describe_channel_pads(pads: list[ChannelPad]) -> str:
     where = ", ".join(f"{p.node} {p.channels}→{p.padded}" for p in pads)
     return (
         f"{len(pads)} convolution input(s) padded to a multiple of {CHANNEL_MULTIPLE} channels ({where}): "
-        "ONNX Runtime then runs them in its direct int8 kernel; the added channels are zero (same results)"
+        "ONNX Runtime then runs them in its direct int8 kernel; the added channels and their weights are zero "
+        "(the same integer sums)"
     )
 
 
 def _initializer_array(inits: dict[str, onnx.TensorProto], name: str) -> np.ndarray | None:
     return numpy_helper.to_array(inits[name]) if name in inits else None
+
+
+def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
+    reads: set[str] = set()
+    for node in graph.node:
+        for attr in node.attribute:
+            for body in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                reads |= {name for n in body.node for name in n.input} | _subgraph_reads(body)
+    return reads
 
 
 def pad_conv_input_channels(model: onnx.ModelProto) -> list[ChannelPad]:
@@ -69,6 +82,7 @@ def pad_conv_input_channels(model: onnx.ModelProto) -> list[ChannelPad]:
         for name in node.input:
             readers.setdefault(name, []).append(node)
     graph_outputs = {o.name for o in graph.output}
+    nested_reads = _subgraph_reads(graph)  # tensors read inside If/Loop bodies: not in `readers`
     taken = {name for node in graph.node for name in (*node.input, *node.output)} | set(inits)
     pads: list[ChannelPad] = []
     stale: set[str] = set()
@@ -122,8 +136,8 @@ def pad_conv_input_channels(model: onnx.ModelProto) -> list[ChannelPad]:
             name=unique_name(f"{conv.name}_rq_channel_pad", taken),
             mode="constant",
         )
-        # A DequantizeLinear of its own for the padded tensor: the original one may feed other nodes, and its
-        # tensor keeps its name and shape (tuning and inspection match tensors by name).
+        # A DequantizeLinear of its own for the padded tensor: the original one may feed other nodes (it is
+        # removed when it feeds none).
         dq = helper.make_node(
             "DequantizeLinear",
             [padded_q, x_dq.input[1], x_dq.input[2]],
@@ -136,13 +150,13 @@ def pad_conv_input_channels(model: onnx.ModelProto) -> list[ChannelPad]:
         at = list(graph.node).index(conv)
         graph.node.insert(at, dq)
         graph.node.insert(at, pad)
-        if not readers[old_x] and old_x not in graph_outputs:
+        if not readers[old_x] and old_x not in graph_outputs and old_x not in nested_reads:
             graph.node.remove(x_dq)  # ONNX Runtime would keep running a DequantizeLinear nobody reads
         zeros = np.zeros((out_channels, extra, *weight.shape[2:]), dtype=np.int8)
         inits[w_dq.input[0]].CopyFrom(
             numpy_helper.from_array(np.concatenate([weight, zeros], axis=1), w_dq.input[0])
         )
-        stale.add(conv.input[1])
+        stale |= {conv.input[1], w_dq.input[0]}
         pads.append(ChannelPad(conv.name, int(channels), int(channels + extra)))
     if stale:  # shapes recorded for the padded weights' DequantizeLinear outputs
         keep = [vi for vi in graph.value_info if vi.name not in stale]
