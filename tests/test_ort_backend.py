@@ -152,3 +152,17 @@ def test_count_quantized_on_the_float_model(tiny):
     ops = count_quantized(tiny.fp32, tiny.fp32, QuantRecipe(op_types=LEGACY_OP_TYPES))
     assert (ops.quantized, ops.candidates) == (0, 3)
     assert "MatMul" not in ops.by_type  # only types present in the model
+
+
+def test_the_backend_refuses_an_onnxruntime_too_old_for_its_quantizer(monkeypatch):
+    """A venv built for --runtime ort-openvino holds onnxruntime-openvino 1.24 instead of onnxruntime: rq bench and
+    eval run there, rq quantize stops before any work, in one line (tests/test_ort_openvino.py, CI's venv)."""
+    from calibration.errors import RqInputError
+    from quantize.backends.ort import OrtBackend, _version_tuple
+
+    assert _version_tuple("1.32.0") == (1, 32) and _version_tuple("1.24.1") == (1, 24)
+    assert _version_tuple("1.33.0.dev20261201") == (1, 33) and _version_tuple("2.0rc1") == (2, 0)
+    OrtBackend().require()  # this venv's onnxruntime
+    monkeypatch.setattr(ort, "__version__", "1.24.1")
+    with pytest.raises(RqInputError, match=r"needs onnxruntime >= 1\.32 .* has onnxruntime 1\.24\.1"):
+        OrtBackend().require()

@@ -6,13 +6,13 @@ never recalibrates (and never holds activations in memory): the same ranges can 
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-from onnxruntime.quantization.calibrate import save_tensors_data
 
 from quantize.calibrate import CalibrationRanges
 from quantize.graph.openvino_form import AFFINE_REASON
@@ -185,6 +185,9 @@ def quantize_with_ort(
     workdir: Path,
 ) -> None:
     """Quantize `prepared_path` into `output_path` (a scratch path; the caller publishes it atomically)."""
+    # Imported here: onnxruntime-openvino (1.24) lacks it, and rq bench/eval run there (OrtBackend.require).
+    from onnxruntime.quantization.calibrate import save_tensors_data
+
     if recipe.reduce_range is None:
         raise ValueError("recipe.reduce_range must be resolved (True/False) before quantizing")
     model = load_model(prepared_path, load_weights=False)
@@ -218,6 +221,19 @@ def quantize_with_ort(
         )
 
 
+#: The oldest onnxruntime whose quantizer rq's ort backend runs on (pyproject.toml's core dependency).
+MIN_ONNXRUNTIME = (1, 32)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string: the leading digits of its first two parts ("2.0rc1" → (2, 0))."""
+    parts = []
+    for piece in version.split(".")[:2]:
+        digits = re.match(r"\d*", piece).group()
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
 class OrtBackend:
     """ONNX Runtime's static quantization, fed the ranges of rq's calibrator; bias correction afterwards.
 
@@ -229,7 +245,18 @@ class OrtBackend:
     has_tuner = False
 
     def require(self) -> None:
-        return None  # onnxruntime is a core dependency
+        # onnxruntime is a core dependency (>= 1.32), but a venv built for --runtime ort-openvino holds
+        # onnxruntime-openvino instead (1.24 at most), whose quantizer lacks what rq uses.
+        import onnxruntime
+
+        from calibration.errors import RqInputError
+
+        if _version_tuple(onnxruntime.__version__) < MIN_ONNXRUNTIME:
+            raise RqInputError(
+                f"rq quantize needs onnxruntime >= {'.'.join(map(str, MIN_ONNXRUNTIME))} for its quantizer; this "
+                f"environment has onnxruntime {onnxruntime.__version__} (onnxruntime-openvino serves rq bench/eval "
+                "--runtime ort-openvino only): quantize in a venv with `pip install rq-quant`"
+            )
 
     def versions(self) -> dict[str, str]:
         return {}  # onnxruntime's version is in every cache key already

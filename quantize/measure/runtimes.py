@@ -241,6 +241,9 @@ class OrtOpenVinoRuntime(OrtRuntime):
     def __init__(self):
         super().__init__("ort-openvino", (self.PROVIDER,), "onnxruntime-openvino")
 
+    def version(self) -> str:
+        return f"{super().version()} with {self.PROVIDER}"
+
     def _check_available(self) -> None:
         import onnxruntime as ort
 
