@@ -16,7 +16,7 @@ import pytest
 from quantize.measure import runtimes
 from tests.helpers.calib_images import make_class_folders
 from tests.helpers.cli import SMALL, all_output, assert_one_line_error
-from tests.helpers.onehot import K, onehot_model, onehot_row, wnid
+from tests.helpers.onehot import top1_60_percent, wnid
 from tests.helpers.tiny_models import random_inputs, tiny_cnn
 
 PROVIDER = "OpenVINOExecutionProvider"
@@ -74,9 +74,7 @@ def test_bench_in_ort_and_ort_openvino(cli, fp32_int8):
 
 
 def test_eval_top1_in_ort_openvino(cli, tmp_path):
-    model = onehot_model(tmp_path / "k.onnx", onehot_row(1000, [K, 0]))
-    val = tmp_path / "val"
-    make_class_folders(val, {wnid(K): 3, wnid(0): 2}, size=(40, 36))
+    model, val = top1_60_percent(tmp_path)
     result = cli("eval", model, "--data", val, "--runtime", "ort,ort-openvino", "--json", *SMALL)
     assert result.exit_code == 0, all_output(result)
     found = json.loads(result.stdout)["runtimes"]

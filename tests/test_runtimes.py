@@ -24,7 +24,7 @@ from quantize.report import validate_report
 from tests.helpers.calib_images import make_class_folders
 from tests.helpers.cli import SMALL, all_output, assert_one_line_error
 from tests.helpers.cpu import x86_cpu
-from tests.helpers.onehot import K, onehot_model, onehot_row, wnid
+from tests.helpers.onehot import top1_60_percent, wnid
 from tests.helpers.sensitive import sensitive_model
 from tests.helpers.tiny_models import SMALL_SPEC, tiny_cnn
 
@@ -169,9 +169,7 @@ def test_bench_runtime_that_cannot_run_the_fp32_model_is_exit_2(cli, tiny_pair, 
 
 
 def test_eval_in_another_runtime_gives_the_same_top1(cli, fake_runtimes, tmp_path):
-    model = onehot_model(tmp_path / "k.onnx", onehot_row(1000, [K, 0]))
-    val = tmp_path / "val"
-    make_class_folders(val, {wnid(K): 3, wnid(0): 2}, size=(40, 36))
+    model, val = top1_60_percent(tmp_path)
     result = cli("eval", model, "--data", val, "--runtime", "ort,reference", "--json", *SMALL)
     assert result.exit_code == 0, all_output(result)
     data = json.loads(result.stdout)

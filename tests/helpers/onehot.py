@@ -58,3 +58,14 @@ def onehot_model(path: Path | str, row: np.ndarray, *, hw: int = HW) -> Path:
     path = Path(path)
     onnx.save(model, str(path))
     return path
+
+
+def top1_60_percent(root: Path) -> tuple[Path, Path]:
+    """A 1000-class one-hot model that always answers K, and a validation folder of 3 images of K and 2 of
+    class 0 under `root`: top-1 is exactly 60 % in any runtime that runs the model correctly."""
+    from tests.helpers.calib_images import make_class_folders
+
+    model = onehot_model(root / "k.onnx", onehot_row(1000, [K, 0]))
+    val = root / "val"
+    make_class_folders(val, {wnid(K): 3, wnid(0): 2}, size=(40, 36))
+    return model, val
