@@ -226,12 +226,8 @@ MIN_ONNXRUNTIME = (1, 32)
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
-    """(major, minor) of a version string: the leading digits of its first two parts ("2.0rc1" → (2, 0))."""
-    parts = []
-    for piece in version.split(".")[:2]:
-        digits = re.match(r"\d*", piece).group()
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
+    """(major, minor) of a version string: its first two numbers ("2.0rc1" → (2, 0))."""
+    return tuple(int(n) for n in re.findall(r"\d+", version)[:2])
 
 
 class OrtBackend:

@@ -107,8 +107,8 @@ def pad_conv_input_channels(model: onnx.ModelProto) -> list[ChannelPad]:
         w_scale = _initializer_array(inits, w_dq.input[1])
         if w_scale is None or (w_scale.size > 1 and attribute(w_dq, "axis", 1) != 0):
             continue  # per-output-channel scales (axis 0) or one scale: unchanged by more input channels
-        w_zero = _initializer_array(inits, w_dq.input[2]) if len(w_dq.input) > 2 and w_dq.input[2] else None
-        if len(w_dq.input) > 2 and w_dq.input[2] and (w_zero is None or np.any(w_zero != 0)):
+        w_zero = w_dq.input[2] if len(w_dq.input) > 2 else ""
+        if w_zero and (w_zero not in inits or numpy_helper.to_array(inits[w_zero]).any()):
             continue  # the direct kernel is for symmetric weights only
         # The weight must be this Conv's alone (it changes shape), the activation quantized per tensor in uint8
         # (ONNX Runtime's direct kernel on x86 is u8s8), with constant scale and zero point.
