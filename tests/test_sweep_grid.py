@@ -129,3 +129,30 @@ def test_unsupported_values_are_named():
     assert text == ""
     if "mse" not in supported_axes("ranges", QuantRecipe()).get("calibration", ()):
         assert "mse" in unsupported_values("default", QuantRecipe())
+
+
+def test_pareto_front_with_several_runtimes_uses_one_speed_axis():
+    """Each runtime's same-runtime ratio has its own FP32 baseline: the front compares the speedups against
+    ONNX Runtime's FP32, as the plot draws them (an OpenVINO INT8 at equal top-1 but faster wins)."""
+    from quantize.report.data import mark_pareto
+
+    def v(name, kind, runtime, top1, own, vs_ort):
+        figures = {"ratio_to_fp32": own, "ratio_to_ort_fp32": vs_ort, "runtime": runtime}
+        return {
+            "name": name,
+            "kind": kind,
+            "runtime": runtime,
+            "accuracy": {"top1": top1},
+            "bench": {"1": figures},
+            "drop": None,
+            "pareto": None,
+        }
+
+    variants = [
+        v("FP32", "fp32", "ort", 81.25, 1.0, 1.0),
+        v("INT8", "int8", "ort", 81.25, 3.29, 3.29),
+        v("FP32 · openvino", "fp32", "openvino", 81.25, 1.0, 1.12),
+        v("INT8 · openvino", "int8", "openvino", 81.25, 3.27, 3.67),
+    ]
+    mark_pareto(variants)
+    assert [x["pareto"] for x in variants] == [False, False, False, True]

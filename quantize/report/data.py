@@ -25,6 +25,7 @@ from quantize.measure.cpu import CpuInfo, IntegerKernelAdvice
 from quantize.measure.stats import PairedDrop, pareto_front
 from quantize.measure.validate import Gate, Validation
 from quantize.recipe import QuantRecipe
+from quantize.report.plot import speed_key, speedup
 from quantize.report.schema import SCHEMA
 
 PACKAGES = ("onnxruntime", "onnx", "numpy", "pillow", "typer", "rich", "matplotlib", "neural-compressor")
@@ -121,18 +122,25 @@ def mark_pareto(variants: list[dict]) -> None:
 
     Two fronts: `pareto` on (speed, top-1) and `pareto_agreement` on (speed, top-1 agreement with FP32).
     Top-1 on a small validation set moves by single images; agreement is the steadier signal of fidelity.
+    Speed is on the plot's axis: with several runtimes, the speedup against ONNX Runtime's FP32 (each
+    runtime's own FP32 is a different baseline, so same-runtime ratios cannot be compared across runtimes).
     """
     measured = [v for v in variants if v["accuracy"] and v["bench"]]
     if not measured:
         return
-    batch = max(int(b) for b in measured[0]["bench"])
-    points = [(v["bench"][str(batch)]["ratio_to_fp32"], v["accuracy"]["top1"]) for v in measured]
+    batch = str(max(int(b) for b in measured[0]["bench"]))
+    key = speed_key(variants)
+    speed = {id(v): speedup(v, v["bench"].get(batch), key) for v in measured}
+    for v in measured:
+        v["pareto"] = False
+    measured = [v for v in measured if speed[id(v)] is not None]
+    points = [(speed[id(v)], v["accuracy"]["top1"]) for v in measured]
     front = set(pareto_front(points))
     for i, v in enumerate(measured):
         v["pareto"] = i in front
     agreed = [v for v in measured if _agreement_pct(v) is not None]
     if len(agreed) > 1:
-        points = [(v["bench"][str(batch)]["ratio_to_fp32"], _agreement_pct(v)) for v in agreed]
+        points = [(speed[id(v)], _agreement_pct(v)) for v in agreed]
         front = set(pareto_front(points))
         for i, v in enumerate(agreed):
             v["pareto_agreement"] = i in front

@@ -54,6 +54,24 @@ def runtimes_of(variants: list[dict]) -> list[str]:
     return seen
 
 
+def speed_key(variants: list[dict]) -> str:
+    """The bench figure that puts every variant on one speed axis: with several runtimes (ONNX Runtime among
+    them), the speedup against ONNX Runtime's FP32; else against FP32 in the variant's own runtime."""
+    runtimes = runtimes_of(variants)
+    return "ratio_to_ort_fp32" if len(runtimes) > 1 and "ort" in runtimes else "ratio_to_fp32"
+
+
+def speedup(v: dict, figures: dict | None, key: str) -> float | None:
+    """`v`'s speedup on the `key` axis from its figures at one batch (FP32 without a figure: 1 by definition)."""
+    if figures is not None and is_number(figures.get(key)):
+        return float(figures[key])
+    if v.get("kind") == "fp32":
+        return 1.0
+    if figures is not None and is_number(figures.get("ratio_to_fp32")):
+        return float(figures["ratio_to_fp32"])
+    return None
+
+
 def plot_points(data: dict) -> tuple[int, list[tuple[str, str, float, float, bool]]] | None:
     """(batch, [(name, kind, speedup, top-1, on_front)]) for the plot, or None when there is nothing to show.
 
@@ -63,7 +81,7 @@ def plot_points(data: dict) -> tuple[int, list[tuple[str, str, float, float, boo
     against ONNX Runtime's FP32 (``ratio_to_ort_fp32``) when measured, so the runtimes share one axis.
     """
     variants = variants_of(data)
-    key = "ratio_to_ort_fp32" if len(runtimes_of(variants)) > 1 and "ort" in runtimes_of(variants) else None
+    key = speed_key(variants)
     candidates = [
         b
         for v in variants
@@ -79,15 +97,9 @@ def plot_points(data: dict) -> tuple[int, list[tuple[str, str, float, float, boo
         top1 = top1_of(v)
         if top1 is None:
             continue
-        f = bench_of(v).get(batch)
-        if key and f is not None and is_number(f.get(key)):
-            x = float(f[key])
-        elif v.get("kind") == "fp32":
-            x = 1.0
-        else:
-            if f is None or not is_number(f.get("ratio_to_fp32")):
-                continue
-            x = float(f["ratio_to_fp32"])
+        x = speedup(v, bench_of(v).get(batch), key)
+        if x is None:
+            continue
         flag = v.get("pareto")
         points.append(
             (str(v.get("name", "?")), str(v.get("kind")), x, top1, flag if isinstance(flag, bool) else None)
