@@ -236,8 +236,14 @@ def _gate(request, result, validations, runtimes) -> Gate | None:
         return None
     tuning = result.tuning
     chosen = tuning.chosen_step if tuning else None
-    # Integer arithmetic differs between runtimes: the gate holds in every one validated.
-    worst = max(validations, key=lambda rt: validations[rt].drop.drop_pt)
+
+    # Integer arithmetic differs between runtimes: the gate holds in every one validated, so it reads the
+    # runtime with the largest gated figure (the interval's upper bound under --gate-on ci).
+    def gated_figure(rt: str) -> float:
+        drop = validations[rt].drop
+        return drop.ci_high_pt if request.gate_on == "ci" else drop.drop_pt
+
+    worst = max(validations, key=gated_figure)
     gated = f"INT8 {result.recipe.label()}" + ("" if worst == runtimes[0] else f" · {worst}")
     return Gate.from_drop(
         request.max_drop,
@@ -247,6 +253,7 @@ def _gate(request, result, validations, runtimes) -> Gate | None:
         gate_on=request.gate_on,
         tuning_goal_met=tuning.goal_met if tuning else None,
         tuning_best_drop_pt=chosen.drop_pt if chosen else None,
+        runtimes=tuple(validations),
     )
 
 

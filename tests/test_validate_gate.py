@@ -124,6 +124,7 @@ def test_gate_fails_above_the_limit():
         "images": None,
         "images_to_confirm": None,
         "tuning_goal_met": None,
+        "runtimes": [],
         "passed": False,
         "exit_code": 3,
         "message": gate.message,
@@ -297,3 +298,37 @@ def test_gate_options_need_val(cli, flipping, tmp_path, extra, fragment):
     assert_one_line_error(result, fragment)
     assert result.exit_code == EXIT_BAD_INPUT
     assert not out.exists() and not (tmp_path / "reports").exists()
+
+
+def test_gate_over_several_runtimes_reads_the_worst_gated_figure():
+    """With --gate-on ci the gate reads the runtime with the largest interval bound, not the largest point drop;
+    its message names every runtime validated."""
+    from types import SimpleNamespace
+
+    from quantize.run import _gate
+
+    n = 100
+    fp32 = np.ones(n, dtype=bool)
+    # ort: drop 0 but 3 + 3 discordant images (a wide interval); openvino: 1 image lost (drop 1 pt, narrow).
+    ort_int8 = fp32.copy()
+    ort_int8[:3] = False
+    fp32_ort = fp32.copy()
+    fp32_ort[3:6] = False
+    ort_int8_b = ort_int8.copy()
+    ort_int8_b[3:6] = True
+    ov_int8 = fp32.copy()
+    ov_int8[0] = False
+    validations = {
+        "ort": SimpleNamespace(drop=paired_drop(fp32_ort, ort_int8_b)),
+        "openvino": SimpleNamespace(drop=paired_drop(fp32, ov_int8)),
+    }
+    assert validations["ort"].drop.drop_pt < validations["openvino"].drop.drop_pt
+    assert validations["ort"].drop.ci_high_pt > validations["openvino"].drop.ci_high_pt
+    result = SimpleNamespace(tuning=None, recipe=SimpleNamespace(label=lambda: "qdq"))
+    for gate_on, worst in (("point", "INT8 qdq · openvino"), ("ci", "INT8 qdq")):
+        request = SimpleNamespace(max_drop=2.0, gate_on=gate_on)
+        gate = _gate(request, result, validations, ["ort", "openvino"])
+        assert gate.variant == worst
+        assert "validated in ort, openvino" in gate.message
+        assert gate.to_dict()["runtimes"] == ["ort", "openvino"]
+    assert not gate.passed  # the ort interval reaches past 2 pt

@@ -73,6 +73,7 @@ class Gate:
     confidence: float = 0.95
     images: int | None = None
     images_needed: int | None = None  # images that would confirm the goal; None: none would (or not known)
+    runtimes: tuple[str, ...] = ()  # where the INT8 model was validated; the gate reads the worst of them
 
     def __post_init__(self) -> None:
         if self.gate_on not in GATE_ON:
@@ -91,6 +92,7 @@ class Gate:
         gate_on: str = "point",
         tuning_goal_met: bool | None = None,
         tuning_best_drop_pt: float | None = None,
+        runtimes: tuple[str, ...] = (),
     ) -> Gate:
         """The gate for a measured paired drop (point estimate, interval and counts from `drop`)."""
         needed = None
@@ -110,6 +112,7 @@ class Gate:
             confidence=drop.confidence,
             images=drop.n,
             images_needed=needed,
+            runtimes=runtimes,
         )
 
     @property
@@ -140,6 +143,12 @@ class Gate:
 
     @property
     def message(self) -> str:
+        text = self._verdict()
+        if len(self.runtimes) > 1:
+            text += f" [validated in {', '.join(self.runtimes)}; the gate reads {self.variant}, the worst]"
+        return text
+
+    def _verdict(self) -> str:
         caveat = self._caveat()
         tail = f"; {caveat}" if caveat else ""
         if self.passed:
@@ -182,6 +191,7 @@ class Gate:
             "images": self.images,
             "images_to_confirm": self.images_needed,
             "tuning_goal_met": self.tuning_goal_met,
+            "runtimes": list(self.runtimes),
             "passed": self.passed,
             "exit_code": 0 if self.passed else self.exit_code,
             "message": self.message,
