@@ -359,7 +359,8 @@ def eval_table(by_runtime: dict, dataset, batch: int) -> Table:
         notes.append(
             f"{len(run.skipped)} unreadable images skipped, e.g. {run.skipped[0][0]}: {run.skipped[0][1]}"
         )
-    notes.extend(run.notes)
+    for r in by_runtime.values():
+        notes.extend(n for n in r.notes if n not in notes)
     table.caption = "\n".join(notes)
     table.caption_justify = "left"
     return table

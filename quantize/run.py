@@ -321,7 +321,7 @@ def evaluate_in(runtimes, models, samples, spec, batch, workers=None, ray=None, 
 
     progress = progress or NO_PROGRESS
     by_runtime = {}
-    for name in runtimes:
+    for k, name in enumerate(runtimes):
         progress.stage(f"evaluate in {name}" if list(runtimes) != ["ort"] else "evaluate")
         by_runtime[name] = evaluate(
             models,
@@ -332,6 +332,9 @@ def evaluate_in(runtimes, models, samples, spec, batch, workers=None, ray=None, 
             progress=progress,
             ray=ray,
             runtime=name,
+            # A model a later runtime cannot read keeps the rows of the runtimes that ran it; that runtime's
+            # rows say why it is missing (as rq bench does).
+            skip_unreadable=k > 0,
         )
     return by_runtime
 

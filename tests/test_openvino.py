@@ -104,31 +104,37 @@ def test_eval_top1_in_openvino(cli, tmp_path):
     assert json.loads(result.stdout)["runtimes"]["openvino"]["models"][0]["top1"] == 60.0
 
 
-def test_model_openvino_cannot_read_keeps_the_ort_rows(cli, tiny_pair, tmp_path):
-    """com.microsoft.Inverse runs in ONNX Runtime but OpenVINO has no conversion rule for it."""
-    fp32, _ = tiny_pair
-    model = onnx.load(str(fp32))
+def _unreadable_by_openvino(source, odd):
+    """`source` plus com.microsoft.Inverse, which runs in ONNX Runtime but OpenVINO has no conversion rule
+    for (added as zero to the 2-D output, so the outputs are unchanged)."""
+    model = onnx.load(str(source))
     last = model.graph.output[0].name
-    model.graph.node[-1].output[0] = "pre"
+    producer = next(n for n in model.graph.node if last in n.output)
+    producer.output[list(producer.output).index(last)] = "odd_pre"
     model.graph.node.extend(
         [
-            helper.make_node("Unsqueeze", ["pre", "axes"], ["pre3"]),
-            helper.make_node("Mul", ["pre3", "zero"], ["zeroed"]),
-            helper.make_node("Inverse", ["eye"], ["inv"], domain="com.microsoft"),
-            helper.make_node("Add", ["zeroed", "inv"], ["sum3"]),
-            helper.make_node("ReduceSum", ["sum3", "axes"], [last], keepdims=0),
+            helper.make_node("Unsqueeze", ["odd_pre", "odd_axes"], ["odd_pre3"]),
+            helper.make_node("Mul", ["odd_pre3", "odd_zero"], ["odd_zeroed"]),
+            helper.make_node("Inverse", ["odd_eye"], ["odd_inv"], domain="com.microsoft"),
+            helper.make_node("Add", ["odd_zeroed", "odd_inv"], ["odd_sum3"]),
+            helper.make_node("ReduceSum", ["odd_sum3", "odd_axes"], [last], keepdims=0),
         ]
     )
     model.graph.initializer.extend(
         [
-            onnx.numpy_helper.from_array(np.array([2], np.int64), "axes"),
-            onnx.numpy_helper.from_array(np.zeros((1, 1, 1), np.float32), "zero"),
-            onnx.numpy_helper.from_array(np.eye(1, dtype=np.float32), "eye"),
+            onnx.numpy_helper.from_array(np.array([2], np.int64), "odd_axes"),
+            onnx.numpy_helper.from_array(np.zeros((1, 1, 1), np.float32), "odd_zero"),
+            onnx.numpy_helper.from_array(np.eye(1, dtype=np.float32), "odd_eye"),
         ]
     )
     model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    odd = tmp_path / "odd.onnx"
     onnx.save(model, str(odd))
+    return odd
+
+
+def test_model_openvino_cannot_read_keeps_the_ort_rows(cli, tiny_pair, tmp_path):
+    fp32, _ = tiny_pair
+    odd = _unreadable_by_openvino(fp32, tmp_path / "odd.onnx")
     assert ort.InferenceSession(str(odd), providers=["CPUExecutionProvider"]).run(
         None, {"input": random_inputs(1)}
     )
@@ -150,3 +156,40 @@ def test_model_openvino_cannot_read_keeps_the_ort_rows(cli, tiny_pair, tmp_path)
         cli("bench", odd, fp32, "--runtime", "openvino", "--runs", "1", "--batch", "1"),
         "openvino cannot read odd.onnx",
     )
+
+
+def test_a_file_that_is_not_onnx_is_one_line_on_stderr(tmp_path):
+    """OpenVINO's read_model would try its other frontends, and the TensorFlow one prints parse errors to the
+    process's stderr (outside Python, so only a subprocess sees them)."""
+    import subprocess
+    import sys
+
+    text = tmp_path / "text.onnx"
+    text.write_text("hello: 1\n")
+    _, val = top1_60_percent(tmp_path)
+    for command in (["bench", str(text)], ["eval", str(text), "--data", str(val)]):
+        done = subprocess.run(
+            [sys.executable, "-m", "quantize.cli", *command, "--runtime", "openvino"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 2, done.stderr
+        lines = [ln for ln in done.stderr.splitlines() if ln.strip() and not ln.startswith("·")]
+        assert lines == ["rq: error: openvino cannot read text.onnx: not an ONNX model"], done.stderr
+
+
+def test_eval_keeps_the_ort_rows_of_a_model_openvino_cannot_read(cli, tmp_path):
+    model, val = top1_60_percent(tmp_path)
+    odd = _unreadable_by_openvino(model, tmp_path / "odd.onnx")
+    result = cli("eval", model, odd, "--data", val, "--runtime", "ort,openvino", "--json", *SMALL)
+    assert result.exit_code == 0, all_output(result)
+    data = json.loads(result.stdout)
+    assert [[m["path"] for m in run["models"]] for run in data["runtimes"].values()] == [
+        [str(model), str(odd)],
+        [str(model)],
+    ]
+    assert data["runtimes"]["openvino"]["models"][0]["top1"] == 60.0
+    (note,) = data["runtimes"]["openvino"]["notes"]
+    assert note.startswith("#2 odd.onnx not evaluated in openvino: openvino cannot read odd.onnx")
+    assert "\n" not in note

@@ -416,3 +416,78 @@ def test_quiet_silences_stdout_and_loggers_then_restores_them(capsys):
     assert root.level == before
     assert logging.getLogger("onnxruntime.quantization.shape_inference").level == logging.NOTSET
     assert capsys.readouterr().out == ""
+
+
+class RefusesOdd(ReferenceRuntime):
+    """Refuses files named odd*.onnx, as OpenVINO refuses an operator it has no conversion rule for."""
+
+    name = "refuses-odd"
+    label = "refuses-odd"
+
+    def open(
+        self, path: Path, threads: int | None = None, *, allow_spinning: bool = False
+    ) -> ReferenceSession:
+        if Path(path).name.startswith("odd"):
+            raise RqInputError(f"refuses-odd cannot read {Path(path).name}: no conversion rule")
+        return super().open(path, threads)
+
+
+def test_eval_model_another_runtime_cannot_read_keeps_the_others_rows(cli, tmp_path):
+    model, val = top1_60_percent(tmp_path)
+    odd = tmp_path / "odd.onnx"
+    odd.write_bytes(Path(model).read_bytes())
+    runtimes.register(RefusesOdd())
+    try:
+        result = cli("eval", model, odd, "--data", val, "--runtime", "ort,refuses-odd", "--json", *SMALL)
+        assert result.exit_code == 0, all_output(result)
+        data = json.loads(result.stdout)
+        assert [len(run["models"]) for run in data["runtimes"].values()] == [2, 1]
+        assert data["runtimes"]["refuses-odd"]["models"][0]["top1"] == 60.0
+        (note,) = data["runtimes"]["refuses-odd"]["notes"]
+        assert (
+            note
+            == "#2 odd.onnx not evaluated in refuses-odd: refuses-odd cannot read odd.onnx: no conversion rule"
+        )
+        table = cli("eval", model, odd, "--data", val, "--runtime", "ort,refuses-odd", *SMALL)
+        assert table.exit_code == 0 and "#2 odd.onnx not evaluated in refuses-odd" in table.stdout.replace(
+            "\n", " "
+        )
+        # the reference (first) model is what every drop is measured against: its failure stays an error
+        assert_one_line_error(
+            cli("eval", odd, model, "--data", val, "--runtime", "ort,refuses-odd", *SMALL),
+            "refuses-odd cannot read odd.onnx",
+        )
+    finally:
+        runtimes.unregister("refuses-odd")
+
+
+def test_evaluate_prepares_each_batch_size_before_timing_it(tmp_path):
+    """OpenVINO compiles per batch size on first use: evaluate asks for that before the timed run."""
+    from quantize.measure import evaluate as evaluate_module
+
+    model, val = top1_60_percent(tmp_path)
+    calls = []
+
+    class Preparing(ReferenceRuntime):
+        name = "preparing"
+
+        def open(self, path, threads=None, *, allow_spinning=False):
+            session = super().open(path, threads)
+            run = session.run
+            session.prepare = lambda batch: calls.append(("prepare", batch))
+            session.run = lambda images: (calls.append(("run", len(images))), run(images))[1]
+            return session
+
+    runtimes.register(Preparing())
+    try:
+        from calibration import discover_dataset
+        from quantize.measure.validate import validation_samples
+
+        _, samples = validation_samples(val, None, None)
+        assert len(samples) == 5 and discover_dataset(val, None)
+        evaluate_module.evaluate([model], samples, SMALL_SPEC, batch_size=2, runtime="preparing")
+    finally:
+        runtimes.unregister("preparing")
+    runs = [i for i, c in enumerate(calls) if c[0] == "run"]
+    assert [calls[i][1] for i in runs] == [2, 2, 1]
+    assert all(calls[i - 1] == ("prepare", calls[i][1]) for i in runs)

@@ -150,10 +150,22 @@ def _classes_and_offset(session, path: Path) -> tuple[str, int]:
     return inputs[0][0], offset
 
 
+def _fixed_batch_of(session) -> int | None:
+    first = session.input_shape[0] if session.input_shape else None
+    return first if isinstance(first, int) and first > 0 else None
+
+
 def _run_any(session, images: np.ndarray) -> np.ndarray:
     """`run_model` for a quantize.measure.runtimes session (fixed batch: full chunks, the last one padded)."""
-    first = session.input_shape[0] if session.input_shape else None
-    return _in_fixed_batches(session.run, images, first if isinstance(first, int) and first > 0 else None)
+    return _in_fixed_batches(session.run, images, _fixed_batch_of(session))
+
+
+def _prepare_for(session, images: int) -> None:
+    """Let the session compile for the batch it is about to run (OpenVINO compiles per batch size), so the
+    inference time measured next is inference only."""
+    prepare = getattr(session, "prepare", None)
+    if prepare is not None:
+        prepare(_fixed_batch_of(session) or images)
 
 
 def open_in_runtime(path: Path, runtime: str = "ort", threads: int | None = None):
@@ -220,6 +232,7 @@ def evaluation_result(
     seconds: float,
     batch_size: int,
     cluster: dict | None = None,
+    notes: Sequence[str] = (),
 ) -> EvalRun:
     """The EvalRun of per-image top-5 indices: one code path for local and distributed runs."""
     results = []
@@ -236,7 +249,7 @@ def evaluation_result(
                 inference_seconds=infer_seconds[i],
             )
         )
-    notes = []
+    notes = list(notes)
     if any(offsets):
         notes.append("1001-class output detected: index 0 treated as background and dropped")
     return EvalRun(
@@ -262,8 +275,13 @@ def evaluate(
     progress: Progress | None = None,
     ray=None,
     runtime: str = "ort",
+    skip_unreadable: bool = False,
 ) -> EvalRun:
     """Run every model on the same decoded batches in `runtime` (quantize.measure.runtimes); per-image correctness.
+
+    `skip_unreadable`: a model after the first that `runtime` cannot open or compile is left out of the run,
+    with a note saying why (the first model is the reference every drop is measured against: its failure
+    stays an error).
 
     `progress` (calibration.progress): ``total`` images, then ``advance`` as images are read (skipped ones
     included).
@@ -276,7 +294,19 @@ def evaluate(
         progress.total(len(samples))
         return ray.evaluate(models, samples, spec, batch_size=batch_size, progress=progress)
     check_evaluation_inputs(models, samples, batch_size)
-    sessions = [open_in_runtime(Path(m), runtime, threads) for m in models]
+    sessions, opened, notes = [], [], []
+    for i, m in enumerate(models):
+        try:
+            session = open_in_runtime(Path(m), runtime, threads)
+            _prepare_for(session, min(batch_size, len(samples)))
+        except RqInputError as exc:
+            if not skip_unreadable or i == 0:
+                raise
+            notes.append(f"#{i + 1} {Path(m).name} not evaluated in {runtime}: {exc}")
+            continue
+        sessions.append(session)
+        opened.append(m)
+    models = opened
     io = [_classes_and_offset(s, Path(m)) for s, m in zip(sessions, models, strict=True)]
     top5: list[list[np.ndarray]] = [[] for _ in models]
     infer_seconds = [0.0 for _ in models]
@@ -289,8 +319,9 @@ def evaluate(
             labels.append(batch.labels)
             paths.extend(batch.paths)
             for i, (session, (_name, offset)) in enumerate(zip(sessions, io, strict=True)):
-                t0 = time.perf_counter()
                 try:
+                    _prepare_for(session, len(batch.images))
+                    t0 = time.perf_counter()
                     logits = _run_any(session, batch.images)
                 except RqInputError:
                     raise
@@ -312,6 +343,7 @@ def evaluate(
         infer_seconds=infer_seconds,
         seconds=seconds,
         batch_size=batch_size,
+        notes=notes,
     )
 
 

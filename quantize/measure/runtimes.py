@@ -130,6 +130,8 @@ class Session(Protocol):
     device: str  # what executes it, for tables ("CPUExecutionProvider", "OpenVINO CPU", …)
     precision: str  # how it computes: "f32", "int8+f32", "int8+bf16", …
 
+    def prepare(self, batch: int) -> None: ...  # whatever a first run of `batch` images would do besides inference
+
     def run(self, images: np.ndarray) -> np.ndarray: ...
 
 
@@ -167,6 +169,9 @@ class OrtSession:
     output_shape: list
     device: str
     precision: str
+
+    def prepare(self, batch: int) -> None:
+        pass  # an ORT session serves every batch size as it is
 
     def run(self, images: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: images})[0]
@@ -273,6 +278,12 @@ def ov_reason(exc: BaseException) -> str:
     return " ".join(useful) if useful else ort_reason(exc)
 
 
+def _onnx_frontend():
+    from openvino.frontend import FrontEndManager
+
+    return FrontEndManager().load_by_framework("onnx")
+
+
 def _ov_dims(partial_shape) -> list[int | str | None]:
     return [d.get_length() if d.is_static else None for d in partial_shape]
 
@@ -300,6 +311,10 @@ class OpenVinoSession:
         self.device = "OpenVINO CPU"
         self._int8 = int8
         self.precision = ("int8+" if int8 else "") + "f32"  # refined from the first compiled model
+
+    def prepare(self, batch: int) -> None:
+        """Compile for `batch` images now (a compile is not inference: callers time `run` after this)."""
+        self._request(batch)
 
     def _request(self, batch: int):
         request = self._compiled.get(batch)
@@ -387,6 +402,10 @@ class OpenVinoRuntime:
         path = Path(path)
         if not path.is_file():
             raise RqInputError(f"model not found: {path}")
+        # OpenVINO's read_model tries every frontend it has on a file the ONNX one rejects, and the TensorFlow
+        # one prints parse errors to stderr: say it in one line instead (an .xml file is an OpenVINO IR).
+        if path.suffix.lower() != ".xml" and not _onnx_frontend().supported(str(path)):
+            raise RqInputError(f"openvino cannot read {path.name}: not an ONNX model")
         core = ov.Core()
         try:
             model = core.read_model(str(path))
