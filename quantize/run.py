@@ -95,6 +95,12 @@ class RunRequest:
         if self.bench_batches and self.bench_runs < 1:
             raise RqInputError("--bench-runs must be ≥ 1")
         chosen = runtimes.parse(list(self.runtimes))
+        if chosen != ["ort"] and self.val is None and not self.bench_batches:
+            # The label-free fidelity check runs in ONNX Runtime: without --val or --bench, --runtime would
+            # change nothing, and the run would look as if it had been checked where the user deploys.
+            raise RqInputError(
+                "--runtime chooses where --val and --bench run; add one of them (or drop --runtime)"
+            )
         if ray and chosen != ["ort"]:
             raise RqInputError("--ray runs models in onnxruntime only; drop --runtime or --ray")
         if ray and self.val is None:

@@ -237,6 +237,14 @@ def test_quantize_validates_and_benches_in_every_runtime(cli, fake_runtimes, tmp
     assert "vs ORT FP32" in html and "reference" in html
 
 
+def test_quantize_runtime_without_val_or_bench_is_one_line_exit_2(cli, fake_runtimes, tiny_pair, tmp_path):
+    """Without --val or --bench nothing would run in that runtime (the label-free check runs in ORT)."""
+    out = tmp_path / "int8.onnx"
+    result = cli("quantize", tiny_pair[0], "--calib", tmp_path, "--out", out, "--runtime", "reference")
+    assert_one_line_error(result, "--runtime chooses where --val and --bench run")
+    assert not out.exists()
+
+
 def test_ray_with_another_runtime_is_one_line_exit_2(cli, fake_runtimes, tiny_pair, tmp_path):
     result = cli("eval", tiny_pair[0], "--data", tmp_path, "--runtime", "reference", "--ray", "local")
     assert_one_line_error(result, "--ray runs models in onnxruntime only")

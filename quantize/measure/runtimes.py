@@ -130,7 +130,9 @@ class Session(Protocol):
     device: str  # what executes it, for tables ("CPUExecutionProvider", "OpenVINO CPU", …)
     precision: str  # how it computes: "f32", "int8+f32", "int8+bf16", …
 
-    def prepare(self, batch: int) -> None: ...  # whatever a first run of `batch` images would do besides inference
+    def prepare(
+        self, batch: int
+    ) -> None: ...  # whatever a first run of `batch` images would do besides inference
 
     def run(self, images: np.ndarray) -> np.ndarray: ...
 
