@@ -327,7 +327,9 @@ def eval_table(by_runtime: dict, dataset, batch: int) -> Table:
         title_justify="left",
     )
     multi = chosen != ["ort"]
-    columns = ["model", *(["runtime"] if multi else []), "top-1 %", "top-5 %", "model img/s"]
+    precision = any(m.precision for r in by_runtime.values() for m in r.models)
+    columns = ["model", *(["runtime"] if multi else []), *(["precision"] if precision else [])]
+    columns += ["top-1 %", "top-5 %", "model img/s"]
     if len(run.models) > 1:
         columns += ["drop vs first pt [95% CI]", "agreement with first %"]
     for col in columns:
@@ -338,6 +340,7 @@ def eval_table(by_runtime: dict, dataset, batch: int) -> Table:
             row = [
                 escape(str(m.path)),
                 *([name] if multi else []),
+                *([m.precision or "—"] if precision else []),
                 f"{m.top1:.2f}",
                 f"{m.top5:.2f}",
                 f"{rate:.1f}",
@@ -353,6 +356,13 @@ def eval_table(by_runtime: dict, dataset, batch: int) -> Table:
                 )
             table.add_row(*row)
     notes = [f"pipeline: {run.images_per_s:.1f} images/s (decode in parallel + every model)"]
+    if not run.cluster:
+        from quantize.measure.cpu import detect_cpu
+
+        notes.append(f"CPU: {detect_cpu().describe()}")
+    versions = [r.runtime_version for r in by_runtime.values() if r.runtime_version]
+    if versions:
+        notes.append("runtimes: " + ", ".join(versions))
     if run.cluster:
         notes.append(f"ran on {cluster_text(run.cluster)}; model img/s is per inference actor (one core)")
     if run.skipped:

@@ -143,6 +143,12 @@ def test_bench_two_runtimes_rows_and_ratios(cli, fake_runtimes, tiny_pair):
     assert "reference" in table.stdout and "int8+f32" in table.stdout and "vs #1 ort" in table.stdout
 
 
+def test_bench_without_ort_does_not_name_onnxruntime_in_its_footer(cli, fake_runtimes, tiny_pair):
+    result = cli("bench", tiny_pair[0], "--runtime", "reference", "--runs", "1", "--batch", "1")
+    assert result.exit_code == 0, all_output(result)
+    assert "onnx.reference" in result.stdout and "onnxruntime" not in result.stdout
+
+
 def test_bench_runtime_that_cannot_read_the_int8_model_still_reports_the_others(
     cli, fake_runtimes, tiny_pair
 ):
@@ -176,6 +182,11 @@ def test_eval_in_another_runtime_gives_the_same_top1(cli, fake_runtimes, tmp_pat
     assert data["runtime"] == "ort"
     tops = {rt: run["models"][0]["top1"] for rt, run in data["runtimes"].items()}
     assert tops == {"ort": 60.0, "reference": 60.0}
+    assert [run["models"][0]["precision"] for run in data["runtimes"].values()] == ["f32", "f32"]
+    versions = [run["runtime_version"] for run in data["runtimes"].values()]
+    assert versions[0].startswith("onnxruntime ") and versions[1].startswith("onnx.reference ")
+    table = cli("eval", model, "--data", val, "--runtime", "ort,reference", *SMALL).stdout
+    assert "precision" in table and "CPU: " in table and f"runtimes: {versions[0]}, {versions[1]}" in table
 
 
 @pytest.mark.parametrize("command", ["bench", "eval"])

@@ -172,7 +172,10 @@ class BenchResult:
         caption = [
             "cpu = median CPU time of the process per run (all threads; not inflated by preemption)",
             f"CPU: {self.cpu.get('describe') or cpu.describe()}",
-            f"onnxruntime {self.onnxruntime_version}, {self.provider}, {self.threads} intra-op thread(s)",
+            f"onnxruntime {self.onnxruntime_version}, {self.provider}, {self.threads} intra-op thread(s)"
+            if "ort" in self.runtimes or not self.runtimes
+            else f"{', '.join(self.runtime_versions.get(rt, rt) for rt in self.runtimes)}, "
+            f"{self.threads} thread(s)",
         ]
         if multi:
             caption.append(

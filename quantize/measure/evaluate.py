@@ -33,6 +33,7 @@ class ModelAccuracy:
     correct_top5: np.ndarray  # bool
     label_offset: int  # 1 when the model has a background class first (1001 outputs)
     inference_seconds: float
+    precision: str | None = None  # what the runtime computed in ("f32", "int8+f32", …); None: not known
 
     @property
     def top1(self) -> float:
@@ -50,7 +51,7 @@ class ModelAccuracy:
             "images": len(self.correct_top1),
             "label_offset": self.label_offset,
             "inference_seconds": round(self.inference_seconds, 3),
-        }
+        } | ({"precision": self.precision} if self.precision else {})
 
 
 @dataclass
@@ -65,6 +66,7 @@ class EvalRun:
     batch_size: int
     notes: list[str] = field(default_factory=list)
     cluster: dict | None = None  # the Ray cluster that ran it (quantize.distributed); None: this machine
+    runtime_version: str | None = None  # e.g. "openvino 2026.4.1"
 
     @property
     def images(self) -> int:
@@ -76,15 +78,19 @@ class EvalRun:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict:
-        return {
-            "images": self.images,
-            "batch_size": self.batch_size,
-            "seconds": round(self.seconds, 3),
-            "images_per_s": round(self.images_per_s, 2),
-            "skipped": [[str(p), r] for p, r in self.skipped],
-            "models": [m.to_dict() for m in self.models],
-            "notes": list(self.notes),
-        } | ({"cluster": dict(self.cluster)} if self.cluster else {})
+        return (
+            {
+                "images": self.images,
+                "batch_size": self.batch_size,
+                "seconds": round(self.seconds, 3),
+                "images_per_s": round(self.images_per_s, 2),
+                "skipped": [[str(p), r] for p, r in self.skipped],
+                "models": [m.to_dict() for m in self.models],
+                "notes": list(self.notes),
+            }
+            | ({"cluster": dict(self.cluster)} if self.cluster else {})
+            | ({"runtime_version": self.runtime_version} if self.runtime_version else {})
+        )
 
 
 def open_session(path: Path, threads: int | None = None) -> ort.InferenceSession:
@@ -233,6 +239,8 @@ def evaluation_result(
     batch_size: int,
     cluster: dict | None = None,
     notes: Sequence[str] = (),
+    precisions: Sequence[str | None] | None = None,
+    runtime_version: str | None = None,
 ) -> EvalRun:
     """The EvalRun of per-image top-5 indices: one code path for local and distributed runs."""
     results = []
@@ -247,6 +255,7 @@ def evaluation_result(
                 correct_top5=(t5 == labels[:, None]).any(axis=1),
                 label_offset=offsets[i],
                 inference_seconds=infer_seconds[i],
+                precision=precisions[i] if precisions else None,
             )
         )
     notes = list(notes)
@@ -261,6 +270,7 @@ def evaluation_result(
         batch_size=batch_size,
         notes=notes,
         cluster=cluster,
+        runtime_version=runtime_version,
     )
 
 
@@ -344,7 +354,19 @@ def evaluate(
         seconds=seconds,
         batch_size=batch_size,
         notes=notes,
+        # read after the run: OpenVINO's precision is what the compiled model reports
+        precisions=[getattr(session, "precision", None) for session in sessions],
+        runtime_version=_runtime_version(runtime),
     )
+
+
+def _runtime_version(runtime: str) -> str | None:
+    from quantize.measure import runtimes
+
+    try:
+        return runtimes.get(runtime).version()
+    except Exception:  # a version string is for the table; never fail a finished evaluation over it
+        return None
 
 
 def inference_only_throughput(
