@@ -246,6 +246,9 @@ def test_quantize_validates_and_benches_in_every_runtime(cli, fake_runtimes, tmp
     assert by_name["FP32 · reference"]["bench"]["1"]["ratio_to_fp32"] == 1.0
     html = (run / "report.html").read_text()
     assert "vs ORT FP32" in html and "reference" in html
+    md = (run / "report.md").read_text()
+    assert "| Variant | Runtime | Kind |" in md and "| FP32 · reference | reference | FP32 |" in md
+    assert "the fronts (and the plot) compare the speedups against ONNX Runtime's FP32" in md
 
 
 def test_quantize_runtime_without_val_or_bench_is_one_line_exit_2(cli, fake_runtimes, tiny_pair, tmp_path):

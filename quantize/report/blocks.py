@@ -199,8 +199,11 @@ def _results_blocks(data: dict) -> list[Block]:
     drops = [v["drop"] for v in variants if isinstance(v.get("drop"), dict)]
     confs = {d.get("confidence") for d in drops}
     ci_label = f"{fmt_pct(next(iter(confs)))}% CI" if len(confs) == 1 else "CI"
+    runtimes = runtimes_of(variants)
+    by_runtime = bool(runtimes) and runtimes != ["ort"]  # say where each row ran unless it is all ORT
     headers = [
         "Variant",
+        *(["Runtime"] if by_runtime else []),
         "Kind",
         "Top-1 %",
         "Top-5 %",
@@ -218,6 +221,7 @@ def _results_blocks(data: dict) -> list[Block]:
         bench = bench_of(v)
         row = [
             str(v.get("name", "?")),
+            *([str(v.get("runtime") or "?")] if by_runtime else []),
             str(v.get("kind", "?")).upper(),
             fmt_num(acc.get("top1")),
             fmt_num(acc.get("top5")),
@@ -255,7 +259,13 @@ def _results_blocks(data: dict) -> list[Block]:
                 f"the same {d.get('n')} images; interval: {_method_text(d)} at {fmt_pct(d.get('confidence'))}% "
                 "confidence. Agreement = share of images where the variant predicts FP32's class; "
                 "Disagreements = images where the two models predicted different classes. "
-                "★ = on the top-1/speed Pareto front; ◆ = on the agreement/speed Pareto front.",
+                "★ = on the top-1/speed Pareto front; ◆ = on the agreement/speed Pareto front."
+                + (
+                    " Speedup: against FP32 in the same runtime; the fronts (and the plot) compare the "
+                    "speedups against ONNX Runtime's FP32 (Benchmark table), one axis for every runtime."
+                    if len(runtimes) > 1 and "ort" in runtimes
+                    else ""
+                ),
             )
         )
         significant = [

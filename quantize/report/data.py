@@ -28,7 +28,18 @@ from quantize.recipe import QuantRecipe
 from quantize.report.plot import speed_key, speedup
 from quantize.report.schema import SCHEMA
 
-PACKAGES = ("onnxruntime", "onnx", "numpy", "pillow", "typer", "rich", "matplotlib", "neural-compressor")
+PACKAGES = (
+    "onnxruntime",
+    "onnx",
+    "numpy",
+    "pillow",
+    "typer",
+    "rich",
+    "matplotlib",
+    "neural-compressor",
+    "openvino",
+    "onnxruntime-openvino",
+)
 
 
 def package_versions() -> dict[str, str]:
