@@ -271,7 +271,8 @@ def sweep(
     grid: Annotated[
         str,
         typer.Option(
-            help="Recipe grid: default, full, calibration, formats, parity (ORT vs INC; needs the inc extra)."
+            help="Recipe grid: default, full, calibration, ranges, weights, formats, parity (ORT vs INC; needs "
+            "the inc extra)."
         ),
     ] = "default",
     labels: opt.Labels = None,

@@ -306,3 +306,12 @@ def test_two_runs_in_the_same_second_keep_both_reports(cli, calib_dir, tmp_path,
     assert len(runs) == 2, [p.name for p in runs]
     outputs = {json.loads((p / "report.json").read_text())["variants"][1]["path"] for p in runs}
     assert outputs == {str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx")}
+
+
+@pytest.mark.parametrize("command", ["bench", "eval"])
+def test_a_folder_given_as_the_model_is_one_line(cli, tmp_path, command):
+    from tests.helpers.onehot import top1_60_percent
+
+    _, val = top1_60_percent(tmp_path)
+    extra = ["--data", val] if command == "eval" else []
+    assert_one_line_error(cli(command, tmp_path, *extra), "is a folder, not an ONNX model file")

@@ -156,3 +156,11 @@ def test_pareto_front_with_several_runtimes_uses_one_speed_axis():
     ]
     mark_pareto(variants)
     assert [x["pareto"] for x in variants] == [False, False, False, True]
+
+
+def test_sweep_help_names_every_grid(cli):
+    from quantize.sweep import GRIDS
+
+    text = " ".join(cli("sweep", "--help").stdout.split())
+    assert all(name in text for name in GRIDS), text
+    assert "ranges, weights" in text

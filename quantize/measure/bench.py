@@ -200,6 +200,8 @@ def _fmt_shape(shape: Sequence[int | str | None]) -> str:
 
 
 def _open(runtime, path: Path, threads: int, allow_spinning: bool):
+    if path.is_dir():
+        raise RqInputError(f"{path} is a folder, not an ONNX model file")
     if not path.is_file():
         raise RqInputError(f"cannot load {path} in {runtime.label}: no such file")
     if path.stat().st_size == 0:
