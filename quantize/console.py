@@ -327,7 +327,8 @@ def eval_table(by_runtime: dict, dataset, batch: int) -> Table:
         title_justify="left",
     )
     multi = chosen != ["ort"]
-    precision = any(m.precision for r in by_runtime.values() for m in r.models)
+    # Where precision can differ from what the file says (OpenVINO's bf16, emulated Q/DQ); ORT's is in --json.
+    precision = multi and any(m.precision for r in by_runtime.values() for m in r.models)
     columns = ["model", *(["runtime"] if multi else []), *(["precision"] if precision else [])]
     columns += ["top-1 %", "top-5 %", "model img/s"]
     if len(run.models) > 1:
