@@ -85,7 +85,8 @@ def _ort_options(session) -> str:
     return (
         f"intra_op_num_threads={options.intra_op_num_threads}, inter_op_num_threads="
         f"{options.inter_op_num_threads}, graph_optimization_level={options.graph_optimization_level.name}, "
-        f"allow_spinning={options.get_session_config_entry('session.intra_op.allow_spinning')}"
+        f"allow_spinning={options.get_session_config_entry('session.intra_op.allow_spinning')}, "
+        f"force_spinning_stop={options.get_session_config_entry('session.force_spinning_stop')}"
     )
 
 

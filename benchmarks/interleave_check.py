@@ -6,7 +6,7 @@ drift hits both alike, and prints the medians side by side with their ratio. A r
 means another session's threads (ORT's spinning pool, OpenVINO's TBB workers) steal its cores.
 
     python benchmarks/interleave_check.py FP32.onnx INT8.onnx --runtime ort,openvino --batch 1,8 --rounds 3
-    python benchmarks/interleave_check.py FP32.onnx INT8.onnx --spinning   # ORT pools spinning, for contrast
+    python benchmarks/interleave_check.py FP32.onnx INT8.onnx --spinning   # ORT pools spinning after runs too
 """
 
 from __future__ import annotations
@@ -46,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--spinning", action="store_true", help="let ORT's intra-op pools spin (rq: off)")
+    parser.add_argument(
+        "--spinning",
+        action="store_true",
+        help="let ORT's intra-op pools keep spinning after a run (rq: they stop when it returns)",
+    )
     parser.add_argument(
         "--ov-config",
         default="",

@@ -415,6 +415,8 @@ def test_ort_session_sets_only_the_options_asked_for(tmp_path):
     assert measured.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert measured.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
     assert measured.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        measured.get_session_config_entry("session.force_spinning_stop")
     assert measured.log_severity_level == 4  # ORT's coloured log lines muted by default
     default = ort.SessionOptions()
     plain = runtimes.ort_session(model.read_bytes(), log_severity=None).get_session_options()
@@ -513,3 +515,15 @@ def test_evaluate_prepares_each_batch_size_before_timing_it(tmp_path):
     runs = [i for i, c in enumerate(calls) if c[0] == "run"]
     assert [calls[i][1] for i in runs] == [2, 2, 1]
     assert all(calls[i - 1] == ("prepare", calls[i][1]) for i in runs)
+
+
+def test_ort_sessions_spin_during_a_run_and_stop_when_it_returns(tmp_path):
+    """rq's measuring sessions: workers spin between a run's operators (ORT's default, what a deployed session
+    does), and stop when the run returns (so an idle session does not busy-wait on the next one's cores)."""
+    model = tiny_cnn(tmp_path / "tiny.onnx")
+    measured = runtimes.get("ort").open(model, 1).session.get_session_options()
+    assert measured.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert measured.get_session_config_entry("session.force_spinning_stop") == "1"
+    spinning = runtimes.get("ort").open(model, 1, allow_spinning=True).session.get_session_options()
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        spinning.get_session_config_entry("session.force_spinning_stop")

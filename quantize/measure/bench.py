@@ -277,8 +277,8 @@ def bench_models(
     """Time every model at every batch size in every runtime, interleaved, and return the statistics.
 
     Each model is opened in each runtime of ``runtimes`` (see quantize.measure.runtimes; ORT: CPU provider, all graph
-    optimizations, ``threads`` intra-op threads — default: physical cores —, one inter-op thread, no
-    spinning). All models must take one float32 input of the same shape apart from the batch dim. Per batch
+    optimizations, ``threads`` intra-op threads — default: physical cores —, one inter-op thread, workers
+    spinning during a run and stopping when it returns; ``allow_spinning``: ORT's default, spinning on). All models must take one float32 input of the same shape apart from the batch dim. Per batch
     size: ``warmup`` untimed runs per model and runtime, then ``runs`` rounds that run every (runtime, model)
     once in the given order. ``ratio_to_first`` compares each model with the first one *in the same
     runtime*; ``ratio_to_ort_first`` with the first one in ORT (when ORT is among the runtimes). A runtime
@@ -362,7 +362,10 @@ def bench_models(
         input_shape=["N", *rest],
         batch_sizes=plan,
         notes=notes,
-        session_config={"session.intra_op.allow_spinning": "1" if allow_spinning else "0"},
+        session_config={
+            "session.intra_op.allow_spinning": "1",
+            "session.force_spinning_stop": "0" if allow_spinning else "1",
+        },
         runtimes=runtime_names,
         runtime_versions=versions,
         errors=errors,

@@ -55,6 +55,7 @@ def ort_session(
     graph_optimization: str | None = None,
     sequential: bool = False,
     allow_spinning: bool | None = None,
+    stop_spinning_after_run: bool = False,
     log_severity: int | None = ORT_LOG_SEVERITY,
     providers: Sequence[str] = ("CPUExecutionProvider",),
     provider_options: list[dict] | None = None,
@@ -63,8 +64,8 @@ def ort_session(
 
     Only what is asked is set (ORT's defaults otherwise): ``threads`` intra-op threads (falsy: ORT's choice),
     ``inter_op_threads``, ``graph_optimization`` ("all", "basic" or "off"), sequential execution, the intra-op
-    pool's spinning (off by default for measurements: a session that just ran would keep busy-waiting while
-    the next one runs), and ``log_severity`` (default: ORT's own coloured log lines muted, so that nothing
+    pool's spinning (``allow_spinning``) and whether it stops when a run returns (``stop_spinning_after_run``:
+    ``session.force_spinning_stop``), and ``log_severity`` (default: ORT's own coloured log lines muted, so that nothing
     precedes rq's one-line message; None keeps ORT's default). ORT's exceptions propagate: each caller
     words its own one-line error.
     """
@@ -86,6 +87,8 @@ def ort_session(
         options.inter_op_num_threads = inter_op_threads
     if allow_spinning is not None:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+    if stop_spinning_after_run:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     if log_severity is not None:
         options.log_severity_level = log_severity
     source = model if isinstance(model, bytes) else str(model)
@@ -213,15 +216,20 @@ class OrtRuntime:
             raise RqInputError(f"model not found: {path}")
         self._check_available()
         try:
-            # With spinning on, the thread pool of the session that just ran keeps busy-waiting while the next
-            # one runs (interleaved benchmarks, several models evaluated batch by batch): off unless asked.
+            # The pool's workers spin between the operators of a run, as in ORT's default (a deployed session):
+            # parked between them instead, they wake up for every operator, which cost the many short
+            # operators of an INT8 graph 12 % at batch 1 and FP32 5 % (benchmarks/README.md). Unless asked
+            # (`allow_spinning`), they stop spinning when the run returns, so that a session which just ran
+            # does not busy-wait on the cores of the next one (interleaved benchmarks, models evaluated
+            # batch by batch).
             sess = ort_session(
                 path,
                 threads=threads,
                 inter_op_threads=1,
                 graph_optimization="all",
                 sequential=True,
-                allow_spinning=allow_spinning,
+                allow_spinning=True,
+                stop_spinning_after_run=not allow_spinning,
                 providers=self.providers,
                 provider_options=self._provider_options(threads),
             )
