@@ -278,8 +278,8 @@ def bench_models(
 
     Each model is opened in each runtime of ``runtimes`` (see quantize.measure.runtimes; ORT: CPU provider, all graph
     optimizations, ``threads`` intra-op threads — default: physical cores —, one inter-op thread, workers
-    spinning during a run and stopping when it returns; ``allow_spinning``: ORT's default, spinning on). All models must take one float32 input of the same shape apart from the batch dim. Per batch
-    size: ``warmup`` untimed runs per model and runtime, then ``runs`` rounds that run every (runtime, model)
+    spinning during a run and stopping when it returns; ``allow_spinning``: ORT's default, spinning on). All
+    models must take one float32 input of the same shape apart from the batch dim. Per batch size: ``warmup`` untimed runs per model and runtime, then ``runs`` rounds that run every (runtime, model)
     once in the given order. ``ratio_to_first`` compares each model with the first one *in the same
     runtime*; ``ratio_to_ort_first`` with the first one in ORT (when ORT is among the runtimes). A runtime
     that cannot open or run the first model is an error; one that cannot open or run a later model (and is

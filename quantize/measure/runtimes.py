@@ -64,9 +64,9 @@ def ort_session(
 
     Only what is asked is set (ORT's defaults otherwise): ``threads`` intra-op threads (falsy: ORT's choice),
     ``inter_op_threads``, ``graph_optimization`` ("all", "basic" or "off"), sequential execution, the intra-op
-    pool's spinning (``allow_spinning``) and whether it stops when a run returns (``stop_spinning_after_run``:
-    ``session.force_spinning_stop``), and ``log_severity`` (default: ORT's own coloured log lines muted, so that nothing
-    precedes rq's one-line message; None keeps ORT's default). ORT's exceptions propagate: each caller
+    pool's spinning (``allow_spinning``) and whether it stops when a run returns
+    (``stop_spinning_after_run``: ``session.force_spinning_stop``), and ``log_severity`` (default: ORT's own
+    coloured log lines muted, so that nothing precedes rq's one-line message; None keeps ORT's default). ORT's exceptions propagate: each caller
     words its own one-line error.
     """
     import onnxruntime as ort
@@ -133,9 +133,8 @@ class Session(Protocol):
     device: str  # what executes it, for tables ("CPUExecutionProvider", "OpenVINO CPU", …)
     precision: str  # how it computes: "f32", "int8+f32", "int8+bf16", …
 
-    def prepare(
-        self, batch: int
-    ) -> None: ...  # whatever a first run of `batch` images would do besides inference
+    def prepare(self, batch: int) -> None:
+        """Whatever a first run of `batch` images does besides inference (OpenVINO: compile for it)."""
 
     def run(self, images: np.ndarray) -> np.ndarray: ...
 
