@@ -200,12 +200,7 @@ def _fmt_shape(shape: Sequence[int | str | None]) -> str:
 
 
 def _open(runtime, path: Path, threads: int, allow_spinning: bool):
-    if path.is_dir():
-        raise RqInputError(f"{path} is a folder, not an ONNX model file")
-    if not path.is_file():
-        raise RqInputError(f"cannot load {path} in {runtime.label}: no such file")
-    if path.stat().st_size == 0:
-        raise RqInputError(f"{path} is an empty file (0 bytes), not an ONNX model")
+    runtimes_mod.check_model_file(path, f"cannot load {path} in {runtime.label}: no such file")
     try:
         return runtime.open(path, threads, allow_spinning=allow_spinning)
     except RqInputError:

@@ -180,12 +180,7 @@ def open_in_runtime(path: Path, runtime: str = "ort", threads: int | None = None
 
     path = Path(path)
     rt = runtimes.get(runtime)
-    if path.is_dir():
-        raise RqInputError(f"{path} is a folder, not an ONNX model file")
-    if not path.is_file():
-        raise RqInputError(f"model not found: {path}")
-    if path.stat().st_size == 0:
-        raise RqInputError(f"{path} is an empty file (0 bytes), not an ONNX model")
+    runtimes.check_model_file(path, f"model not found: {path}")
     return rt.open(path, threads)
 
 

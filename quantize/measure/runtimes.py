@@ -66,8 +66,8 @@ def ort_session(
     ``inter_op_threads``, ``graph_optimization`` ("all", "basic" or "off"), sequential execution, the intra-op
     pool's spinning (``allow_spinning``) and whether it stops when a run returns
     (``stop_spinning_after_run``: ``session.force_spinning_stop``), and ``log_severity`` (default: ORT's own
-    coloured log lines muted, so that nothing precedes rq's one-line message; None keeps ORT's default). ORT's exceptions propagate: each caller
-    words its own one-line error.
+    coloured log lines muted, so that nothing precedes rq's one-line message; None keeps ORT's default).
+    ORT's exceptions propagate: each caller words its own one-line error.
     """
     import onnxruntime as ort
 
@@ -120,6 +120,16 @@ def quiet() -> Iterator[None]:
             yield
     finally:
         root.setLevel(previous)
+
+
+def check_model_file(path: Path, missing: str) -> None:
+    """One line for a path that cannot be an ONNX model: a folder, nothing there (`missing`), an empty file."""
+    if path.is_dir():
+        raise RqInputError(f"{path} is a folder, not an ONNX model file")
+    if not path.is_file():
+        raise RqInputError(missing)
+    if path.stat().st_size == 0:
+        raise RqInputError(f"{path} is an empty file (0 bytes), not an ONNX model")
 
 
 class Session(Protocol):
