@@ -455,3 +455,66 @@ def test_rq_report_rejects_a_malformed_report_json_with_exit_2(tmp_path, mutate,
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and fragment in lines[0], result.output
     assert not (tmp_path / "report.md").exists()  # nothing rendered from an invalid report
+
+
+def _two_runtimes() -> dict:
+    """The built report with every variant also run in OpenVINO (same files, close speeds, same top-1): what
+    `rq quantize --runtime ort,openvino` writes, as far as the views read it."""
+    data = _report()
+    copies = []
+    for v in data["variants"]:
+        v["runtime"] = "ort"
+        other = copy.deepcopy(v)
+        other["name"] = f"{v['name']} · openvino"
+        other["runtime"] = "openvino"
+        for figures in other["bench"].values():
+            figures["ratio_to_ort_fp32"] = round(figures["ratio_to_fp32"] * 1.04, 4)
+        copies.append(other)
+    for v in data["variants"]:
+        for figures in v["bench"].values():
+            figures["ratio_to_ort_fp32"] = figures["ratio_to_fp32"]
+    data["variants"] += copies
+    data["validation"]["runtimes"] = {
+        "ort": {"images_per_s": 59.1, "seconds": 22.0},
+        "openvino": {"images_per_s": 71.3, "seconds": 18.2},
+    }
+    return data
+
+
+def test_a_file_run_in_several_runtimes_is_one_artifact_and_one_recipe():
+    data = _two_runtimes()
+    validate_report(data)
+    md = render_markdown(data)
+    artifacts = md.split("## Artifacts")[1].split("##")[0]
+    assert "| Variant | Runs in | Path |" in artifacts
+    assert artifacts.count("c" * 64) == 1 and artifacts.count("d" * 64) == 1
+    assert "| int8-qdq-per-channel | ort, openvino | out/resnet50.int8.onnx |" in artifacts
+    recipes = md.split("## Recipes")[1].split("\n## ")[0]
+    assert recipes.count("```json") == 2  # two INT8 files, each once
+    assert "int8-qdq-per-channel (runs in ort, openvino):" in recipes
+    assert "· openvino" not in recipes
+    # One runtime: no "Runs in" column, names unchanged.
+    single = render_markdown(_report())
+    assert "Runs in" not in single and "int8-qdq-per-channel:" in single
+
+
+def test_validation_section_gives_each_runtime_its_throughput():
+    md = render_markdown(_two_runtimes())
+    validation = md.split("## Validation")[1].split("\n## ")[0]
+    assert (
+        "Evaluation throughput (decode + both models): 59.1 images/s in ort (22.0 s), "
+        "71.3 images/s in openvino (18.2 s)" in validation
+    )
+    assert "Time: 40.2 s" in validation
+    assert "Time: 22.0 s" in render_markdown(_report()).split("## Validation")[1]
+
+
+def test_plot_labels_of_runtime_pairs_do_not_overlap():
+    from quantize.report.plot import accuracy_vs_speed_figure
+
+    fig, labels = accuracy_vs_speed_figure(_two_runtimes())
+    renderer = fig.canvas.get_renderer()
+    boxes = [label.get_window_extent(renderer) for label in labels]
+    assert len(boxes) == 6
+    overlapping = [(i, j) for i in range(6) for j in range(i) if boxes[i].overlaps(boxes[j])]
+    assert not overlapping, [(labels[i].get_text(), labels[j].get_text()) for i, j in overlapping]

@@ -249,6 +249,10 @@ def test_quantize_validates_and_benches_in_every_runtime(cli, fake_runtimes, tmp
     md = (run / "report.md").read_text()
     assert "| Variant | Runtime | Kind |" in md and "| FP32 · reference | reference | FP32 |" in md
     assert "the fronts (and the plot) compare the speedups against ONNX Runtime's FP32" in md
+    # Each runtime's validation pass is timed on its own; the file is listed once, with where it ran.
+    assert set(data["validation"]["runtimes"]) == {"ort", "reference"}
+    assert "images/s in ort (" in md and "images/s in reference (" in md
+    assert md.split("## Artifacts")[1].count(by_name[label]["sha256"]) == 1
 
 
 def test_quantize_runtime_without_val_or_bench_is_one_line_exit_2(cli, fake_runtimes, tiny_pair, tmp_path):

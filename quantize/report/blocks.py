@@ -37,6 +37,8 @@ from quantize.report.sections import (
     json_block_text,
     notes_blocks,
     package_blocks,
+    runtimes_text,
+    same_file_groups,
     stage_blocks,
     tuning_blocks,
 )
@@ -341,17 +343,19 @@ def _bench_blocks(data: dict) -> list[Block]:
 
 def _recipe_blocks(data: dict) -> list[Block]:
     blocks: list[Block] = [("h2", "Recipes")]
-    any_recipe = False
-    for v in variants_of(data):
-        if v.get("kind") != "int8":
-            continue
-        any_recipe = True
+    variants = variants_of(data)
+    int8 = [v for v in variants if v.get("kind") == "int8"]
+    several = len(runtimes_of(variants)) > 1
+    # One recipe per file: the same INT8 file run in several runtimes is listed once.
+    for group in same_file_groups(int8, lambda v: (v.get("sha256"), json_block_text(v.get("recipe")))):
+        v = group[0]
+        name = str(v.get("name")) + (f" (runs in {runtimes_text(group)})" if several else "")
         recipe = v.get("recipe")
         if isinstance(recipe, dict):
-            blocks += [("p", f"{v.get('name')}:"), ("code", json_block_text(recipe))]
+            blocks += [("p", f"{name}:"), ("code", json_block_text(recipe))]
         else:
-            blocks.append(("p", f"{v.get('name')}: recipe not recorded."))
-    if not any_recipe:
+            blocks.append(("p", f"{name}: recipe not recorded."))
+    if not int8:
         blocks.append(("p", "No INT8 variants."))
     return blocks
 
@@ -404,6 +408,8 @@ def _dataset_blocks(data: dict, key: str, title: str) -> list[Block]:
         flag = "--calib" if key == "calibration" else "--val"
         return [*blocks, ("p", f"{NOT_MEASURED} (no {flag} folder in this run).")]
     items = [f"Folder: {section.get('folder', '?')}", f"Layout: {section.get('layout', '?')}"]
+    # A quantize run that validated in several runtimes times each pass: {runtime: {images_per_s, seconds}}.
+    per_runtime = section.get("runtimes") if isinstance(section.get("runtimes"), dict) else {}
     if key == "calibration":
         items += [
             f"Images used: {section.get('images_used', '?')}",
@@ -412,7 +418,16 @@ def _dataset_blocks(data: dict, key: str, title: str) -> list[Block]:
     else:
         overlap = section.get("overlap_with_calibration")
         items += [f"Images: {section.get('images', '?')}", f"Overlap with calibration images: {overlap}"]
-        if is_number(section.get("images_per_s")):
+        if per_runtime:
+            items.append(
+                "Evaluation throughput (decode + both models): "
+                + ", ".join(
+                    f"{fmt_num(f.get('images_per_s'), 1)} images/s in {rt} ({fmt_seconds(f.get('seconds'))})"
+                    for rt, f in per_runtime.items()
+                    if isinstance(f, dict)
+                )
+            )
+        elif is_number(section.get("images_per_s")):
             items.append(f"Evaluation throughput: {fmt_num(section['images_per_s'], 1)} images/s")
         cluster = section.get("cluster")
         if isinstance(cluster, dict):
@@ -421,7 +436,9 @@ def _dataset_blocks(data: dict, key: str, title: str) -> list[Block]:
                 f"Ran on: Ray cluster at {cluster.get('address', '?')}, {nodes} node{'s' if nodes != 1 else ''}, "
                 f"{fmt_num(cluster.get('cpus'), 0)} CPUs, {cluster.get('actors', '?')} inference actors"
             )
-    items.append(f"Time: {fmt_seconds(section.get('seconds'))}")
+    seconds = [f.get("seconds") for f in per_runtime.values() if isinstance(f, dict)]
+    total = sum(float(x) for x in seconds if is_number(x)) if seconds else section.get("seconds")
+    items.append(f"Time: {fmt_seconds(total)}")
     blocks.append(("list", items))
     if (
         key == "validation"

@@ -115,6 +115,32 @@ def _mpl_text(text: str) -> str:
     return text.replace("$", r"\$")
 
 
+#: Vertical label offsets tried in turn (points from the marker): above, below, then further out.
+_LABEL_OFFSETS = (6, -14, 16, -24, 26, -34, 36, -44)
+
+
+def _separate_labels(fig, labels) -> None:
+    """Move each label that would cover an earlier one to the first free offset of `_LABEL_OFFSETS`.
+
+    Variants measured in several runtimes often share a top-1 and lie close in speed, so their labels would
+    print over each other. Positions are read after layout (`draw_without_rendering`), in display units.
+    """
+    if len(labels) < 2:
+        return
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    for label in labels:
+        dx = label.xyann[0]
+        for dy in _LABEL_OFFSETS:
+            label.xyann = (dx, dy)
+            label.set_verticalalignment("bottom" if dy > 0 else "top")
+            box = label.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+        placed.append(box)
+
+
 def plot_accuracy_vs_speed(data: dict) -> bytes | None:
     """PNG of top-1 (%) against speedup over FP32 at the largest benchmarked batch, or None.
 
@@ -123,6 +149,17 @@ def plot_accuracy_vs_speed(data: dict) -> bytes | None:
     benchmark figures. Uses ``matplotlib.figure.Figure`` with an explicit Agg canvas — never pyplot — so
     the global backend and pyplot's figure registry of the calling program are left untouched.
     """
+    drawn = accuracy_vs_speed_figure(data)
+    if drawn is None:
+        return None
+    buf = io.BytesIO()
+    # No "Software" metadata: identical reports then give identical PNG bytes across matplotlib versions.
+    drawn[0].savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def accuracy_vs_speed_figure(data: dict):
+    """(matplotlib Figure, its point labels) of :func:`plot_accuracy_vs_speed`, or None."""
     found = plot_points(data)
     if found is None:
         return None
@@ -141,6 +178,7 @@ def plot_accuracy_vs_speed(data: dict) -> bytes | None:
         ax.plot([p[2] for p in front], [p[3] for p in front], color="#c0392b", linewidth=1.5, zorder=2)
     xs = [p[2] for p in points]
     x_mid = (min(xs) + max(xs)) / 2
+    labels = []
     for name, kind, x, y, on_front in points:
         ax.scatter(
             [x],
@@ -155,14 +193,16 @@ def plot_accuracy_vs_speed(data: dict) -> bytes | None:
         # Labels point inwards: text is not counted by autoscaling, so an outward label at the
         # rightmost point would be cut off by the axes edge.
         right_half = len(points) > 1 and x > x_mid
-        ax.annotate(
-            _mpl_text(name),
-            (x, y),
-            xytext=(-6 if right_half else 6, 6),
-            textcoords="offset points",
-            ha="right" if right_half else "left",
-            fontsize=8,
-            color="#1d2330",
+        labels.append(
+            ax.annotate(
+                _mpl_text(name),
+                (x, y),
+                xytext=(-6 if right_half else 6, 6),
+                textcoords="offset points",
+                ha="right" if right_half else "left",
+                fontsize=8,
+                color="#1d2330",
+            )
         )
     # Several runtimes: each is its own series, its variants joined in a colour of its own.
     runtimes = runtimes_of(variants_of(data))
@@ -205,7 +245,5 @@ def plot_accuracy_vs_speed(data: dict) -> bytes | None:
     ax.grid(True, alpha=0.3)
     ax.margins(x=0.15, y=0.2)
     ax.legend(handles=handles, loc="best", fontsize=8)
-    buf = io.BytesIO()
-    # No "Software" metadata: identical reports then give identical PNG bytes across matplotlib versions.
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    return buf.getvalue()
+    _separate_labels(fig, labels)
+    return fig, labels

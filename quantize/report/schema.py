@@ -175,6 +175,8 @@ class Validation(_Section):
     images_per_s: OptNumber
     seconds: OptNumber
     cluster: Cluster = None  # type: ignore[assignment]  # present only when the validation ran on Ray (--ray)
+    # present only when a quantize run validated in several runtimes: {runtime: {images_per_s, seconds}}
+    runtimes: Obj = None  # type: ignore[assignment]
 
 
 class QuantizedOps(_Section):

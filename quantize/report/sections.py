@@ -8,7 +8,7 @@ import json
 import math
 from typing import Any
 
-from quantize.report.plot import bench_of, variants_of
+from quantize.report.plot import bench_of, runtimes_of, variants_of
 from quantize.report.schema import is_number
 
 # ("h2", text) | ("p", text) | ("verdict", "passed"|"failed"|"none", text) | ("list", [text])
@@ -103,26 +103,45 @@ def _ops_by_type(ops) -> str:
     return text
 
 
+def same_file_groups(variants: list[dict], key) -> list[list[dict]]:
+    """`variants` grouped by `key(v)` in first-seen order: a file validated and timed in several runtimes is
+    one variant per runtime in the report, but one file (and one recipe) in its appendix."""
+    groups: dict[Any, list[dict]] = {}
+    for v in variants:
+        groups.setdefault(key(v), []).append(v)
+    return list(groups.values())
+
+
+def runtimes_text(group: list[dict]) -> str:
+    runtimes = [str(v["runtime"]) for v in group if isinstance(v.get("runtime"), str)]
+    return ", ".join(dict.fromkeys(runtimes)) or "—"
+
+
 def artifact_blocks(data: dict) -> list[Block]:
+    variants = variants_of(data)
+    several = len(runtimes_of(variants)) > 1
+    # Without a path or a digest there is nothing to say two rows are the same file.
+    groups = same_file_groups(
+        variants, lambda v: (v.get("path"), v.get("sha256")) if v.get("sha256") else id(v)
+    )
     rows = []
-    for v in variants_of(data):
-        ops = v.get("quantized_ops")
-        by_type = _ops_by_type(ops)
+    for group in groups:
+        v = group[0]
         rows.append(
             [
                 str(v.get("name", "?")),
+                *([runtimes_text(group)] if several else []),
                 str(v.get("path") or "—"),
                 str(v.get("sha256") or "—"),
                 fmt_mb(v.get("size_bytes")) if v.get("size_bytes") is not None else "—",
-                by_type or "—",
+                _ops_by_type(v.get("quantized_ops")) or "—",
             ]
         )
     if not rows:
         return [("h2", "Artifacts"), ("p", "none")]
-    return [
-        ("h2", "Artifacts"),
-        ("table", ["Variant", "Path", "SHA-256", "Size MB", "Quantized by type"], rows),
-    ]
+    runs_in = ["Runs in"] if several else []
+    headers = ["Variant", *runs_in, "Path", "SHA-256", "Size MB", "Quantized by type"]
+    return [("h2", "Artifacts"), ("table", headers, rows)]
 
 
 def package_blocks(data: dict) -> list[Block]:
