@@ -474,6 +474,7 @@ def _two_runtimes() -> dict:
         for figures in v["bench"].values():
             figures["ratio_to_ort_fp32"] = figures["ratio_to_fp32"]
     data["variants"] += copies
+    data["bench"]["runtime_versions"] = {"ort": "onnxruntime 1.20.1", "openvino": "openvino 2026.4.1"}
     data["validation"]["runtimes"] = {
         "ort": {"images_per_s": 59.1, "seconds": 22.0},
         "openvino": {"images_per_s": 71.3, "seconds": 18.2},
@@ -496,6 +497,14 @@ def test_a_file_run_in_several_runtimes_is_one_artifact_and_one_recipe():
     # One runtime: no "Runs in" column, names unchanged.
     single = render_markdown(_report())
     assert "Runs in" not in single and "int8-qdq-per-channel:" in single
+
+
+def test_bench_footer_names_each_runtime_once():
+    bench = render_markdown(_two_runtimes()).split("## Benchmark")[1].split("\n## ")[0]
+    assert "runtimes: onnxruntime 1.20.1 (CPUExecutionProvider), openvino 2026.4.1;" in bench
+    assert bench.count("onnxruntime 1.20.1") == 1
+    single = render_markdown(_report()).split("## Benchmark")[1].split("\n## ")[0]
+    assert "onnxruntime 1.20.1; CPUExecutionProvider;" in single
 
 
 def test_validation_section_gives_each_runtime_its_throughput():

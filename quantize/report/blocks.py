@@ -320,13 +320,19 @@ def _bench_blocks(data: dict) -> list[Block]:
         blocks.append(("table", headers, rows))
     if isinstance(bench, dict):
         context = []
-        if bench.get("onnxruntime_version"):
-            context.append(f"onnxruntime {bench['onnxruntime_version']}")
-        if bench.get("provider"):
-            context.append(str(bench["provider"]))
         versions = bench.get("runtime_versions")
         if isinstance(versions, dict) and set(versions) - {"ort"}:
-            context.append("runtimes: " + ", ".join(str(x) for x in versions.values()))
+            # Several runtimes (or one other than ORT): each named once, ORT with its provider.
+            provider = f" ({bench['provider']})" if bench.get("provider") else ""
+            context.append(
+                "runtimes: "
+                + ", ".join(f"{v}{provider}" if rt == "ort" else str(v) for rt, v in versions.items())
+            )
+        else:
+            if bench.get("onnxruntime_version"):
+                context.append(f"onnxruntime {bench['onnxruntime_version']}")
+            if bench.get("provider"):
+                context.append(str(bench["provider"]))
         if bench.get("threads") is not None:
             context.append(f"{bench['threads']} intra-op thread(s)")
         if bench.get("runs") is not None:
