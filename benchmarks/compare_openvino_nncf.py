@@ -5,7 +5,9 @@ NNCF (``nncf.quantize`` with its defaults) gets the same 100 calibration images 
 (an INT8 ONNX file made by ``rq quantize``) runs in ONNX Runtime and in OpenVINO. Every model is evaluated on
 the same validation images (top-1 and top-1 agreement with FP32 in the same runtime) and timed interleaved,
 in one process, round by round (FP32 and INT8 of both tools alternate, so drift hits all alike). The ratios
-printed compare rq's best (fastest INT8 runtime) with NNCF+OpenVINO at each batch size.
+printed compare rq's best (fastest INT8 runtime) with NNCF+OpenVINO at each batch size, with a 95% bootstrap
+interval over the rounds: two models running the same kernels differ by less than this machine's noise, and
+the interval says whether a difference was shown at all.
 
 NNCF quantizes the FP32 model twice: as ``ov.Core().read_model`` reads the ONNX file (BatchNormalization
 kept as an op, so NNCF puts a quantizer between each Conv and its BN), and as ``ov.convert_model`` converts it
@@ -91,8 +93,9 @@ def _ort_options(session) -> str:
 
 
 def time_interleaved(entries, batches, runs: int, warmup: int, shape):
-    """{(label, batch): median ms}; every round runs every entry once, starting one further each round."""
-    medians = {}
+    """({(label, batch): median ms}, {(label, batch): [ms per round]}); every round runs every entry once,
+    starting one further each round."""
+    medians, per_round = {}, {}
     for b in batches:
         x = np.random.default_rng(0).standard_normal((b, *shape), dtype=np.float32)
         for _label, session in entries:
@@ -111,7 +114,21 @@ def time_interleaved(entries, batches, runs: int, warmup: int, shape):
             gc.enable()
         for label, values in samples.items():
             medians[(label, b)] = statistics.median(values)
-    return medians
+            per_round[(label, b)] = values
+    return medians, per_round
+
+
+def ratio_interval(slower: list[float], faster: list[float], confidence: float = 0.95, resamples: int = 4000):
+    """Bootstrap interval of median(slower) / median(faster) over the interleaved rounds.
+
+    Rounds are resampled as wholes (both models' times of a round together): a round that the machine's
+    neighbours slowed down slows both, and the interval keeps that pairing.
+    """
+    a, b = np.asarray(slower), np.asarray(faster)
+    rounds = np.random.default_rng(0).integers(0, len(a), size=(resamples, len(a)))
+    ratios = np.median(a[rounds], axis=1) / np.median(b[rounds], axis=1)
+    tail = (1 - confidence) / 2
+    return float(np.quantile(ratios, tail)), float(np.quantile(ratios, 1 - tail))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             (f"{label} openvino default-precision", _open_nncf(path, args.threads, default_precision=True))
         )
         shape = [int(d) for d in entries[0][1].input_shape[1:]]
-        medians = time_interleaved(entries, batches, args.runs, args.warmup, shape)
+        medians, per_round = time_interleaved(entries, batches, args.runs, args.warmup, shape)
         print(
             f"\nlatency: median of {args.runs} interleaved rounds (+{args.warmup} warmup), {args.threads} threads, "
             f"{runtimes.get('ort').version()}, {ov_rt.version()}"
@@ -197,9 +214,12 @@ def main(argv: list[str] | None = None) -> int:
         for b in batches:
             rq_best = min(("rq INT8 ort", "rq INT8 openvino"), key=lambda k: medians[(k, b)])
             peer = min(nncf_labels, key=lambda k: medians[(k, b)])
+            low, high = ratio_interval(per_round[(peer, b)], per_round[(rq_best, b)])
+            verdict = "rq faster" if low > 1 else "NNCF faster" if high < 1 else "no difference shown"
             print(
                 f"batch {b}: rq's best ({rq_best}) vs NNCF's best ({peer}): "
-                f"{medians[(peer, b)] / medians[(rq_best, b)]:.2f}× (> 1: rq faster); "
+                f"{medians[(peer, b)] / medians[(rq_best, b)]:.3f}× (> 1: rq faster), 95% interval "
+                f"[{low:.3f}, {high:.3f}] (bootstrap over rounds): {verdict}; "
                 f"rq INT8/FP32 in ORT {medians[('FP32 ort', b)] / medians[('rq INT8 ort', b)]:.2f}×, "
                 f"in OpenVINO {medians[('FP32 openvino f32', b)] / medians[('rq INT8 openvino', b)]:.2f}×"
             )
