@@ -352,8 +352,12 @@ def _recipe_blocks(data: dict) -> list[Block]:
     variants = variants_of(data)
     int8 = [v for v in variants if v.get("kind") == "int8"]
     several = len(runtimes_of(variants)) > 1
+
     # One recipe per file: the same INT8 file run in several runtimes is listed once.
-    for group in same_file_groups(int8, lambda v: (v.get("sha256"), json_block_text(v.get("recipe")))):
+    def same_file(v):
+        return (v["sha256"], json_block_text(v.get("recipe"))) if v.get("sha256") else id(v)
+
+    for group in same_file_groups(int8, same_file):
         v = group[0]
         name = str(v.get("name")) + (f" (runs in {runtimes_text(group)})" if several else "")
         recipe = v.get("recipe")
