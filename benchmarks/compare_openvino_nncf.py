@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from calibration import BatchStream, PreprocessSpec, discover_dataset, select_samples
 from quantize.measure import runtimes
 from quantize.measure.evaluate import evaluate
+from quantize.measure.stats import speed_ratio_interval
 from quantize.measure.validate import validation_samples
 
 
@@ -116,19 +117,6 @@ def time_interleaved(entries, batches, runs: int, warmup: int, shape):
             medians[(label, b)] = statistics.median(values)
             per_round[(label, b)] = values
     return medians, per_round
-
-
-def ratio_interval(slower: list[float], faster: list[float], confidence: float = 0.95, resamples: int = 4000):
-    """Bootstrap interval of median(slower) / median(faster) over the interleaved rounds.
-
-    Rounds are resampled as wholes (both models' times of a round together): a round that the machine's
-    neighbours slowed down slows both, and the interval keeps that pairing.
-    """
-    a, b = np.asarray(slower), np.asarray(faster)
-    rounds = np.random.default_rng(0).integers(0, len(a), size=(resamples, len(a)))
-    ratios = np.median(a[rounds], axis=1) / np.median(b[rounds], axis=1)
-    tail = (1 - confidence) / 2
-    return float(np.quantile(ratios, tail)), float(np.quantile(ratios, 1 - tail))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,12 +202,16 @@ def main(argv: list[str] | None = None) -> int:
         for b in batches:
             rq_best = min(("rq INT8 ort", "rq INT8 openvino"), key=lambda k: medians[(k, b)])
             peer = min(nncf_labels, key=lambda k: medians[(k, b)])
-            low, high = ratio_interval(per_round[(peer, b)], per_round[(rq_best, b)])
-            verdict = "rq faster" if low > 1 else "NNCF faster" if high < 1 else "no difference shown"
+            interval = speed_ratio_interval(per_round[(peer, b)], per_round[(rq_best, b)])
+            if interval is None:
+                shown = "no interval (fewer rounds than a bootstrap needs)"
+            else:
+                low, high = interval
+                verdict = "rq faster" if low > 1 else "NNCF faster" if high < 1 else "no difference shown"
+                shown = f"95% interval [{low:.3f}, {high:.3f}] (bootstrap over rounds): {verdict}"
             print(
                 f"batch {b}: rq's best ({rq_best}) vs NNCF's best ({peer}): "
-                f"{medians[(peer, b)] / medians[(rq_best, b)]:.3f}× (> 1: rq faster), 95% interval "
-                f"[{low:.3f}, {high:.3f}] (bootstrap over rounds): {verdict}; "
+                f"{medians[(peer, b)] / medians[(rq_best, b)]:.3f}× (> 1: rq faster), {shown}; "
                 f"rq INT8/FP32 in ORT {medians[('FP32 ort', b)] / medians[('rq INT8 ort', b)]:.2f}×, "
                 f"in OpenVINO {medians[('FP32 openvino f32', b)] / medians[('rq INT8 openvino', b)]:.2f}×"
             )

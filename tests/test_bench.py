@@ -13,6 +13,7 @@ from calibration.errors import RqInputError
 from calibration.progress import ProgressCallbacks
 from quantize.measure.bench import BenchResult, bench_models
 from quantize.measure.cpu import detect_cpu
+from quantize.measure.stats import speed_ratio_interval
 
 
 def _tiny_model(path, *, hw: int = 8, out_channels: int = 4, batch: int | str = "N", seed: int = 0):
@@ -149,3 +150,16 @@ def test_fixed_batch_dim_skips_other_batch_sizes(tmp_path):
     assert any("batch 2 skipped" in n and "fixed.onnx" in n for n in res.notes)
     with pytest.raises(RqInputError, match="no requested batch size can run"):
         bench_models([fixed], batch_sizes=(4,), runs=1, warmup=0)
+
+
+def test_speedup_interval_pairs_the_rounds_of_the_run(two_models):
+    res = bench_models(two_models, batch_sizes=(1,), threads=1, runs=12, warmup=1)
+    first, second = res.row(0, 1), res.row(1, 1)
+    assert first.ratio_interval is None  # model #1 against itself: exactly 1
+    low, high = second.ratio_interval
+    assert low <= second.ratio_to_first <= high
+    assert (low, high) == speed_ratio_interval(first.samples_ms, second.samples_ms)
+    assert json.loads(json.dumps(res.to_dict()))["rows"][1]["ratio_interval"] == [low, high]
+    # Too few rounds for a bootstrap: no interval rather than a made-up one.
+    short = bench_models(two_models, batch_sizes=(1,), threads=1, runs=3, warmup=0)
+    assert short.row(1, 1).ratio_interval is None

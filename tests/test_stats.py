@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from calibration.errors import RqInputError
-from quantize.measure.stats import PairedDrop, clopper_pearson, paired_drop, pareto_front
+from quantize.measure.stats import (
+    MIN_ROUNDS_FOR_INTERVAL,
+    PairedDrop,
+    clopper_pearson,
+    paired_drop,
+    pareto_front,
+    speed_ratio_interval,
+)
 
 
 def _flipped_pair() -> tuple[list[bool], list[bool]]:
@@ -184,3 +191,33 @@ def test_pareto_front_ties_and_nan():
     assert pareto_front([(1.0, 1.0)]) == [0]
     with pytest.raises(RqInputError):
         pareto_front([(1.0,)])
+
+
+def test_speed_interval_resamples_rounds_as_wholes():
+    """Load shared by both models within a round cancels: a model exactly twice as fast in every round has
+    the interval [2, 2] however much the rounds differ. Resampling the two lists apart would not give that."""
+    load = np.random.default_rng(1).uniform(1.0, 3.0, 40)  # the neighbours' load, round by round
+    reference = 10.0 * load
+    assert speed_ratio_interval(reference, reference / 2) == pytest.approx((2.0, 2.0))
+
+
+def test_speed_interval_contains_the_ratio_and_narrows_with_rounds():
+    rng = np.random.default_rng(2)
+    widths = []
+    for rounds in (20, 400):
+        reference = 10.0 + rng.normal(0, 0.5, rounds)
+        model = 5.0 + rng.normal(0, 0.5, rounds)
+        low, high = speed_ratio_interval(reference, model)
+        assert low <= np.median(reference) / np.median(model) <= high
+        assert low < 2.0 < high
+        widths.append(high - low)
+    assert widths[1] < widths[0] / 2
+    # The same input gives the same interval (seeded).
+    assert speed_ratio_interval(reference, model) == speed_ratio_interval(reference, model)
+
+
+def test_speed_interval_needs_enough_equal_rounds():
+    few = [1.0] * (MIN_ROUNDS_FOR_INTERVAL - 1)
+    assert speed_ratio_interval(few, few) is None
+    with pytest.raises(RqInputError, match="equally long"):
+        speed_ratio_interval([1.0] * 12, [1.0] * 11)

@@ -25,6 +25,7 @@ from calibration.progress import NO_PROGRESS, Progress
 from quantize.exits import ort_reason
 from quantize.measure import runtimes as runtimes_mod
 from quantize.measure.cpu import CpuInfo, detect_cpu, int8_speedup_note, physical_core_count
+from quantize.measure.stats import speed_ratio_interval
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ class BenchRow:
     # Median CPU time of the whole process per run (all threads): the work done, which — unlike wall time —
     # does not grow when a shared machine preempts the run. Spinning threads count here too.
     cpu_median_ms: float | None = None
+    # 95% bootstrap interval of ratio_to_first over this run's rounds (None: model #1 itself, or too few runs)
+    ratio_interval: tuple[float, float] | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -70,6 +73,7 @@ class BenchRow:
             "precision": self.precision,
             "ratio_to_ort_first": self.ratio_to_ort_first,
             "cpu_median_ms": self.cpu_median_ms,
+            "ratio_interval": list(self.ratio_interval) if self.ratio_interval else None,
         }
 
 
@@ -134,7 +138,8 @@ class BenchResult:
         table = Table(
             title=(
                 f"Latency in ms — median of {self.runs} interleaved runs per model (+{self.warmup} warmup); "
-                "vs #1 > 1 means faster than model #1"
+                "vs #1 > 1 means faster than model #1; 95% CI of vs #1: bootstrap over this run's rounds (another "
+                "run, under other load, can move it further)"
             ),
             title_justify="left",
             caption_justify="left",
@@ -146,7 +151,7 @@ class BenchResult:
         if multi:
             table.add_column("runtime", no_wrap=True)
             table.add_column("precision", no_wrap=True)
-        headers = ["batch", "median", "p90", "mean", "min", "cpu", "img/s", "vs #1"]
+        headers = ["batch", "median", "p90", "mean", "min", "cpu", "img/s", "vs #1", "95% CI"]
         with_ort = multi and "ort" in self.runtimes
         if with_ort:
             headers.append("vs #1 ort")
@@ -165,6 +170,7 @@ class BenchResult:
                 "—" if r.cpu_median_ms is None else f"{r.cpu_median_ms:.1f}",
                 f"{r.images_per_s:.1f}",
                 f"{r.ratio_to_first:.2f}×",
+                "—" if r.ratio_interval is None else f"{r.ratio_interval[0]:.2f}–{r.ratio_interval[1]:.2f}",
             ]
             if with_ort:
                 cells.append("—" if r.ratio_to_ort_first is None else f"{r.ratio_to_ort_first:.2f}×")
@@ -405,13 +411,16 @@ def bench_models(
                 gc.enable()
 
         medians: dict[tuple[str, int], float] = {}
+        timed: dict[tuple[str, int], np.ndarray] = {}
         for u in units:
             ms = np.asarray(samples[id(u)], dtype=np.float64) / 1e6
+            timed[(u.runtime, u.index)] = ms
             medians[(u.runtime, u.index)] = float(np.percentile(ms, 50, method="linear"))
         for u in units:
-            ms = np.asarray(samples[id(u)], dtype=np.float64) / 1e6
+            ms = timed[(u.runtime, u.index)]
             median = medians[(u.runtime, u.index)]
             first = medians.get((u.runtime, 0))
+            reference = timed.get((u.runtime, 0))
             ort_first = medians.get(("ort", 0))
             result.rows.append(
                 BenchRow(
@@ -430,6 +439,12 @@ def bench_models(
                     precision=u.session.precision,
                     ratio_to_ort_first=(ort_first / median if ort_first and median > 0 else None),
                     cpu_median_ms=float(np.median(cpu_ns[id(u)])) / 1e6 if cpu_ns[id(u)] else None,
+                    # Element k of both lists ran in round k: the interval resamples rounds as wholes.
+                    ratio_interval=(
+                        speed_ratio_interval(reference, ms)
+                        if u.index != 0 and reference is not None and len(reference) == len(ms)
+                        else None
+                    ),
                 )
             )
     return result

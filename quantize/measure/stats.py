@@ -25,6 +25,9 @@ Two interval methods are offered by :func:`paired_drop`:
 
 :func:`pareto_front` picks the variants not dominated in (speedup, top-1).
 
+:func:`speed_ratio_interval` is the speed side: a bootstrap interval for the ratio of two models' median
+latencies, resampling the interleaved rounds of one benchmark run as wholes.
+
 :func:`agreement` is the label-free side: the share of images where INT8 predicts FP32's class, with an exact
 interval; :func:`images_to_confirm` says roughly how many images a gate would need before the drop's
 interval can fall under it.
@@ -409,3 +412,39 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
         if not dominated:
             front.append(i)
     return front
+
+
+#: Fewer timed rounds than this give no speed interval: a bootstrap over a handful of rounds only restates them.
+MIN_ROUNDS_FOR_INTERVAL = 10
+
+
+def speed_ratio_interval(
+    reference_ms: Sequence[float],
+    model_ms: Sequence[float],
+    *,
+    confidence: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float] | None:
+    """Bootstrap interval of median(reference) / median(model): the speedup of `model` over `reference`.
+
+    The two lists are one interleaved benchmark: element k of each was timed in round k. Rounds are
+    resampled as wholes, so a round the machine's neighbours slowed down slows both models in the resample
+    too, as it did in the run. Percentile interval; None with fewer than ``MIN_ROUNDS_FOR_INTERVAL`` rounds.
+    Noise shared by all rounds (a machine busy for the whole run) is not in it: it says how well *this* run
+    pins the ratio down, not how the ratio moves between runs.
+    """
+    _check_confidence(confidence)
+    a = np.asarray(reference_ms, dtype=np.float64)
+    b = np.asarray(model_ms, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise RqInputError(
+            f"speed_ratio_interval needs two equally long lists of rounds, got {a.shape} and {b.shape}"
+        )
+    if len(a) < MIN_ROUNDS_FOR_INTERVAL or not (np.all(a > 0) and np.all(b > 0)):
+        return None
+    rounds = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
+    ratios = np.median(a[rounds], axis=1) / np.median(b[rounds], axis=1)
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(ratios, [tail, 1.0 - tail])
+    return float(low), float(high)

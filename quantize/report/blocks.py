@@ -288,6 +288,15 @@ def _results_blocks(data: dict) -> list[Block]:
     return blocks
 
 
+def _ratio_cell(figures: dict) -> str:
+    """``3.08× [3.01, 3.14]``: the speedup against FP32 and, when measured, its 95% interval over the rounds."""
+    text = f"{fmt_num(figures.get('ratio_to_fp32'))}×"
+    interval = figures.get("ratio_to_fp32_interval")
+    if isinstance(interval, list) and len(interval) == 2 and all(is_number(x) for x in interval):
+        text += f" [{fmt_num(interval[0])}, {fmt_num(interval[1])}]"
+    return text
+
+
 def _bench_blocks(data: dict) -> list[Block]:
     blocks: list[Block] = [("h2", "Benchmark")]
     rows = []
@@ -302,7 +311,7 @@ def _bench_blocks(data: dict) -> list[Block]:
                 fmt_num(f.get("median_ms")),
                 fmt_num(f.get("p90_ms")),
                 fmt_num(f.get("images_per_s"), 1),
-                f"{fmt_num(f.get('ratio_to_fp32'))}×",
+                _ratio_cell(f),
             ]
             if multi:
                 ort_ratio = f.get("ratio_to_ort_fp32")
@@ -338,6 +347,11 @@ def _bench_blocks(data: dict) -> list[Block]:
         if bench.get("runs") is not None:
             context.append(
                 f"median of {bench['runs']} interleaved runs per model and batch (+{bench.get('warmup', 0)} warmup)"
+            )
+        if any("ratio_to_fp32_interval" in f for v in variants_of(data) for f in bench_of(v).values()):
+            context.append(
+                "[low, high]: 95% interval of the speedup, bootstrap over the rounds of this run (another run, "
+                "under other load, can move it further)"
             )
         if context:
             blocks.append(("p", "; ".join(context) + "."))

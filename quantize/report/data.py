@@ -82,6 +82,8 @@ def bench_by_batch(bench: BenchResult | None, model_index: int, runtime: str | N
             }
             if row.ratio_to_ort_first is not None:
                 figures["ratio_to_ort_fp32"] = round(row.ratio_to_ort_first, 4)
+            if row.ratio_interval is not None:
+                figures["ratio_to_fp32_interval"] = [round(x, 4) for x in row.ratio_interval]
             out[str(row.batch)] = figures
     return out or None
 
