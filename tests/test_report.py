@@ -527,3 +527,14 @@ def test_plot_labels_of_runtime_pairs_do_not_overlap():
     assert len(boxes) == 6
     overlapping = [(i, j) for i in range(6) for j in range(i) if boxes[i].overlaps(boxes[j])]
     assert not overlapping, [(labels[i].get_text(), labels[j].get_text()) for i, j in overlapping]
+
+
+def test_validation_runtimes_are_checked_and_an_unmeasured_pass_is_not_zero_seconds():
+    data = _two_runtimes()
+    data["validation"]["runtimes"]["openvino"]["images_per_s"] = "fast"
+    with pytest.raises(RqInputError, match="images_per_s"):
+        validate_report(data)
+    data = _two_runtimes()
+    data["validation"]["runtimes"] = {"ort": {"images_per_s": None, "seconds": None}}
+    validate_report(data)
+    assert "Time: 22.0 s" in render_markdown(data).split("## Validation")[1]  # the section's own figure

@@ -414,8 +414,9 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
-#: Fewer timed rounds than this give no speed interval: a bootstrap over a handful of rounds only restates them.
-MIN_ROUNDS_FOR_INTERVAL = 10
+#: Fewer timed rounds than this give no speed interval: the median of a handful of resampled rounds takes only a
+#: few values, and a percentile interval over them covers less than it claims.
+MIN_ROUNDS_FOR_INTERVAL = 20
 
 
 def speed_ratio_interval(

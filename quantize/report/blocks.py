@@ -350,8 +350,8 @@ def _bench_blocks(data: dict) -> list[Block]:
             )
         if any("ratio_to_fp32_interval" in f for v in variants_of(data) for f in bench_of(v).values()):
             context.append(
-                "[low, high]: 95% interval of the speedup, bootstrap over the rounds of this run (another run, "
-                "under other load, can move it further)"
+                "[low, high]: 95% interval of the speedup against FP32 in the same runtime, bootstrap over the rounds of "
+                "this run (another run, under other load, can move it further)"
             )
         if context:
             blocks.append(("p", "; ".join(context) + "."))
@@ -460,8 +460,10 @@ def _dataset_blocks(data: dict, key: str, title: str) -> list[Block]:
                 f"Ran on: Ray cluster at {cluster.get('address', '?')}, {nodes} node{'s' if nodes != 1 else ''}, "
                 f"{fmt_num(cluster.get('cpus'), 0)} CPUs, {cluster.get('actors', '?')} inference actors"
             )
-    seconds = [f.get("seconds") for f in per_runtime.values() if isinstance(f, dict)]
-    total = sum(float(x) for x in seconds if is_number(x)) if seconds else section.get("seconds")
+    seconds = [
+        f["seconds"] for f in per_runtime.values() if isinstance(f, dict) and is_number(f.get("seconds"))
+    ]
+    total = sum(float(x) for x in seconds) if seconds else section.get("seconds")
     items.append(f"Time: {fmt_seconds(total)}")
     blocks.append(("list", items))
     if (

@@ -165,6 +165,13 @@ class Cluster(_Section):
     cpus: Number
 
 
+class RuntimePass(_Section):
+    """One runtime's validation pass of a quantize run that validated in several."""
+
+    images_per_s: OptNumber
+    seconds: OptNumber
+
+
 class Validation(_Section):
     folder: Str
     layout: Str
@@ -176,7 +183,7 @@ class Validation(_Section):
     seconds: OptNumber
     cluster: Cluster = None  # type: ignore[assignment]  # present only when the validation ran on Ray (--ray)
     # present only when a quantize run validated in several runtimes: {runtime: {images_per_s, seconds}}
-    runtimes: Obj = None  # type: ignore[assignment]
+    runtimes: dict[str, RuntimePass] = None  # type: ignore[assignment]
 
 
 class QuantizedOps(_Section):
