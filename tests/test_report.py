@@ -527,6 +527,8 @@ def test_plot_labels_of_runtime_pairs_do_not_overlap():
     assert len(boxes) == 6
     overlapping = [(i, j) for i in range(6) for j in range(i) if boxes[i].overlaps(boxes[j])]
     assert not overlapping, [(labels[i].get_text(), labels[j].get_text()) for i, j in overlapping]
+    axes = labels[0].axes.get_window_extent(renderer)
+    assert all(axes.contains(b.x0, b.y0) and axes.contains(b.x1, b.y1) for b in boxes)
 
 
 def test_validation_runtimes_are_checked_and_an_unmeasured_pass_is_not_zero_seconds():

@@ -119,26 +119,34 @@ def _mpl_text(text: str) -> str:
 _LABEL_OFFSETS = (6, -14, 16, -24, 26, -34, 36, -44)
 
 
+def _place_label(label, dy: float, renderer):
+    """Put `label` `dy` points above (below, if negative) its point; its box in display units."""
+    label.xyann = (label.xyann[0], dy)
+    label.set_verticalalignment("bottom" if dy > 0 else "top")
+    return label.get_window_extent(renderer)
+
+
 def _separate_labels(fig, labels) -> None:
     """Move each label that would cover an earlier one to the first free offset of `_LABEL_OFFSETS`.
 
     Variants measured in several runtimes often share a top-1 and lie close in speed, so their labels would
     print over each other. Positions are read after layout (`draw_without_rendering`), in display units.
+    First choice: free and inside the axes; else free anywhere; else where it started.
     """
     if len(labels) < 2:
         return
     fig.draw_without_rendering()
     renderer = fig.canvas.get_renderer()
+    axes = labels[0].axes.get_window_extent(renderer)
     placed = []
     for label in labels:
-        dx = label.xyann[0]
+        fits = {}
         for dy in _LABEL_OFFSETS:
-            label.xyann = (dx, dy)
-            label.set_verticalalignment("bottom" if dy > 0 else "top")
-            box = label.get_window_extent(renderer)
+            box = _place_label(label, dy, renderer)
             if not any(box.overlaps(other) for other in placed):
-                break
-        placed.append(box)
+                fits[dy] = axes.contains(box.x0, box.y0) and axes.contains(box.x1, box.y1)
+        chosen = next((dy for dy, inside in fits.items() if inside), next(iter(fits), _LABEL_OFFSETS[0]))
+        placed.append(_place_label(label, chosen, renderer))
 
 
 def plot_accuracy_vs_speed(data: dict) -> bytes | None:
