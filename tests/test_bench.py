@@ -163,3 +163,13 @@ def test_speedup_interval_pairs_the_rounds_of_the_run(two_models):
     # Too few rounds for a bootstrap: no interval rather than a made-up one.
     short = bench_models(two_models, batch_sizes=(1,), threads=1, runs=3, warmup=0)
     assert short.row(1, 1).ratio_interval is None
+
+
+def test_the_recorded_session_config_is_read_back_from_the_sessions(two_models):
+    res = bench_models(two_models, batch_sizes=(1,), threads=1, runs=1, warmup=0)
+    assert res.session_config == {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1"}
+    default = bench_models(two_models, batch_sizes=(1,), threads=1, runs=1, warmup=0, allow_spinning=True)
+    assert default.session_config == {
+        "session.intra_op.allow_spinning": "1",
+        "session.force_spinning_stop": "unset (onnxruntime's default)",
+    }

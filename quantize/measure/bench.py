@@ -205,6 +205,22 @@ def _fmt_shape(shape: Sequence[int | str | None]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
+#: The ORT session options that decide how its thread pool waits (what `rq bench` records, read back).
+SPINNING_ENTRIES = ("session.intra_op.allow_spinning", "session.force_spinning_stop")
+
+
+def _ort_session_config(session) -> dict[str, str]:
+    """The spinning entries as the ORT session holds them (read back, not restated from what was asked)."""
+    options = session.session.get_session_options()
+    config = {}
+    for key in SPINNING_ENTRIES:
+        try:
+            config[key] = options.get_session_config_entry(key)
+        except RuntimeError:  # ORT raises for an entry never set: the session runs with ORT's default
+            config[key] = "unset (onnxruntime's default)"
+    return config
+
+
 def _open(runtime, path: Path, threads: int, allow_spinning: bool):
     runtimes_mod.check_model_file(path, f"cannot load {path} in {runtime.label}: no such file")
     try:
@@ -363,10 +379,7 @@ def bench_models(
         input_shape=["N", *rest],
         batch_sizes=plan,
         notes=notes,
-        session_config={
-            "session.intra_op.allow_spinning": "1",
-            "session.force_spinning_stop": "0" if allow_spinning else "1",
-        },
+        session_config=_ort_session_config(ort_units[0].session) if ort_units else {},
         runtimes=runtime_names,
         runtime_versions=versions,
         errors=errors,
