@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calibration import BatchStream, PreprocessSpec, discover_dataset, select_samples
 from quantize.measure import runtimes
+from quantize.measure.bench import ort_session_config
 from quantize.measure.evaluate import evaluate
 from quantize.measure.stats import speed_ratio_interval
 from quantize.measure.validate import validation_samples
@@ -89,11 +90,11 @@ def _open_nncf(path: Path, threads: int, *, default_precision: bool = False):
 
 def _ort_options(session) -> str:
     options = session.session.get_session_options()
+    spinning = ", ".join(f"{key}={value}" for key, value in ort_session_config(session).items())
     return (
         f"intra_op_num_threads={options.intra_op_num_threads}, inter_op_num_threads="
         f"{options.inter_op_num_threads}, graph_optimization_level={options.graph_optimization_level.name}, "
-        f"allow_spinning={options.get_session_config_entry('session.intra_op.allow_spinning')}, "
-        f"force_spinning_stop={options.get_session_config_entry('session.force_spinning_stop')}"
+        f"{spinning}"
     )
 
 

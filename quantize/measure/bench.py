@@ -209,7 +209,7 @@ def _fmt_shape(shape: Sequence[int | str | None]) -> str:
 SPINNING_ENTRIES = ("session.intra_op.allow_spinning", "session.force_spinning_stop")
 
 
-def _ort_session_config(session) -> dict[str, str]:
+def ort_session_config(session) -> dict[str, str]:
     """The spinning entries as the ORT session holds them (read back, not restated from what was asked)."""
     options = session.session.get_session_options()
     config = {}
@@ -379,7 +379,7 @@ def bench_models(
         input_shape=["N", *rest],
         batch_sizes=plan,
         notes=notes,
-        session_config=_ort_session_config(ort_units[0].session) if ort_units else {},
+        session_config=ort_session_config(ort_units[0].session) if ort_units else {},
         runtimes=runtime_names,
         runtime_versions=versions,
         errors=errors,
@@ -423,17 +423,12 @@ def bench_models(
             if gc_was_enabled:
                 gc.enable()
 
-        medians: dict[tuple[str, int], float] = {}
-        timed: dict[tuple[str, int], np.ndarray] = {}
-        for u in units:
-            ms = np.asarray(samples[id(u)], dtype=np.float64) / 1e6
-            timed[(u.runtime, u.index)] = ms
-            medians[(u.runtime, u.index)] = float(np.percentile(ms, 50, method="linear"))
+        timed = {(u.runtime, u.index): np.asarray(samples[id(u)], dtype=np.float64) / 1e6 for u in units}
+        medians = {key: float(np.percentile(ms, 50, method="linear")) for key, ms in timed.items()}
         for u in units:
             ms = timed[(u.runtime, u.index)]
             median = medians[(u.runtime, u.index)]
             first = medians.get((u.runtime, 0))
-            reference = timed.get((u.runtime, 0))
             ort_first = medians.get(("ort", 0))
             result.rows.append(
                 BenchRow(
@@ -452,11 +447,10 @@ def bench_models(
                     precision=u.session.precision,
                     ratio_to_ort_first=(ort_first / median if ort_first and median > 0 else None),
                     cpu_median_ms=float(np.median(cpu_ns[id(u)])) / 1e6 if cpu_ns[id(u)] else None,
-                    # Element k of both lists ran in round k: the interval resamples rounds as wholes.
+                    # Element k of both lists ran in round k (model #1 never drops out: its failure ends
+                    # the run), so the interval can resample rounds as wholes.
                     ratio_interval=(
-                        speed_ratio_interval(reference, ms)
-                        if u.index != 0 and reference is not None and len(reference) == len(ms)
-                        else None
+                        speed_ratio_interval(timed[(u.runtime, 0)], ms) if u.index != 0 else None
                     ),
                 )
             )
