@@ -247,6 +247,17 @@ def test_quantize_report_html_has_the_plot(quantize_run):
     assert "[low, high]: 95% interval of the speedup against FP32 in the same runtime, bootstrap" in md
 
 
+def test_quantize_report_results_table_gives_the_speedup_interval(quantize_run):
+    """The headline table, not only the Benchmark section, shows each INT8 speedup with its interval."""
+    data = json.loads((quantize_run["run"] / "report.json").read_text())
+    low, high = data["variants"][1]["bench"]["1"]["ratio_to_fp32_interval"]
+    md = (quantize_run["run"] / "report.md").read_text()
+    results = md.split("## Results", 1)[1].split("\n## ", 1)[0]
+    int8_row = next(line for line in results.splitlines() if line.startswith("| ") and "INT8" in line)
+    assert f"× [{low:.2f}, {high:.2f}]" in int8_row
+    assert "its 95% interval over this run's interleaved rounds" in results
+
+
 def test_report_rerenders_from_json(cli, quantize_run, tmp_path):
     run = tmp_path / "copy"
     shutil.copytree(quantize_run["run"], run)

@@ -237,7 +237,7 @@ def _results_blocks(data: dict) -> list[Block]:
             if not bench:
                 row.append(NOT_MEASURED)
             elif b in bench:
-                row.append(f"{fmt_num(bench[b].get('ratio_to_fp32'))}×")
+                row.append(_ratio_cell(bench[b]))
             else:
                 row.append("—")  # this variant was benchmarked, just not at this batch
         ops = v.get("quantized_ops")
@@ -284,7 +284,10 @@ def _results_blocks(data: dict) -> list[Block]:
     if not batches:
         blocks.append(("p", f"Speed: {NOT_MEASURED} (run with --bench)."))
     else:
-        blocks.append(("p", "Speedup = FP32 median latency / variant median latency at that batch size."))
+        text = "Speedup = FP32 median latency / variant median latency at that batch size"
+        if any("ratio_to_fp32_interval" in f for v in variants for f in bench_of(v).values()):
+            text += "; [low, high]: its 95% interval over this run's interleaved rounds (Benchmark section)"
+        blocks.append(("p", text + "."))
     return blocks
 
 
