@@ -531,3 +531,17 @@ def test_ort_sessions_spin_during_a_run_and_stop_when_it_returns(tmp_path):
     spinning = runtimes.get("ort").open(model, 1, allow_spinning=True).session.get_session_options()
     with pytest.raises(RuntimeError, match="does not have configuration"):
         spinning.get_session_config_entry("session.force_spinning_stop")
+
+
+@pytest.mark.parametrize("runtime", ["ort", "openvino"])
+def test_open_says_why_a_path_is_not_a_model_in_one_line(runtime, tmp_path):
+    if runtime == "openvino":
+        pytest.importorskip("openvino")
+    rt = runtimes.get(runtime)
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    cases = {tmp_path: "is a folder", tmp_path / "none.onnx": "model not found", empty: "empty file"}
+    for path, reason in cases.items():
+        with pytest.raises(RqInputError, match=reason) as info:
+            rt.open(path)
+        assert "\n" not in str(info.value)

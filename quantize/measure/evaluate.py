@@ -20,6 +20,7 @@ from calibration.errors import RqInputError
 from calibration.loader import pad_batch
 from calibration.progress import NO_PROGRESS, Progress
 from quantize.exits import ort_reason
+from quantize.measure import runtimes
 from quantize.measure.runtimes import ort_session
 
 
@@ -96,10 +97,7 @@ class EvalRun:
 def open_session(path: Path, threads: int | None = None) -> ort.InferenceSession:
     """An ORT CPU session, or a one-line RqInputError with ORT's reason."""
     path = Path(path)
-    if not path.is_file():
-        raise RqInputError(f"model not found: {path}")
-    if path.stat().st_size == 0:
-        raise RqInputError(f"{path} is an empty file (0 bytes), not an ONNX model")
+    runtimes.check_model_file(path, f"model not found: {path}")
     try:
         return ort_session(path, threads=threads)
     except Exception as exc:
@@ -176,12 +174,7 @@ def _prepare_for(session, images: int) -> None:
 
 def open_in_runtime(path: Path, runtime: str = "ort", threads: int | None = None):
     """A quantize.measure.runtimes session for evaluation (`model not found` / one-line load errors)."""
-    from quantize.measure import runtimes
-
-    path = Path(path)
-    rt = runtimes.get(runtime)
-    runtimes.check_model_file(path, f"model not found: {path}")
-    return rt.open(path, threads)
+    return runtimes.get(runtime).open(path, threads)  # open says in one line why a file cannot be a model
 
 
 def check_classifier_outputs(session: ort.InferenceSession, path: Path) -> None:
@@ -358,8 +351,6 @@ def evaluate(
 
 
 def _runtime_version(runtime: str) -> str | None:
-    from quantize.measure import runtimes
-
     try:
         return runtimes.get(runtime).version()
     except Exception:  # a version string is for the table; never fail a finished evaluation over it

@@ -221,8 +221,7 @@ class OrtRuntime:
 
     def open(self, path: Path, threads: int | None = None, *, allow_spinning: bool = False) -> OrtSession:
         path = Path(path)
-        if not path.is_file():
-            raise RqInputError(f"model not found: {path}")
+        check_model_file(path, f"model not found: {path}")
         self._check_available()
         try:
             # The pool's workers spin between the operators of a run, as in ORT's default (a deployed session):
@@ -419,8 +418,7 @@ class OpenVinoRuntime:
     ) -> OpenVinoSession:
         ov = self._ov()
         path = Path(path)
-        if not path.is_file():
-            raise RqInputError(f"model not found: {path}")
+        check_model_file(path, f"model not found: {path}")
         # OpenVINO's read_model tries every frontend it has on a file the ONNX one rejects, and the TensorFlow
         # one prints parse errors to stderr: say it in one line instead (an .xml file is an OpenVINO IR).
         if path.suffix.lower() != ".xml" and not _onnx_frontend().supported(str(path)):
