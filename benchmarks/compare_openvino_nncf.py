@@ -9,7 +9,9 @@ printed compare rq's best (fastest INT8 runtime) with NNCF+OpenVINO at each batc
 interval over the rounds: two models running the same kernels differ by less than this machine's noise, and
 the interval says whether a difference was shown at all. Two sessions of the *same* model differ by about 1 %
 here (memory placement, compile order: an A/A effect the bootstrap cannot see), so NNCF's file is also timed
-in a second session, and a difference counts only beyond how far those two differ. (The pair is chosen
+in a second session, and a difference counts only beyond how far those two differ. A session compiled later
+ran faster here, so by default every session is compiled and timed twice, in forward and then in reverse
+compile order, and the rounds of both phases are pooled (``--no-counterbalance``: one phase). (The pair is chosen
 first, each side's faster model by its median in the same rounds; the interval does not redo that choice, so
 with two candidates per side it is slightly narrower than a fully honest one.)
 
@@ -124,6 +126,36 @@ def time_interleaved(entries, batches, runs: int, warmup: int, shape):
     return medians, per_round
 
 
+def _ratio(rounds: dict, reference, model) -> str:
+    ratio = statistics.median(rounds[reference]) / statistics.median(rounds[model])
+    interval = speed_ratio_interval(rounds[reference], rounds[model])
+    return f"{ratio:.3f}×" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+
+
+def comparison_text(pooled: dict, phases: dict, peer, rq, same_a, same_b) -> str:
+    """The rq/NNCF interval over the pooled rounds, judged against the A/A spread (two sessions of NNCF's file)
+    of the phase where it was widest, and each phase's own figures (a compile-order effect shows as a gap
+    between them)."""
+    interval = speed_ratio_interval(pooled[peer], pooled[rq])
+    spreads = [speed_ratio_interval(rounds[same_a], rounds[same_b]) for rounds in phases.values()]
+    if interval is None or any(s is None for s in spreads):
+        return "no interval (fewer rounds than a bootstrap needs)"
+    low, high = interval
+    floor = max(max(abs(s[0] - 1), abs(s[1] - 1)) for s in spreads)  # how far one model differs from itself
+    verdict = (
+        "rq faster"
+        if low > 1 + floor
+        else "NNCF faster"
+        if high < 1 - floor
+        else "no difference beyond two sessions of one model"
+    )
+    per_phase = "; ".join(
+        f"{phase}: rq/NNCF {_ratio(rounds, peer, rq)}, A/A {_ratio(rounds, same_a, same_b)}"
+        for phase, rounds in phases.items()
+    )
+    return f"95% interval [{low:.3f}, {high:.3f}] (bootstrap over rounds; {per_phase}): {verdict}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("fp32", type=Path)
@@ -136,6 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--no-counterbalance",
+        dest="counterbalance",
+        action="store_false",
+        help="compile and time the sessions once, in one order (half the time; a compile-order bias stays)",
+    )
     parser.add_argument("--keep", type=Path, default=None, help="keep NNCF's IR files in this folder")
     args = parser.parse_args(argv)
     spec = PreprocessSpec()
@@ -176,36 +214,65 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {name:26} {rt:9} top-1 {top1:6.2f}   agreement {agree:6.2f} ({flips} differ)")
 
         ort_rt, ov_rt = runtimes.get("ort"), runtimes.get("openvino")
-        entries = [
-            ("FP32 ort", ort_rt.open(args.fp32, args.threads)),
-            ("rq INT8 ort", ort_rt.open(args.rq_int8, args.threads)),
-            ("FP32 openvino f32", ov_rt.open(args.fp32, args.threads)),
-            ("rq INT8 openvino", ov_rt.open(args.rq_int8, args.threads)),
-        ]
-        for label, path in nncf_models.items():
-            entries.append((f"{label} openvino", _open_nncf(path, args.threads)))
         label, path = next(iter(nncf_models.items()))
-        entries.append(
-            (f"{label} openvino default-precision", _open_nncf(path, args.threads, default_precision=True))
-        )
-        # The same NNCF file in a second session, opened last: two sessions of one model differ by about 1 %
-        # here (memory placement, the order they were compiled in), which no bootstrap over rounds can see.
-        # Their ratio is the floor under which a difference between rq and NNCF is not attributed to either.
+        # The same NNCF file in a second session: two sessions of one model differ by about 1 % here (memory
+        # placement, the order they were compiled in), which no bootstrap over rounds can see. Their ratio is the
+        # floor under which a difference between rq and NNCF is not attributed to either.
         same_label, same_path = list(nncf_models.items())[-1]
-        entries.append((f"{same_label} openvino, again", _open_nncf(same_path, args.threads)))
-        shape = [int(d) for d in entries[0][1].input_shape[1:]]
-        medians, per_round = time_interleaved(entries, batches, args.runs, args.warmup, shape)
-        print(
-            f"\nlatency: median of {args.runs} interleaved rounds (+{args.warmup} warmup), {args.threads} threads, "
-            f"{runtimes.get('ort').version()}, {ov_rt.version()}"
+        openers = [
+            ("FP32 ort", lambda: ort_rt.open(args.fp32, args.threads)),
+            ("rq INT8 ort", lambda: ort_rt.open(args.rq_int8, args.threads)),
+            ("FP32 openvino f32", lambda: ov_rt.open(args.fp32, args.threads)),
+            ("rq INT8 openvino", lambda: ov_rt.open(args.rq_int8, args.threads)),
+            *(
+                (f"{name} openvino", lambda p=p: _open_nncf(p, args.threads))
+                for name, p in nncf_models.items()
+            ),
+            (
+                f"{label} openvino default-precision",
+                lambda: _open_nncf(path, args.threads, default_precision=True),
+            ),
+            (f"{same_label} openvino, again", lambda: _open_nncf(same_path, args.threads)),
+        ]
+        # Counterbalanced: the sessions are compiled in one order and timed, then closed, compiled again in the
+        # reverse order and timed again, and the rounds of both phases pooled. A session compiled later ran
+        # faster here (the A/A row), so one fixed order favours whichever model comes last.
+        phases = (
+            {"forward": openers, "reverse": openers[::-1]} if args.counterbalance else {"forward": openers}
         )
-        print(f"  onnxruntime sessions: {_ort_options(entries[0][1])}")
-        print(f"  openvino compile config, every OpenVINO row: {entries[2][1]._config}")
+        medians, per_round, phase_rounds = {}, {}, {}
+        for phase, order in phases.items():
+            opened = {name: open_() for name, open_ in order}
+            entries = [
+                (name, opened[name]) for name, _ in openers
+            ]  # timed in one order whatever the compile order
+            shape = [int(d) for d in entries[0][1].input_shape[1:]]
+            _, rounds = time_interleaved(entries, batches, args.runs, args.warmup, shape)
+            phase_rounds[phase] = rounds
+            for key, values in rounds.items():
+                per_round.setdefault(key, []).extend(values)
+            if phase == "forward":
+                precisions = {name: session.precision for name, session in entries}
+                ort_options, ov_config = _ort_options(opened["FP32 ort"]), opened["FP32 openvino f32"]._config
+            del opened, entries
+            gc.collect()
+        medians = {key: statistics.median(values) for key, values in per_round.items()}
+        rounds_text = f"{args.runs} rounds" + (
+            " in each of two phases (sessions compiled in forward, then reverse order), pooled"
+            if args.counterbalance
+            else ""
+        )
+        print(
+            f"\nlatency: median of {rounds_text}, interleaved (+{args.warmup} warmup), {args.threads} threads, "
+            f"{ort_rt.version()}, {ov_rt.version()}"
+        )
+        print(f"  onnxruntime sessions: {ort_options}")
+        print(f"  openvino compile config, every OpenVINO row: {ov_config}")
         print("  (the default-precision row: the same without INFERENCE_PRECISION_HINT)")
         print(f"  {'model':50} {'precision':>12} " + " ".join(f"{'b' + str(b) + ' ms':>10}" for b in batches))
-        for label, session in entries:
+        for label, _ in openers:
             print(
-                f"  {label:50} {session.precision:>12} "
+                f"  {label:50} {precisions[label]:>12} "
                 + " ".join(f"{medians[(label, b)]:10.2f}" for b in batches)
             )
         nncf_labels = [f"{label} openvino" for label in nncf_models]
@@ -213,29 +280,11 @@ def main(argv: list[str] | None = None) -> int:
         for b in batches:
             rq_best = min(("rq INT8 ort", "rq INT8 openvino"), key=lambda k: medians[(k, b)])
             peer = min(nncf_labels, key=lambda k: medians[(k, b)])
-            interval = speed_ratio_interval(per_round[(peer, b)], per_round[(rq_best, b)])
-            same = speed_ratio_interval(per_round[(same_a, b)], per_round[(same_b, b)])
-            if interval is None or same is None:
-                shown = "no interval (fewer rounds than a bootstrap needs)"
-            else:
-                low, high = interval
-                floor = max(abs(same[0] - 1), abs(same[1] - 1))  # how far one model differs from itself
-                verdict = (
-                    "rq faster"
-                    if low > 1 + floor
-                    else "NNCF faster"
-                    if high < 1 - floor
-                    else "no difference beyond two sessions of one model"
-                )
-                shown = (
-                    f"95% interval [{low:.3f}, {high:.3f}] (bootstrap over rounds); the same NNCF file in two "
-                    f"sessions {medians[(same_a, b)] / medians[(same_b, b)]:.3f}× [{same[0]:.3f}, {same[1]:.3f}]: "
-                    f"{verdict}"
-                )
             print(
                 f"batch {b}: rq's best ({rq_best}) vs NNCF's best ({peer}): "
-                f"{medians[(peer, b)] / medians[(rq_best, b)]:.3f}× (> 1: rq faster), {shown}; "
-                f"rq INT8/FP32 in ORT {medians[('FP32 ort', b)] / medians[('rq INT8 ort', b)]:.2f}×, "
+                f"{medians[(peer, b)] / medians[(rq_best, b)]:.3f}× (> 1: rq faster), "
+                + comparison_text(per_round, phase_rounds, (peer, b), (rq_best, b), (same_a, b), (same_b, b))
+                + f"; rq INT8/FP32 in ORT {medians[('FP32 ort', b)] / medians[('rq INT8 ort', b)]:.2f}×, "
                 f"in OpenVINO {medians[('FP32 openvino f32', b)] / medians[('rq INT8 openvino', b)]:.2f}×"
             )
     return 0
