@@ -11,7 +11,7 @@ the interval says whether a difference was shown at all. Two sessions of the *sa
 here (memory placement, compile order: an A/A effect the bootstrap cannot see), so NNCF's file is also timed
 in a second session, and a difference counts only beyond how far those two differ. A session compiled later
 ran faster here, so by default every session is compiled and timed twice, in forward and then in reverse
-compile order, and the rounds of both phases are pooled (``--no-counterbalance``: one phase). (The pair is chosen
+compile order, and the ratio is the geometric mean of the two phases' (``--no-counterbalance``: one phase). (The pair is chosen
 first, each side's faster model by its median in the same rounds; the interval does not redo that choice, so
 with two candidates per side it is slightly narrower than a fully honest one.)
 
@@ -46,10 +46,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calibration import BatchStream, PreprocessSpec, discover_dataset, select_samples
+from quantize.cli_options import build_spec
 from quantize.measure import runtimes
 from quantize.measure.bench import ort_session_config
 from quantize.measure.evaluate import evaluate
-from quantize.measure.stats import speed_ratio_interval
+from quantize.measure.stats import counterbalanced_speed_ratio, speed_ratio_interval
 from quantize.measure.validate import validation_samples
 
 
@@ -132,14 +133,14 @@ def _ratio(rounds: dict, reference, model) -> str:
     return f"{ratio:.3f}×" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
 
 
-def comparison_text(pooled: dict, phases: dict, peer, rq, same_a, same_b) -> str:
-    """The rq/NNCF interval over the pooled rounds, judged against the A/A spread (two sessions of NNCF's file)
-    of the phase where it was widest, and each phase's own figures (a compile-order effect shows as a gap
-    between them)."""
-    interval = speed_ratio_interval(pooled[peer], pooled[rq])
+def comparison_text(phases: dict, peer, rq, same_a, same_b) -> str:
+    """rq/NNCF over the phases (geometric mean of each phase's ratio, interval resampled within each phase),
+    judged against the A/A spread (two sessions of NNCF's file) of the phase where it was widest, and each
+    phase's own figures (a compile-order effect shows as a gap between them)."""
+    point, interval = counterbalanced_speed_ratio([(rounds[peer], rounds[rq]) for rounds in phases.values()])
     spreads = [speed_ratio_interval(rounds[same_a], rounds[same_b]) for rounds in phases.values()]
     if interval is None or any(s is None for s in spreads):
-        return "no interval (fewer rounds than a bootstrap needs)"
+        return f"{point:.3f}× (> 1: rq faster), no interval (fewer rounds than a bootstrap needs)"
     low, high = interval
     floor = max(max(abs(s[0] - 1), abs(s[1] - 1)) for s in spreads)  # how far one model differs from itself
     verdict = (
@@ -153,7 +154,7 @@ def comparison_text(pooled: dict, phases: dict, peer, rq, same_a, same_b) -> str
         f"{phase}: rq/NNCF {_ratio(rounds, peer, rq)}, A/A {_ratio(rounds, same_a, same_b)}"
         for phase, rounds in phases.items()
     )
-    return f"95% interval [{low:.3f}, {high:.3f}] (bootstrap over rounds; {per_phase}): {verdict}"
+    return f"{point:.3f}× (> 1: rq faster), 95% interval [{low:.3f}, {high:.3f}] ({per_phase}): {verdict}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,6 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val", type=Path, help="labelled images for accuracy (skip: speed only)")
     parser.add_argument("--val-limit", type=int, default=None)
     parser.add_argument("--samples", type=int, default=100)
+    # The preprocessing rq quantize was given (the same options; default: the ImageNet/resnet50-v2 transform).
+    parser.add_argument("--preset", default=None)
+    parser.add_argument("--resize", type=int, default=None)
+    parser.add_argument("--crop", type=int, default=None)
+    parser.add_argument("--mean", default=None, help="three comma-separated numbers")
+    parser.add_argument("--std", default=None, help="three comma-separated numbers")
+    parser.add_argument("--interpolation", default=None)
     parser.add_argument("--batch", default="1,8")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
@@ -176,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--keep", type=Path, default=None, help="keep NNCF's IR files in this folder")
     args = parser.parse_args(argv)
-    spec = PreprocessSpec()
+    spec = build_spec(args.preset, args.mean, args.std, args.resize, args.crop, args.interpolation)
     batches = [int(b) for b in args.batch.split(",")]
     keep = args.keep
     with tempfile.TemporaryDirectory() as tmp:
@@ -235,12 +243,12 @@ def main(argv: list[str] | None = None) -> int:
             (f"{same_label} openvino, again", lambda: _open_nncf(same_path, args.threads)),
         ]
         # Counterbalanced: the sessions are compiled in one order and timed, then closed, compiled again in the
-        # reverse order and timed again, and the rounds of both phases pooled. A session compiled later ran
+        # reverse order and timed again, and the two phases combined (geometric mean). A session compiled later ran
         # faster here (the A/A row), so one fixed order favours whichever model comes last.
         phases = (
             {"forward": openers, "reverse": openers[::-1]} if args.counterbalance else {"forward": openers}
         )
-        medians, per_round, phase_rounds = {}, {}, {}
+        phase_rounds = {}
         for phase, order in phases.items():
             opened = {name: open_() for name, open_ in order}
             entries = [
@@ -249,16 +257,19 @@ def main(argv: list[str] | None = None) -> int:
             shape = [int(d) for d in entries[0][1].input_shape[1:]]
             _, rounds = time_interleaved(entries, batches, args.runs, args.warmup, shape)
             phase_rounds[phase] = rounds
-            for key, values in rounds.items():
-                per_round.setdefault(key, []).extend(values)
             if phase == "forward":
                 precisions = {name: session.precision for name, session in entries}
                 ort_options, ov_config = _ort_options(opened["FP32 ort"]), opened["FP32 openvino f32"]._config
             del opened, entries
             gc.collect()
-        medians = {key: statistics.median(values) for key, values in per_round.items()}
+        # Each model's figure: the geometric mean of its median in each phase (a phase under heavier load
+        # would move a median of the pooled rounds; see counterbalanced_speed_ratio).
+        medians = {
+            key: statistics.geometric_mean(statistics.median(rounds[key]) for rounds in phase_rounds.values())
+            for key in phase_rounds["forward"]
+        }
         rounds_text = f"{args.runs} rounds" + (
-            " in each of two phases (sessions compiled in forward, then reverse order), pooled"
+            " in each of two phases (sessions compiled in forward, then reverse order; geometric mean of the two)"
             if args.counterbalance
             else ""
         )
@@ -282,8 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             peer = min(nncf_labels, key=lambda k: medians[(k, b)])
             print(
                 f"batch {b}: rq's best ({rq_best}) vs NNCF's best ({peer}): "
-                f"{medians[(peer, b)] / medians[(rq_best, b)]:.3f}× (> 1: rq faster), "
-                + comparison_text(per_round, phase_rounds, (peer, b), (rq_best, b), (same_a, b), (same_b, b))
+                + comparison_text(phase_rounds, (peer, b), (rq_best, b), (same_a, b), (same_b, b))
                 + f"; rq INT8/FP32 in ORT {medians[('FP32 ort', b)] / medians[('rq INT8 ort', b)]:.2f}×, "
                 f"in OpenVINO {medians[('FP32 openvino f32', b)] / medians[('rq INT8 openvino', b)]:.2f}×"
             )

@@ -12,6 +12,7 @@ from quantize.measure.stats import (
     MIN_ROUNDS_FOR_INTERVAL,
     PairedDrop,
     clopper_pearson,
+    counterbalanced_speed_ratio,
     paired_drop,
     pareto_front,
     speed_ratio_interval,
@@ -221,3 +222,56 @@ def test_speed_interval_needs_enough_equal_rounds():
     assert speed_ratio_interval(few, few) is None
     with pytest.raises(RqInputError, match="equally long"):
         speed_ratio_interval([1.0] * 12, [1.0] * 11)
+
+
+def _phase(rng, rounds: int, level: float, speedup: float) -> tuple[list[float], list[float]]:
+    """One interleaved phase: a reference around `level` ms under a round-to-round load, the model `speedup`×
+    faster in every round (its own jitter of ±1 % on top)."""
+    load = rng.uniform(1.0, 1.3, rounds)
+    reference = level * load
+    model = reference / speedup * rng.uniform(0.99, 1.01, rounds)
+    return list(reference), list(model)
+
+
+def test_counterbalanced_ratio_is_the_geometric_mean_of_the_phases():
+    rng = np.random.default_rng(1)
+    forward, reverse = _phase(rng, 40, 10.0, 1.10), _phase(rng, 40, 10.0, 0.90)
+    point, (low, high) = counterbalanced_speed_ratio([forward, reverse])
+    per_phase = [np.median(a) / np.median(b) for a, b in (forward, reverse)]
+    assert point == pytest.approx(math.sqrt(per_phase[0] * per_phase[1]))
+    assert low <= point <= high
+    # one phase: the same figures as speed_ratio_interval
+    single, interval = counterbalanced_speed_ratio([forward])
+    assert single == pytest.approx(per_phase[0])
+    assert interval == pytest.approx(speed_ratio_interval(*forward))
+
+
+def test_counterbalanced_ratio_does_not_depend_on_how_loaded_a_phase_was():
+    """A phase run under three times the load moves neither the point nor the interval (a median over the two
+    phases' pooled rounds can: 0.78× in a loaded run whose phases gave 0.99× and 0.97×)."""
+    rng = np.random.default_rng(2)
+    forward, reverse = _phase(rng, 40, 10.0, 1.02), _phase(rng, 40, 10.0, 0.97)
+    loaded = ([3 * t for t in reverse[0]], [3 * t for t in reverse[1]])
+    point, interval = counterbalanced_speed_ratio([forward, reverse])
+    point_loaded, interval_loaded = counterbalanced_speed_ratio([forward, loaded])
+    assert point_loaded == pytest.approx(point) and interval_loaded == pytest.approx(interval)
+
+
+def test_counterbalanced_ratio_keeps_rounds_paired_within_a_phase():
+    """Exactly 2× faster in every round, whatever the load of each round and phase: exactly [2, 2]."""
+    rng = np.random.default_rng(3)
+    phases = []
+    for level in (5.0, 15.0):
+        reference = list(level * rng.uniform(1.0, 3.0, 30))
+        phases.append((reference, [t / 2 for t in reference]))
+    point, interval = counterbalanced_speed_ratio(phases)
+    assert point == pytest.approx(2.0) and interval == pytest.approx((2.0, 2.0))
+
+
+def test_counterbalanced_ratio_bad_input_and_short_phases():
+    short = ([10.0] * (MIN_ROUNDS_FOR_INTERVAL - 1), [5.0] * (MIN_ROUNDS_FOR_INTERVAL - 1))
+    full = ([10.0] * MIN_ROUNDS_FOR_INTERVAL, [5.0] * MIN_ROUNDS_FOR_INTERVAL)
+    assert counterbalanced_speed_ratio([full, short]) == (pytest.approx(2.0), None)
+    for phases in ([], [([1.0, 2.0], [1.0])], [([0.0], [1.0])]):
+        with pytest.raises(RqInputError):
+            counterbalanced_speed_ratio(phases)

@@ -449,3 +449,48 @@ def speed_ratio_interval(
     tail = (1.0 - confidence) / 2.0
     low, high = np.quantile(ratios, [tail, 1.0 - tail])
     return float(low), float(high)
+
+
+def counterbalanced_speed_ratio(
+    phases: Sequence[tuple[Sequence[float], Sequence[float]]],
+    *,
+    confidence: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, tuple[float, float] | None]:
+    """The speedup of a model over a reference measured in several phases (the same benchmark repeated with the
+    sessions compiled in another order): the geometric mean of each phase's median(reference) / median(model),
+    and its bootstrap interval, rounds resampled as wholes *within* each phase.
+
+    Each phase is (reference_ms, model_ms), one element per interleaved round. Pooling the phases' rounds into
+    one list would let a phase that ran under heavier load put the pooled medians of the two models on different
+    sides of the gap between phases; a ratio per phase does not depend on how loaded the phase was. Interval:
+    None unless every phase has ``MIN_ROUNDS_FOR_INTERVAL`` rounds.
+    """
+    _check_confidence(confidence)
+    if not phases:
+        raise RqInputError("counterbalanced_speed_ratio needs at least one phase")
+    pairs = []
+    for reference_ms, model_ms in phases:
+        a = np.asarray(reference_ms, dtype=np.float64)
+        b = np.asarray(model_ms, dtype=np.float64)
+        if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+            raise RqInputError(
+                f"counterbalanced_speed_ratio needs two equally long lists of rounds per phase, got {a.shape} "
+                f"and {b.shape}"
+            )
+        if not (np.all(a > 0) and np.all(b > 0)):
+            raise RqInputError("counterbalanced_speed_ratio needs positive times")
+        pairs.append((a, b))
+    point = float(np.exp(np.mean([np.log(np.median(a) / np.median(b)) for a, b in pairs])))
+    if any(len(a) < MIN_ROUNDS_FOR_INTERVAL for a, _ in pairs):
+        return point, None
+    rng = np.random.default_rng(seed)
+    log_ratios = np.zeros(resamples)
+    for a, b in pairs:
+        rounds = rng.integers(0, len(a), size=(resamples, len(a)))
+        log_ratios += np.log(np.median(a[rounds], axis=1) / np.median(b[rounds], axis=1))
+    ratios = np.exp(log_ratios / len(pairs))
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(ratios, [tail, 1.0 - tail])
+    return point, (float(low), float(high))
