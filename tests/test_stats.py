@@ -16,6 +16,7 @@ from quantize.measure.stats import (
     paired_drop,
     pareto_front,
     speed_ratio_interval,
+    tango_interval,
 )
 
 
@@ -76,7 +77,7 @@ def test_clopper_pearson_large_m_is_stable():
 
 def test_exact_paired_drop_hand_case():
     a, b = _flipped_pair()
-    d = paired_drop(a, b, disagreements=6)
+    d = paired_drop(a, b, disagreements=6, method="exact")
     assert isinstance(d, PairedDrop)
     assert d.n == 100
     assert d.a_only == 3 and d.b_only == 1
@@ -107,11 +108,56 @@ def test_significant_drop():
     assert d.drop_pt == pytest.approx(3.0)
     assert d.ci_low_pt > 0
     assert d.significant is True
-    # With all discordant pairs one way, p_high = 1 and the upper bound is exactly m/n.
-    assert d.ci_high_pt == pytest.approx(3.0)
+    assert d.method == "score"
+    # The conditional interval ends exactly at the measured m/n when every discordant pair goes one way
+    # (p_high = 1); the score interval, which does not hold m fixed, reaches above it.
+    assert paired_drop(a, b, method="exact").ci_high_pt == pytest.approx(3.0)
+    assert d.ci_high_pt > 3.5
 
 
-def test_identical_arrays_give_zero_interval():
+def test_identical_arrays_still_give_an_interval_by_default():
+    """No image discordant on 100 is not proof of a zero drop: the score interval is ±z²/(n + z²)."""
+    a = [True, False, True, True, False] * 20
+    d = paired_drop(a, list(a))
+    z2 = 1.959963984540054**2
+    assert d.drop_pt == 0.0 and d.significant is False
+    assert d.ci_low_pt == pytest.approx(-100 * z2 / (100 + z2), abs=1e-6)
+    assert d.ci_high_pt == pytest.approx(100 * z2 / (100 + z2), abs=1e-6)
+
+
+def test_tango_interval_matches_the_published_example():
+    """Fagerland, Lydersen & Laake (2013), airway hyper-responsiveness data (n12 = 1, n21 = 7, N = 21): Tango's
+    asymptotic score interval −0.517 to −0.026."""
+    low, high = tango_interval(1, 7, 21)
+    assert low == pytest.approx(-0.517, abs=5e-4) and high == pytest.approx(-0.026, abs=5e-4)
+    # all pairs on one side: the bound on that side is the estimate itself (±1), the other one finite
+    assert tango_interval(5, 0, 5)[1] == 1.0 and 0 < tango_interval(5, 0, 5)[0] < 1
+    assert tango_interval(0, 3, 3)[0] == -1.0
+    for bad in ((3, 3, 5), (-1, 0, 5)):
+        with pytest.raises(RqInputError):
+            tango_interval(*bad)
+
+
+def test_score_interval_covers_a_real_drop_the_conditional_one_misses():
+    """A true 3 pt drop on 100 images (4 % of images lost by INT8, 1 % gained): the default interval covers it
+    close to its 95 % and almost never puts it under a 1 pt gate; the conditional one does neither."""
+    rng = np.random.default_rng(0)
+    covered = {"score": 0, "exact": 0}
+    confirmed_under_1pt = {"score": 0, "exact": 0}
+    trials = 1000
+    for _ in range(trials):
+        lost, gained, same = rng.multinomial(100, [0.04, 0.01, 0.95])
+        a = np.array([True] * lost + [False] * gained + [True] * same)
+        b = np.array([False] * lost + [True] * gained + [True] * same)
+        for method in covered:
+            d = paired_drop(a, b, method=method)
+            covered[method] += d.ci_low_pt <= 3.0 <= d.ci_high_pt
+            confirmed_under_1pt[method] += d.ci_high_pt <= 1.0
+    assert covered["score"] / trials > 0.92 and covered["exact"] / trials < 0.85
+    assert confirmed_under_1pt["score"] / trials < 0.005 < 0.02 < confirmed_under_1pt["exact"] / trials
+
+
+def test_identical_arrays_give_zero_interval_with_the_conditional_methods():
     a = [True, False, True, True, False] * 20
     for method in ("exact", "bootstrap"):
         d = paired_drop(a, list(a), method=method)
@@ -132,7 +178,7 @@ def test_bootstrap_reproducible_and_contains_estimate():
     assert d1 == d2
     assert d1.method == "bootstrap"
     assert d1.ci_low_pt <= d1.drop_pt <= d1.ci_high_pt
-    # Same data, exact method: the two intervals should broadly agree (both are ≈ ±2·√m/n).
+    # Same data, default method: the two intervals should broadly agree (both are ≈ ±2·√m/n).
     e = paired_drop(a, b)
     assert e.drop_pt == d1.drop_pt
     assert abs((d1.ci_high_pt - d1.ci_low_pt) - (e.ci_high_pt - e.ci_low_pt)) < 1.5

@@ -5,7 +5,6 @@ and `rq quantize --val/--max-drop` through the CLI with a model whose INT8 versi
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 from quantize.exits import EXIT_BAD_INPUT, EXIT_GATE_FAILED
-from quantize.measure.stats import paired_drop
+from quantize.measure.stats import paired_drop, tango_interval
 from quantize.measure.validate import Gate, count_overlap, validate, validation_samples
 from tests.helpers.calib_images import make_class_folders, write_rgb
 from tests.helpers.cli import all_output, assert_one_line_error
@@ -56,34 +55,34 @@ def test_validate_drop_equals_paired_drop_on_hand_made_arrays(onehots, two_class
     d = v.drop
     assert (d.n, d.a_only, d.b_only, d.disagreements) == (8, 6, 2, 8)
     assert d.top1_a == 75.0 and d.top1_b == 25.0 and d.drop_pt == 50.0
-    assert d.method == "exact" and d.confidence == 0.95
+    assert d.method == "score" and d.confidence == 0.95
     assert v.fp32.top1 == 75.0 and v.int8.top1 == 25.0
     assert v.overlap_with_calibration == 0
     assert v.to_dict()["images"] == 8
 
 
-def test_validate_drop_closed_form_interval(onehots, two_class_val):
-    """INT8 right on no image: every discordant image goes FP32's way (x = m = 6), so the exact interval has
-    the closed form p_low = (α/2)^(1/m), p_high = 1, and drop = m/n · (2p − 1) in points."""
+def test_validate_drop_interval_is_the_score_interval(onehots, two_class_val):
+    """INT8 right on no image: every discordant image goes FP32's way (6 of 8). The interval is Tango's score
+    interval for those counts; unlike one conditional on the 6 discordant images it reaches above the
+    measured 75 pt (those 6 could have been fewer or more)."""
     dataset, samples = validation_samples(two_class_val, None, None)
     v = validate(onehots[K], onehots[OTHER], dataset, samples, SMALL_SPEC)
     d = v.drop
-    m, n = 6, 8
-    p_low = 0.025 ** (1 / m)
+    low, high = tango_interval(6, 0, 8)
     assert (d.a_only, d.b_only) == (6, 0)
     assert d.disagreements == 8  # OTHER differs from K on the J images too, though both are wrong there
     assert d.drop_pt == pytest.approx(75.0)
-    assert d.ci_low_pt == pytest.approx(100 * m / n * (2 * p_low - 1), abs=1e-9)
-    assert d.ci_high_pt == pytest.approx(75.0, abs=1e-9)
-    assert d.significant
-    assert math.isclose(d.ci_low_pt, 6.1113, abs_tol=1e-3)  # the number itself, for a reader
+    assert (d.ci_low_pt, d.ci_high_pt) == pytest.approx((100 * low, 100 * high), abs=1e-9)
+    assert d.ci_high_pt > 75.0 and d.significant
 
 
-def test_identical_models_have_no_drop(onehots, two_class_val):
+def test_identical_models_have_no_drop_but_eight_images_prove_little(onehots, two_class_val):
     dataset, samples = validation_samples(two_class_val, None, None)
     v = validate(onehots[K], onehots[K], dataset, samples, SMALL_SPEC)
     d = v.drop
-    assert (d.drop_pt, d.ci_low_pt, d.ci_high_pt, d.disagreements) == (0.0, 0.0, 0.0, 0)
+    assert (d.drop_pt, d.disagreements) == (0.0, 0)
+    z2 = 1.959963984540054**2
+    assert (d.ci_low_pt, d.ci_high_pt) == pytest.approx((-100 * z2 / (8 + z2), 100 * z2 / (8 + z2)), abs=1e-6)
     assert not d.significant
 
 
@@ -155,15 +154,20 @@ def test_count_overlap_same_files_links_and_copies(tmp_path):
     sym = val_dir / "sym.png"
     sym.symlink_to(calib[1])
     copy = val_dir / "copy.png"
-    shutil.copy(calib[2], copy)  # same bytes, another file: not the same image file
+    shutil.copy(calib[2], copy)  # same bytes in another file: the same image, it counts
     other = write_rgb(val_dir / "other.png", seed=99)
+    # the same size as a calibration image but other bytes: hashed, and not counted
+    twin_size = val_dir / "twin-size.png"
+    data = bytearray(calib[3].read_bytes())
+    data[-1] ^= 0xFF
+    twin_size.write_bytes(bytes(data))
     roundabout = tmp_path / "calib" / ".." / "calib" / "c3.png"
     assert count_overlap(calib, calib) == 4
     assert count_overlap(calib, [hard]) == 1
     assert count_overlap(calib, [sym]) == 1
     assert count_overlap(calib, [roundabout]) == 1
-    assert count_overlap(calib, [copy, other]) == 0
-    assert count_overlap(calib, [hard, sym, copy, other, roundabout]) == 3
+    assert count_overlap(calib, [copy, other, twin_size]) == 1
+    assert count_overlap(calib, [hard, sym, copy, other, twin_size, roundabout]) == 4
     assert count_overlap([], [hard]) == 0
     assert count_overlap(calib, [tmp_path / "missing.png"]) == 0
 

@@ -42,6 +42,20 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
 
 
+def looks_like_probabilities(outputs: np.ndarray) -> bool:
+    """True when every row is a probability distribution (entries in [0, 1], summing to 1 within 1e-3): the
+    output of a softmax, not logits (logits that happen to look like this carry no information anyway)."""
+    x = np.asarray(outputs, dtype=np.float64)
+    if x.ndim != 2 or x.size == 0 or x.min() < 0.0 or x.max() > 1.0 + 1e-6:
+        return False
+    return bool(np.all(np.abs(x.sum(axis=1) - 1.0) < 1e-3))
+
+
+def _log_probabilities(probabilities: np.ndarray) -> np.ndarray:
+    # A probability rounded to 0 would be −∞: floor it far below any real class probability.
+    return np.log(np.maximum(np.asarray(probabilities, dtype=np.float64), 1e-30))
+
+
 def softmax_kl(reference: np.ndarray, approximation: np.ndarray) -> np.ndarray:
     """Per-image KL(softmax(reference) ‖ softmax(approximation)) in nats, for [N, classes] logits."""
     ref = np.asarray(reference)
@@ -68,12 +82,22 @@ class Fidelity:
     logits_sqnr_db: float
     softmax_kl: float  # mean over images, nats
     seconds: float = 0.0
+    # "logits", or "probabilities" for a model that ends in a softmax: its outputs are then compared as
+    # log-probabilities (logits up to a constant per image), since a softmax of probabilities would flatten
+    # every difference (KL near 0, whatever INT8 did).
+    outputs: str = "logits"
 
     def describe(self) -> str:
+        sqnr = "logits SQNR" if self.outputs == "logits" else "log-probability SQNR"
         return (
             f"top-1 agreement {self.agreement_pct:.2f}% [{self.agreement_ci_low_pct:.1f}, "
             f"{self.agreement_ci_high_pct:.1f}] ({self.disagreements} of {self.images} predictions differ), "
-            f"logits SQNR {self.logits_sqnr_db:.1f} dB, softmax KL {self.softmax_kl:.4f} on {self.source}"
+            f"{sqnr} {self.logits_sqnr_db:.1f} dB, softmax KL {self.softmax_kl:.4f} on {self.source}"
+            + (
+                " (the model outputs probabilities: compared as log-probabilities)"
+                if self.outputs != "logits"
+                else ""
+            )
         )
 
     def to_dict(self) -> dict:
@@ -87,6 +111,7 @@ class Fidelity:
             "logits_sqnr_db": round(self.logits_sqnr_db, 3),
             "softmax_kl": round(self.softmax_kl, 6),
             "seconds": round(self.seconds, 3),
+            "outputs": self.outputs,
         }
 
 
@@ -98,8 +123,13 @@ class FidelityAccumulator:
         self.kl_sum = 0.0
         self.pred_a: list[np.ndarray] = []
         self.pred_b: list[np.ndarray] = []
+        self.outputs: str | None = None
 
     def add(self, reference: np.ndarray, approximation: np.ndarray) -> None:
+        if self.outputs is None:  # decided on the first batch, so every image is compared the same way
+            self.outputs = "probabilities" if looks_like_probabilities(reference) else "logits"
+        if self.outputs == "probabilities":
+            reference, approximation = _log_probabilities(reference), _log_probabilities(approximation)
         self.sqnr.add(reference, approximation)
         self.kl_sum += float(softmax_kl(reference, approximation).sum())
         self.pred_a.append(np.argmax(reference, axis=1))
@@ -124,6 +154,7 @@ class FidelityAccumulator:
             logits_sqnr_db=sqnr if math.isfinite(sqnr) else 999.0,
             softmax_kl=self.kl_sum / self.images,
             seconds=seconds,
+            outputs=self.outputs or "logits",
         )
 
 

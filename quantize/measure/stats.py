@@ -9,19 +9,27 @@ samples throws the pairing away: each accuracy alone has a 95% interval of about
 anything about a 0.5 pt quantization budget. Conditioning on the discordant pairs instead gives an
 interval whose width scales with √(discordant)/n: 20 discordant images out of 1300 give roughly ±0.7 pt.
 
-Two interval methods are offered by :func:`paired_drop`:
+Three interval methods are offered by :func:`paired_drop`:
+
+``"score"`` (default)
+    Tango's asymptotic score interval for the difference of paired proportions (Tango 1998; recommended by
+    Fagerland, Lydersen & Laake 2013 for its coverage at small and zero discordant counts). The drop Δ is
+    in the interval when the score statistic ``(a_only − b_only − nΔ) / √(n(2·p̃ + Δ(1 − Δ)))``, with p̃
+    the maximum-likelihood share of B-only images under Δ, stays within ±z. The number of discordant
+    images is *not* held fixed: with none at all on n images the interval is still about ±z²/n, not
+    [0, 0], and with one it does not end at the measured drop. Bounds by bisection, no scipy.
 
 ``"exact"``
-    McNemar-style: with m = a_only + b_only discordant images, a_only ~ Binomial(m, p) given m. The exact
-    Clopper–Pearson interval for p is mapped to the drop, ``drop = m/n · (2p − 1)``. The interval is
-    *conditional on m* (the number of discordant images is treated as fixed), which is the standard exact
-    McNemar construction. It needs no scipy: the binomial tails are summed in log space with
-    :func:`math.lgamma` and the bounds found by bisection, which is stable for m up to tens of thousands.
+    McNemar-style, conditional: with m = a_only + b_only discordant images, a_only ~ Binomial(m, p) given m,
+    and the Clopper–Pearson interval for p is mapped to the drop, ``drop = m/n · (2p − 1)``. Exact *given
+    m*, but m is itself random: when few images are discordant this interval is far too narrow ([0, 0] with
+    none; with one, its upper bound is the measured drop), so it is kept for comparison only.
 
 ``"bootstrap"``
     Paired bootstrap over images: resample the n images with replacement, recompute the drop, take the
     percentile interval. Because only the four cell counts (both right, A only, B only, both wrong) matter,
-    a resample is one multinomial draw of those counts, so 10 000 resamples cost milliseconds.
+    a resample is one multinomial draw of those counts, so 10 000 resamples cost milliseconds. Like the
+    conditional interval it collapses to [0, 0] when no image is discordant.
 
 :func:`pareto_front` picks the variants not dominated in (speedup, top-1).
 
@@ -43,7 +51,7 @@ import numpy as np
 
 from calibration.errors import RqInputError
 
-METHODS = ("exact", "bootstrap")
+METHODS = ("score", "exact", "bootstrap")
 
 
 @dataclass(frozen=True)
@@ -64,7 +72,7 @@ class PairedDrop:
     a_only: int  # images A got right and B got wrong
     b_only: int  # images B got right and A got wrong
     disagreements: int  # images where A and B predicted different classes (>= a_only + b_only)
-    method: str  # "exact" or "bootstrap"
+    method: str  # "score", "exact" or "bootstrap"
     significant: bool  # the interval excludes 0
     # Top-1 agreement with A (FP32): share of images where both predicted the same class, percent. Derived
     # from n and disagreements (the value passed in is ignored: it cannot disagree with the counts).
@@ -174,7 +182,7 @@ def paired_drop(
     *,
     disagreements: int | None = None,
     confidence: float = 0.95,
-    method: str = "exact",
+    method: str = "score",
     n_boot: int = 10000,
     seed: int | None = 0,
 ) -> PairedDrop:
@@ -185,11 +193,11 @@ def paired_drop(
     derived from correctness alone (two wrong predictions may differ), so the caller passes it. When
     omitted it defaults to a_only + b_only, which is only a lower bound.
 
-    ``method="exact"`` (default): conditional Clopper–Pearson interval on the discordant pairs (see the
-    module docstring). When there are no discordant pairs (m = 0) the interval is reported as [0, 0]:
-    A and B were right on exactly the same images, so the data hold no evidence of any drop in either
-    direction. That zero width is a statement about these images, not a claim of infinite precision
-    about the population — a larger validation set could still reveal a small difference.
+    ``method="score"`` (default): Tango's score interval (see the module docstring); it accounts for how many
+    images are discordant, so few or no discordant images give a wide interval, not a narrow one.
+
+    ``method="exact"``: conditional Clopper–Pearson interval on the discordant pairs, [0, 0] when there are
+    none; too narrow when few images are discordant (module docstring).
 
     ``method="bootstrap"``: paired percentile bootstrap with ``n_boot`` resamples from a seeded
     ``numpy.random.Generator`` (``seed``), so reruns give the same interval.
@@ -225,7 +233,9 @@ def paired_drop(
     top1_b = 100.0 * (both + b_only) / n
     drop = 100.0 * (a_only - b_only) / n
 
-    if method == "exact":
+    if method == "score":
+        low, high = (100.0 * v for v in tango_interval(a_only, b_only, n, confidence))
+    elif method == "exact":
         if m == 0:
             low = high = 0.0
         else:
@@ -304,13 +314,55 @@ def agreement(predictions_a, predictions_b, *, confidence: float = 0.95) -> Agre
     )
 
 
-def _exact_upper_pt(a_only: int, b_only: int, n: int, confidence: float) -> float:
-    """Upper bound (pt) of the exact paired interval used by :func:`paired_drop` for these counts."""
-    m = a_only + b_only
-    if m == 0:
-        return 0.0
-    _, p_high = clopper_pearson(a_only, m, confidence)
-    return 100.0 * m / n * (2.0 * p_high - 1.0)
+def tango_interval(a_only: int, b_only: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Tango's score interval for Δ = (a_only − b_only)/n, the difference of two paired proportions (fractions).
+
+    a_only / b_only: pairs where only the first / only the second is a success, of n pairs. The statistic
+    T(Δ) = (a_only − b_only − nΔ) / √(n(2·p̃(Δ) + Δ(1 − Δ))) falls as Δ grows, with p̃(Δ) the constrained
+    maximum-likelihood probability of a b_only pair: (√(B² − 4AC) − B) / 2A, A = 2n,
+    B = −a_only − b_only + (2n − a_only + b_only)Δ, C = −b_only·Δ(1 − Δ) (Fagerland, Lydersen & Laake 2013).
+    The interval is every Δ with |T(Δ)| ≤ z; each end found by bisection to 1e-12.
+    """
+    a_only = _check_count(a_only, "a_only")
+    b_only = _check_count(b_only, "b_only")
+    n = _check_count(n, "n")
+    _check_confidence(confidence)
+    if n == 0 or a_only + b_only > n:
+        raise RqInputError(f"counts a_only={a_only}, b_only={b_only} do not fit n={n} pairs")
+    z = _normal_quantile(0.5 + confidence / 2.0)
+
+    def score(delta: float) -> float:
+        quad_a = 2.0 * n
+        quad_b = -a_only - b_only + (2.0 * n - a_only + b_only) * delta
+        quad_c = -b_only * delta * (1.0 - delta)
+        p21 = (math.sqrt(max(quad_b * quad_b - 4.0 * quad_a * quad_c, 0.0)) - quad_b) / (2.0 * quad_a)
+        variance = n * (2.0 * p21 + delta * (1.0 - delta))
+        difference = a_only - b_only - n * delta
+        if variance <= 0.0:  # only at Δ = ±1 with every pair on that side: no evidence against it
+            return 0.0 if difference == 0 else math.copysign(math.inf, difference)
+        return difference / math.sqrt(variance)
+
+    def solve(target: float, lo: float, hi: float) -> float:
+        """Δ in [lo, hi] where score(Δ) = target; score falls with Δ."""
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            if score(mid) > target:
+                lo = mid
+            else:
+                hi = mid
+            if hi - lo < 1e-12:
+                break
+        return 0.5 * (lo + hi)
+
+    estimate = (a_only - b_only) / n
+    low = -1.0 if score(-1.0) <= z else solve(z, -1.0, estimate)
+    high = 1.0 if score(1.0) >= -z else solve(-z, estimate, 1.0)
+    return low, high
+
+
+def _upper_pt(a_only: int, b_only: int, n: int, confidence: float) -> float:
+    """Upper bound (pt) of the interval :func:`paired_drop` gives by default for these counts."""
+    return 100.0 * tango_interval(a_only, b_only, n, confidence)[1]
 
 
 def images_to_confirm(
@@ -321,7 +373,7 @@ def images_to_confirm(
     Assumption: more images of the same kind show the same rates, i.e. the discordant counts grow in
     proportion (``a_only · N/n`` and ``b_only · N/n``). Under that assumption the question has an answer
     only when the observed drop is below the gate; otherwise (drop ≥ gate) no number of images confirms it
-    and None is returned. With no discordant image at all the interval is already [0, 0]: ``n`` is returned.
+    and None is returned.
 
     The formula: with d = (a_only + b_only)/n the discordance rate and δ = (a_only − b_only)/n the drop (as
     fractions), the paired (McNemar) estimate of the drop has variance (d − δ²)/N on N images, so the upper
@@ -329,11 +381,11 @@ def images_to_confirm(
 
         N ≈ z² · (d − δ²) / (G − δ)²
 
-    That normal approximation is the starting point; because rq's interval is the exact conditional
-    Clopper–Pearson one, the answer is then refined by searching the smallest N whose exact bound, with the
-    counts scaled to N, is within G (the exact bound is wider than the normal one when few images are
-    discordant, so N only grows). The result is rounded up to a multiple of 10: it is an order of size, not
-    a promise — the next images will not show exactly these rates.
+    That normal approximation is the starting point; the answer is then refined by searching the smallest N
+    whose score bound (:func:`tango_interval`, the interval rq reports), with the counts scaled to N, is
+    within G (with few or no discordant images the normal formula says almost nothing; the search decides).
+    The result is rounded up to a multiple of 10: it is an order of size, not a promise — the next images
+    will not show exactly these rates.
     """
     a_only = _check_count(a_only, "a_only")
     b_only = _check_count(b_only, "b_only")
@@ -344,8 +396,6 @@ def images_to_confirm(
     gate = float(max_drop_pt) / 100.0
     d = (a_only + b_only) / n
     delta = (a_only - b_only) / n
-    if a_only + b_only == 0:
-        return n
     if delta >= gate:
         return None
     z = _normal_quantile(0.5 + confidence / 2.0)
@@ -353,7 +403,7 @@ def images_to_confirm(
 
     def fits(count: int) -> bool:
         scale = count / n
-        return _exact_upper_pt(round(a_only * scale), round(b_only * scale), count, confidence) <= max_drop_pt
+        return _upper_pt(round(a_only * scale), round(b_only * scale), count, confidence) <= max_drop_pt
 
     low = max(1, int(normal) // 2)
     if fits(low):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from pathlib import Path
 from calibration import ImageDataset, PreprocessSpec, Sample, discover_dataset, select_samples
 from calibration.errors import RqInputError
 from calibration.progress import Progress
+from quantize.manifest import sha256_file
 from quantize.measure.evaluate import EvalRun, evaluate, require_labels
 from quantize.measure.stats import PairedDrop, images_to_confirm, paired_drop
 
@@ -207,9 +209,42 @@ def _identity(path: Path) -> tuple:
         return (str(Path(path).resolve()),)
 
 
+def _content_sha256(path: Path) -> str | None:
+    try:
+        return sha256_file(path)
+    except OSError:
+        return None
+
+
 def count_overlap(calibration_files: Sequence[Path], validation_files: Sequence[Path]) -> int:
+    """Validation images that are also calibration images: the same file (path, link) or a copy of one.
+
+    Copies count: a validation folder copied from the calibration one measures nothing new. Only files whose
+    size matches a calibration file's are hashed, so two unrelated folders cost one stat per file."""
     calib = {_identity(p) for p in calibration_files}
-    return sum(1 for p in validation_files if _identity(p) in calib)
+    by_size: dict[int, list[Path]] = {}
+    for p in calibration_files:
+        with contextlib.suppress(OSError):
+            by_size.setdefault(os.stat(p).st_size, []).append(Path(p))
+    hashes: dict[Path, str | None] = {}
+
+    def digest(path: Path) -> str | None:
+        if path not in hashes:
+            hashes[path] = _content_sha256(path)
+        return hashes[path]
+
+    count = 0
+    for p in validation_files:
+        if _identity(p) in calib:
+            count += 1
+            continue
+        try:
+            same_size = by_size.get(os.stat(p).st_size, [])
+        except OSError:
+            continue
+        if same_size and (h := digest(Path(p))) is not None and any(digest(c) == h for c in same_size):
+            count += 1
+    return count
 
 
 def validation_samples(

@@ -148,8 +148,12 @@ def _run_blocks(data: dict) -> list[Block]:
 
 def _method_text(drop: dict) -> str:
     method = drop.get("method")
+    if method == "score":
+        return "Tango's score interval for paired proportions"
     if method == "exact":
-        return "exact McNemar / Clopper–Pearson interval on the discordant images"
+        return (
+            "exact McNemar / Clopper–Pearson interval on the discordant images, conditional on their number"
+        )
     if method == "bootstrap":
         return "paired bootstrap percentile interval"
     return f"{method} interval"
@@ -179,7 +183,12 @@ def _fidelity_blocks(data: dict) -> list[Block]:
             f"{fmt_num(fid.get('agreement_pct'))}% [{fmt_num(fid.get('agreement_ci_low_pct'))}, "
             f"{fmt_num(fid.get('agreement_ci_high_pct'))}] ({fid.get('disagreements')} of {fid.get('images')} differ)",
         ],
-        ["Logits SQNR", f"{fmt_num(fid.get('logits_sqnr_db'), 1)} dB"],
+        [
+            "Logits SQNR"
+            if fid.get("outputs", "logits") == "logits"
+            else "Log-probability SQNR (outputs: probabilities)",
+            f"{fmt_num(fid.get('logits_sqnr_db'), 1)} dB",
+        ],
         ["Softmax KL (mean per image)", f"{fmt_num(fid.get('softmax_kl'), 4)} nats"],
     ]
     return [

@@ -86,10 +86,13 @@ def write_text_as_image(path: Path) -> Path:
     return path
 
 
-def make_class_folders(root: Path, counts: dict[str, int], ext: str = ".JPEG", size=(40, 32)) -> list[Path]:
-    """``root/<wnid>/<wnid>_<i><ext>`` with ``counts[wnid]`` small images each."""
+def make_class_folders(
+    root: Path, counts: dict[str, int], ext: str = ".JPEG", size=(40, 32), seed: int = 0
+) -> list[Path]:
+    """``root/<wnid>/<wnid>_<i><ext>`` with ``counts[wnid]`` small images each. Two folders made with the same
+    classes, size and `seed` hold byte-identical images (rq counts those as calibration/validation overlap)."""
     paths = []
     for k, (wnid, n) in enumerate(sorted(counts.items())):
         for i in range(n):
-            paths.append(write_rgb(root / wnid / f"{wnid}_{i:03d}{ext}", size=size, seed=k * 100 + i))
+            paths.append(write_rgb(root / wnid / f"{wnid}_{i:03d}{ext}", size=size, seed=seed + k * 100 + i))
     return paths
