@@ -129,7 +129,8 @@ def print_run(result, as_json: bool) -> None:
 
 def summary_table(result) -> Table:
     data = result.to_dict()
-    table = Table(title=f"rq quantize → {result.output}", title_justify="left", show_header=False)
+    replaced = " (replaced the file that was there)" if getattr(result, "replaced_existing", False) else ""
+    table = Table(title=f"rq quantize → {result.output}{replaced}", title_justify="left", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value", overflow="fold")
     calib = data["calibration"]
@@ -209,7 +210,8 @@ def fidelity_table(fidelity) -> Table:
         f"{fidelity.agreement_pct:.2f}% (95% CI [{fidelity.agreement_ci_low_pct:.2f}, "
         f"{fidelity.agreement_ci_high_pct:.2f}]); {fidelity.disagreements} of {fidelity.images} predictions differ",
     )
-    table.add_row("logits SQNR", f"{fidelity.logits_sqnr_db:.1f} dB")
+    sqnr = "logits SQNR" if fidelity.outputs == "logits" else "log-probability SQNR (outputs: probabilities)"
+    table.add_row(sqnr, f"{fidelity.logits_sqnr_db:.1f} dB")
     table.add_row("softmax KL", f"{fidelity.softmax_kl:.4f} nats (mean per image)")
     table.caption = "A top-1 drop can never exceed the disagreement rate; with labels (--val) rq measures the drop itself."
     table.caption_justify = "left"

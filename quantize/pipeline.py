@@ -41,6 +41,7 @@ from quantize.graph.channel_pad import ChannelPad, pad_conv_input_channels
 from quantize.graph.openvino_form import OpenVinoForm
 from quantize.graph.placement import place, require_something
 from quantize.graph.prepare import ModelError, PreparedModel, load_model, prepare_model
+from quantize.manifest import sha256_file
 from quantize.measure.cpu import CpuInfo, IntegerKernelAdvice, advise_int8, detect_cpu
 from quantize.measure.evaluate import evaluate
 from quantize.measure.fidelity import held_back_samples
@@ -82,10 +83,12 @@ class QuantizeResult:
     bias_correction: BiasCorrectionReport | None = None
     runtime_form: OpenVinoForm | None = None  # placement_runtime="openvino": what the OpenVINO form changed
     channel_pads: list[ChannelPad] = field(default_factory=list)  # inputs padded for ORT's direct int8 kernel
+    replaced_existing: bool = False  # a file was already at `output` and was replaced
 
     def to_dict(self) -> dict:
         return {
             "output": str(self.output),
+            "replaced_existing": self.replaced_existing,
             "recipe": self.recipe.to_dict(),
             "preprocess": self.spec.to_dict(),
             "cpu": self.cpu.to_dict(),
@@ -121,6 +124,17 @@ def file_list_sha256(files: list[Path], root: Path) -> str:
     # No resolve(): a symlinked image may point outside the folder; its name inside the folder is what counts.
     names = sorted(Path(os.path.relpath(os.path.abspath(f), os.path.abspath(root))).as_posix() for f in files)
     return hashlib.sha256("\n".join(names).encode()).hexdigest()
+
+
+def file_contents_sha256(files: list[Path], root: Path) -> str:
+    """sha256 over the sorted (name relative to `root`, sha256 of the bytes) of every file: what a cached result
+    computed on these images depends on. Names alone would let a folder whose images were replaced, fixed or
+    relabelled under the same names reuse results measured on the old ones."""
+    entries = sorted(
+        (Path(os.path.relpath(os.path.abspath(f), os.path.abspath(root))).as_posix(), sha256_file(f))
+        for f in files
+    )
+    return hashlib.sha256("\n".join(f"{name}\t{digest}" for name, digest in entries).encode()).hexdigest()
 
 
 def default_output_path(model: Path, directory: Path | None = None) -> Path:
@@ -481,6 +495,7 @@ def quantize_model(
             f"model not found: {model}" if not model.exists() else f"model path is not a file: {model}"
         )
     check_output_path(output)
+    replaced_existing = output.exists()  # said in the summary: replacing a file is fine, silently is not
     if output.resolve() == model.resolve():
         raise RqInputError("output path is the input model; choose another --out")
     recipe, advice, rr_source = resolve_recipe(recipe, cpu)
@@ -519,6 +534,7 @@ def quantize_model(
 
     return QuantizeResult(
         output=output,
+        replaced_existing=replaced_existing,
         recipe=recipe,
         spec=spec,
         cpu=cpu,

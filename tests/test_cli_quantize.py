@@ -58,6 +58,29 @@ def test_quantize_summary(cli, tiny_model, calib, tmp_path):
     assert "ops quantized" in text and "5/7" in text  # conv+relu ×2, pooling; flatten and the head stay FP32
     assert "classifier head" in text
     assert "reduce_range" in text
+    assert "replaced" not in text
+    again = cli("quantize", tiny_model, "--calib", calib, "--out", out, *SMALL)
+    assert again.exit_code == 0 and "(replaced the file that was there)" in all_output(again)
+
+
+def test_quantize_a_model_whose_nodes_have_no_names(cli, tiny_model, calib, tmp_path):
+    """Node names are optional in ONNX; unnamed nodes are named during preparation (one step reported) and
+    quantized like named ones, not collapsed into one."""
+    import onnx
+
+    model = onnx.load(str(tiny_model))
+    for node in model.graph.node:
+        node.name = ""
+    unnamed = tmp_path / "unnamed.onnx"
+    onnx.save(model, str(unnamed))
+    out = tmp_path / "unnamed-int8.onnx"
+    result = cli("quantize", unnamed, "--calib", calib, "--out", out, "--json", *SMALL)
+    assert result.exit_code == 0, all_output(result)
+    data = json.loads(result.stdout)
+    ops = find_key(data, "quantized_ops")
+    assert (ops["quantized"], ops["candidates"]) == (5, 7)  # as the named model (test_quantize_json)
+    assert any("named 8 node(s)" in step for step in find_key(data, "steps"))
+    assert onnx.load(str(unnamed)).graph.node[0].name == ""  # the input file is left as it was
 
 
 @pytest.mark.parametrize("method", ["percentile", "minmax", "entropy"])

@@ -7,6 +7,7 @@ Cache reuse is measured by counting calls of `quantize.sweep.quantize_prepared`,
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -189,6 +190,26 @@ def test_a_changed_input_starts_a_fresh_cache(inputs, tmp_path, monkeypatch):
     other = _run(inputs, tmp_path, val_limit=4)  # another validation image list
     assert other.cache_dir != first.cache_dir
     assert len(counter.calls) == 6 and not any(e.cached for e in other.entries)
+
+
+def test_images_replaced_under_the_same_names_start_a_fresh_cache(inputs, tmp_path, monkeypatch):
+    """The cache key follows the images' bytes, not only their names: a validation folder whose images were
+    swapped between files (same names, so wrong labels now) must not reuse the old accuracies; an identical
+    copy elsewhere may."""
+    counter = CountingQuantize()
+    monkeypatch.setattr(sweep_module, "quantize_prepared", counter)
+    copy = tmp_path / "val-copy"
+    shutil.copytree(inputs["val"], copy)
+    first = _run({**inputs, "val": copy}, tmp_path)
+    same = _run({**inputs, "val": copy}, tmp_path)
+    assert same.cache_dir == first.cache_dir and all(e.cached for e in same.entries)
+    files = sorted(copy.rglob("*.JPEG"))
+    a, b = files[0], files[-1]  # two classes: swapping their bytes mislabels both
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+    swapped = _run({**inputs, "val": copy}, tmp_path)
+    assert swapped.cache_dir != first.cache_dir and not any(e.cached for e in swapped.entries)
 
 
 def test_interrupted_sweep_resumes_from_the_cache(inputs, tmp_path, monkeypatch):

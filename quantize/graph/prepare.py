@@ -23,7 +23,7 @@ from onnx import TensorProto
 from calibration.errors import RqInputError
 from quantize.exits import is_environment_error, one_line, ort_reason
 from quantize.files import inside
-from quantize.graph.rewrite import rewrite_standalone_batchnorms
+from quantize.graph.rewrite import rewrite_standalone_batchnorms, unique_name
 from quantize.measure.runtimes import muted, ort_session, quiet
 
 logger = logging.getLogger(__name__)
@@ -210,8 +210,26 @@ def _strip_legacy_batchnorm_attributes(model: onnx.ModelProto) -> int:
     return removed
 
 
+def name_nodes(model: onnx.ModelProto) -> int:
+    """Give every unnamed (or twice-named) node of the main graph a unique name, in place; how many it renamed.
+
+    Node names are optional in ONNX and many exporters leave them empty, but ONNX Runtime's quantizer, rq's
+    placement and the reports all address nodes by name: unnamed ones would collapse into one."""
+    taken = {node.name for node in model.graph.node if node.name}
+    seen: set[str] = set()
+    renamed = 0
+    for node in model.graph.node:
+        if node.name and node.name not in seen:
+            seen.add(node.name)
+            continue
+        node.name = unique_name(f"{node.op_type}_{renamed}" if not node.name else node.name, taken)
+        seen.add(node.name)
+        renamed += 1
+    return renamed
+
+
 def upgrade_model(model: onnx.ModelProto, steps: list[str]) -> onnx.ModelProto:
-    """Bring a legacy model to opset >= 13 and IR >= 7; append what was done to `steps`."""
+    """Bring a legacy model to opset >= 13 and IR >= 7, nodes named; append what was done to `steps`."""
     # IR < 4 requires every initializer to be a graph input; raise IR first, then drop them, or the
     # converter sees weights that are neither inputs nor initializers ("Input pre_shift is undefined").
     if model.ir_version < MIN_IR_VERSION:
@@ -234,6 +252,9 @@ def upgrade_model(model: onnx.ModelProto, steps: list[str]) -> onnx.ModelProto:
     stripped = _strip_legacy_batchnorm_attributes(model)
     if stripped:
         steps.append(f"removed {stripped} legacy BatchNormalization attributes (spatial/is_test)")
+    renamed = name_nodes(model)
+    if renamed:
+        steps.append(f"named {renamed} node(s) that had no (or a repeated) name")
     return model
 
 
