@@ -29,6 +29,7 @@ from quantize.cli_options import (
     _value,
     build_spec,
     check_finite,
+    spec_for_models,
 )
 from quantize.console import err, out_console, print_json, progress_bar, say, setup_logging
 from quantize.exits import (
@@ -253,14 +254,16 @@ def eval_(
         chosen = runtimes.parse(runtime)
         if ray is not None and chosen != ["ort"]:
             raise RqInputError("--ray runs models in onnxruntime only; drop --runtime or --ray")
-        spec = build_spec(preset_name, mean, std, resize, crop, interpolation)
+        spec, spec_source = spec_for_models(models, preset_name, mean, std, resize, crop, interpolation)
         dataset, samples = validation_samples(data, labels, limit, seed)
         with ray_session(ray) as runner, progress_bar() as bar:
             by_runtime = evaluate_in(chosen, models, samples, spec, batch, workers, runner, BarProgress(bar))
         if as_json:
-            print_json(eval_json(by_runtime, dataset, spec))
+            print_json(eval_json(by_runtime, dataset, spec) | {"preprocess_source": spec_source or "options"})
         else:
             out_console().print(eval_table(by_runtime, dataset, batch))
+            if spec_source:
+                out_console().print(f"preprocessing from {escape(spec_source)}: {escape(spec.describe())}")
 
 
 @app.command(cls=RqCommand)

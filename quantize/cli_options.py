@@ -100,6 +100,74 @@ def build_spec(preset_name, mean, std, resize, crop, interpolation) -> Preproces
     )
 
 
+def spec_for_models(
+    models, preset_name, mean, std, resize, crop, interpolation
+) -> tuple[PreprocessSpec, str | None]:
+    """The preprocessing to evaluate `models` with, and where it came from when not from the options.
+
+    Like timm's data config: a model rq quantized carries its preprocessing (`rq.preprocess` in its metadata),
+    and it is the default; a preset replaces it, and each option given overrides one field. Models that carry
+    different ones need the options to say which. Then each model's input size is checked against it, in one
+    line naming the model (not ONNX Runtime's error from the first batch)."""
+    import json
+
+    from quantize.graph.prepare import classifier_signature, load_model
+    from quantize.pipeline import PREPROCESS_METADATA_KEY, check_spec_matches
+
+    stored: dict[str, tuple[Path, PreprocessSpec]] = {}
+    loaded = []
+    for path in models:
+        try:
+            model = load_model(Path(path), load_weights=False)
+        except (
+            Exception
+        ):  # a missing or broken file: the runtime says so, in its own one line, when it opens it
+            continue
+        loaded.append((Path(path), model))
+        entry = next((p.value for p in model.metadata_props if p.key == PREPROCESS_METADATA_KEY), None)
+        if entry is None:
+            continue
+        try:
+            spec = PreprocessSpec.from_dict(json.loads(entry))
+        except (ValueError, RqInputError):
+            continue  # an unreadable record is no default; the options (or the built-in default) apply
+        stored.setdefault(json.dumps(spec.to_dict(), sort_keys=True), (Path(path), spec))
+    options_given = any(v is not None for v in (preset_name, mean, std, resize, crop, interpolation))
+    source = None
+    if preset_name is not None or not stored:
+        base = preset(preset_name) if preset_name else PreprocessSpec()
+    elif len(stored) == 1:
+        path, base = next(iter(stored.values()))
+        source = f"{path.name}'s rq.preprocess metadata" + (
+            ", with the options given" if options_given else ""
+        )
+    elif options_given:
+        base = PreprocessSpec()
+    else:
+        names = ", ".join(path.name for path, _ in stored.values())
+        raise RqInputError(
+            f"{names} were quantized with different preprocessing; say which with --preset or "
+            "--resize/--crop/--mean/--std"
+        )
+    spec = base.with_overrides(
+        mean=_floats3(mean, "--mean"),
+        std=_floats3(std, "--std"),
+        resize=resize,
+        crop=crop,
+        interpolation=interpolation,
+    )
+    for path, model in loaded:
+        try:
+            signature = classifier_signature(model, path.name)
+        except Exception:
+            continue  # not a classifier rq knows: evaluation says why
+        try:
+            check_spec_matches(signature, spec)
+        except RqInputError as exc:
+            raise RqInputError(f"{path.name}: {exc}") from None
+    return spec, source
+
+
 def _csv(text: str | None) -> tuple[str, ...] | None:
     if text is None:
         return None

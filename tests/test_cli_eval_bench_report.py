@@ -165,7 +165,7 @@ def quantize_run(tmp_path_factory) -> dict:
     calib = base / "calib"
     make_class_folders(calib, {wnid(0): 4, wnid(1): 4}, size=(48, 40))
     val = base / "val"
-    make_class_folders(val, {wnid(0): 3, wnid(1): 3}, size=(48, 40))
+    make_class_folders(val, {wnid(0): 3, wnid(1): 3}, size=(48, 40), seed=10_000)  # not copies of calib's
     out = base / "tiny1000-int8.onnx"
     reports = base / "reports"
     result = invoke(
@@ -237,6 +237,24 @@ def test_quantize_report_json(quantize_run):
     assert data["bench"]["order"] == [[0, 1], [1, 1]] * 20
     assert data["gate"] is None
     assert set(data["stages"]) >= {"prepare", "calibrate", "quantize", "validate", "bench"}
+
+
+def test_eval_takes_the_preprocessing_an_rq_model_carries(quantize_run):
+    """The INT8 file rq wrote says how its images were preprocessed (resize 36, crop 32 here): `rq eval` with
+    no preprocessing option uses that, and reaches the top-1 the quantize run's validation measured."""
+    result = invoke("eval", quantize_run["out"], "--data", quantize_run["val"], "--json")
+    assert result.exit_code == 0, all_output(result)
+    data = json.loads(result.stdout)
+    assert data["preprocess"]["crop"] == 32 and data["preprocess"]["resize"] == 36
+    assert "rq.preprocess" in data["preprocess_source"]
+    report = json.loads((quantize_run["run"] / "report.json").read_text())
+    assert data["models"][0]["top1"] == report["variants"][1]["accuracy"]["top1"]
+    # an option overrides one field; a crop the model cannot take is one line naming the model
+    bad = invoke("eval", quantize_run["out"], "--data", quantize_run["val"], "--crop", "30")
+    assert_one_line_error(bad, f"{quantize_run['out'].name}: model input")
+    # the FP32 file carries nothing: without options it gets the built-in default (224), refused the same way
+    fp32 = invoke("eval", quantize_run["model"], "--data", quantize_run["val"])
+    assert_one_line_error(fp32, "expects [3, 32, 32] per image, preprocessing gives [3, 224, 224]")
 
 
 def test_quantize_report_html_has_the_plot(quantize_run):

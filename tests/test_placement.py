@@ -401,6 +401,37 @@ def test_head_behind_a_softmax_stays_fp32_and_a_lone_gemm_is_quantized():
     assert place(lone, QuantRecipe()).nodes == ["fc"]
 
 
+def test_head_behind_a_background_column_stays_fp32_with_its_tail():
+    """1001 classes made from 1000 (the r50_bg1001 shape): logits = Concat(Slice(z)[:, :1] + c, z). The Gemm
+    writing z is the head (kept FP32), and the Slice/Add/Concat behind it stay FP32 too: the logits never go
+    through a Q/DQ pair."""
+    w = _Weights(8)
+    c1w, c1b = w.conv("conv1", 4, 3)
+    fcw, fcb = w.gemm("fc", CLASSES - 1, 4)
+    starts = w.add("starts", np.array([0], np.int64))
+    ends = w.add("ends", np.array([1], np.int64))
+    axes = w.add("axes", np.array([1], np.int64))
+    shift = w.add("shift", np.array([-5.0], np.float32))
+    model = _graph(
+        [
+            helper.make_node("Conv", ["input", c1w, c1b], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c"], ["r"], name="relu"),
+            helper.make_node("GlobalAveragePool", ["r"], ["g"], name="gap"),
+            helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+            helper.make_node("Gemm", ["f", fcw, fcb], ["z"], name="fc", transB=1),
+            helper.make_node("Slice", ["z", starts, ends, axes], ["first"], name="slice"),
+            helper.make_node("Add", ["first", shift], ["bg"], name="add_bg"),
+            helper.make_node("Concat", ["bg", "z"], ["logits"], name="concat", axis=1),
+        ],
+        w.initializers,
+        ["N", CLASSES],
+    )
+    placement = place(model, QuantRecipe())
+    assert placement.fp32["fc"] == HEAD_REASON
+    assert {"slice", "concat"}.isdisjoint(placement.node_set())
+    assert {"conv1", "relu", "gap"} <= placement.node_set()
+
+
 def test_swish_sigmoid_feeding_a_float_mul_stays_fp32():
     """Conv → Sigmoid → Mul(conv, sigmoid): Mul stays FP32, so quantizing the Sigmoid would only add a Q/DQ
     pair in front of it."""

@@ -43,7 +43,6 @@ CARRY_THROUGH = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Sli
 # Nodes worth quantizing only when a quantized node reads their output (else: a Q/DQ pair for nothing, e.g. a
 # QLinearSigmoid feeding the float Mul of a swish).
 PRUNABLE = CARRY_THROUGH + INTEGER_ACTIVATIONS
-HEAD_TAIL = ("Softmax", "LogSoftmax", "Flatten", "Reshape", "Squeeze", "Identity")
 HEAD_REASON = "classifier head, kept FP32 (it writes the logits)"
 PLACEMENT_OP_TYPES = (
     ANCHORS + FOLDED_ACTIVATIONS + INTEGER_ACTIVATIONS + ("Add", "Concat") + POOLING + CARRY_THROUGH
@@ -94,15 +93,21 @@ def _float_tensors(model: onnx.ModelProto) -> set[str]:
 
 
 def _writes_output(node: onnx.NodeProto, consumers: dict, graph_outputs: set[str]) -> bool:
-    """Whether `node`'s output is a graph output, directly or through Softmax/Flatten/Reshape/... only."""
-    tensors = list(node.output)
-    for _ in range(8):
-        if any(t in graph_outputs for t in tensors):
+    """Whether `node`'s output reaches a graph output without passing another Conv/Gemm/MatMul: through a
+    softmax, reshapes, or the Slice/Add/Concat of a model that adds or drops a background class."""
+    frontier, seen = list(node.output), set()
+    while (
+        frontier and len(seen) < 256
+    ):  # a head's tail is a handful of nodes; stop before walking a whole net
+        tensor = frontier.pop()
+        if tensor in graph_outputs:
             return True
-        readers = [c for t in tensors for c in consumers.get(t, [])]
-        if len(readers) != 1 or readers[0].op_type not in HEAD_TAIL:
-            return False
-        tensors = list(readers[0].output)
+        if tensor in seen:
+            continue
+        seen.add(tensor)
+        for reader in consumers.get(tensor, []):
+            if reader.op_type not in ANCHORS:
+                frontier.extend(o for o in reader.output if o)
     return False
 
 
@@ -197,6 +202,17 @@ def place(model: onnx.ModelProto, recipe: QuantRecipe) -> Placement:
                 if not any(c.name in chosen for c in readers):
                     chosen.discard(node.name)
                     fp32[node.name] = "its output feeds only FP32 nodes"
+        # What reads only the FP32 head (a Concat adding a background column) goes back to FP32 too: the logits
+        # must leave the model as the head computed them, never through a Q/DQ pair.
+        live: set[str] = set()
+        for node in quantized:
+            if node.name not in chosen:
+                continue
+            if node.op_type not in ANCHORS and not any(i in live for i in activations(node)):
+                chosen.discard(node.name)
+                fp32[node.name] = "it reads the FP32 classifier head"
+                continue
+            live.update(o for o in node.output if o)
     nodes = [n.name for n in quantized if n.name in chosen]
     op_types = tuple(sorted({n.op_type for n in quantized if n.name in chosen}))
     return Placement(nodes=nodes, op_types=op_types, from_graph=True, fp32=fp32)
