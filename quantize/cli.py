@@ -373,7 +373,8 @@ def inspect(
     from quantize.run import inspect_run
 
     with user_errors():
-        spec = build_spec(preset_name, mean, std, resize, crop, interpolation)
+        # The INT8 file carries the preprocessing it was calibrated with; both models must take its size.
+        spec, _ = spec_for_models([int8, fp32], preset_name, mean, std, resize, crop, interpolation)
         command = ["rq", *sys.argv[1:]]
         data, paths, nodes = inspect_run(fp32, int8, calib, labels, samples, spec, report_dir, command)
         used = data["inspection"]["images"]

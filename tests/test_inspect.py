@@ -239,6 +239,36 @@ def test_cli_inspect_qoperator_is_one_line_exit_2(tiny_model, calib_dir, tmp_pat
     assert not (tmp_path / "r").exists()
 
 
+def test_cli_inspect_refuses_models_that_are_not_a_pair(tiny_pair, sensitive_pair, calib_dir, tmp_path):
+    """Another network's INT8 file: one line, nothing written (not a table of unrelated nodes, nor ONNX
+    Runtime's invalid-dimensions error)."""
+    result = invoke(
+        "inspect",
+        sensitive_pair["fp32"],
+        tiny_pair["int8"],
+        "--calib",
+        calib_dir,
+        "--report-dir",
+        tmp_path / "r",
+    )
+    assert_one_line_error(result, "not the same network")
+    assert not (tmp_path / "r").exists()
+    # Same inputs and outputs, but none of the FP32 graph's tensors in the INT8 one.
+    import onnx
+
+    renamed = onnx.load(str(tiny_pair["fp32"]))
+    names = {t for n in renamed.graph.node for t in n.output} - {o.name for o in renamed.graph.output}
+    for node in renamed.graph.node:
+        node.output[:] = ["other_" + t if t in names else t for t in node.output]
+        node.input[:] = ["other_" + t if t in names else t for t in node.input]
+        node.name = "other_" + node.name
+    other = tmp_path / "other.onnx"
+    onnx.save(renamed, str(other))
+    result = invoke("inspect", other, tiny_pair["int8"], "--calib", calib_dir, "--report-dir", tmp_path / "r")
+    assert_one_line_error(result, "does not look made from this FP32 model")
+    assert not (tmp_path / "r").exists()
+
+
 def test_cli_inspect_samples_below_one(tiny_pair, calib_dir, tmp_path):
     result = invoke(
         "inspect",

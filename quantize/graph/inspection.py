@@ -22,7 +22,7 @@ from calibration.errors import RqInputError
 from calibration.loader import pad_batch
 from quantize.exits import ort_reason
 from quantize.graph.prepare import load_model
-from quantize.measure.runtimes import ort_session, quiet
+from quantize.measure.runtimes import muted, ort_session, quiet
 
 DEQUANT_SUFFIX = "_DequantizeLinear_Output"
 
@@ -119,7 +119,7 @@ def weight_errors(fp32_path: Path, int8_path: Path) -> dict[str, float]:
         create_weight_matching,
     )
 
-    with quiet():
+    with quiet(), muted(""):  # it logs an ERROR per weight it does not pair: noise here
         matched = create_weight_matching(str(fp32_path), str(int8_path))
     for pair in matched.values():
         # A weight whose input channels rq padded with zeros for ONNX Runtime (graph/channel_pad.py): the
@@ -128,6 +128,36 @@ def weight_errors(fp32_path: Path, int8_path: Path) -> dict[str, float]:
         if fp32 is not None and int8 is not None and fp32.ndim >= 2 and int8.shape != fp32.shape:
             pair["dequantized"] = int8[:, : fp32.shape[1]]
     return compute_weight_error(matched, compute_signal_to_quantization_noice_ratio)
+
+
+def _io_shapes(model: onnx.ModelProto) -> tuple[list, list]:
+    weights = {x.name for x in model.graph.initializer}
+
+    def dims(value) -> list:
+        return [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+
+    inputs = [dims(i) for i in model.graph.input if i.name not in weights]
+    return inputs, [dims(o) for o in model.graph.output]
+
+
+def _check_same_signature(
+    fp32: onnx.ModelProto, int8: onnx.ModelProto, fp32_name: str, int8_name: str
+) -> None:
+    """One line when the two files cannot be the same network: other input or output shapes."""
+    (fp32_in, fp32_out), (int8_in, int8_out) = _io_shapes(fp32), _io_shapes(int8)
+
+    def differ(a: list, b: list) -> bool:
+        return len(a) != len(b) or any(
+            len(x) != len(y)
+            or any(p is not None and q is not None and p != q for p, q in zip(x, y, strict=True))
+            for x, y in zip(a, b, strict=True)
+        )
+
+    if differ(fp32_in, int8_in) or differ(fp32_out, int8_out):
+        raise RqInputError(
+            f"{int8_name} and {fp32_name} are not the same network: inputs {int8_in} vs {fp32_in}, outputs "
+            f"{int8_out} vs {fp32_out} (pass the FP32 model the INT8 one was made from)"
+        )
 
 
 def inspect_models(
@@ -153,6 +183,7 @@ def inspect_models(
         raise RqInputError(
             f"{Path(int8_path).name} has no DequantizeLinear nodes: rq inspect needs a QDQ-format model"
         )
+    _check_same_signature(fp32, int8, Path(fp32_path).name, Path(int8_path).name)
     int8_tensors = {t for n in int8.graph.node for t in n.output}
     nodes = [n for n in fp32.graph.node if n.op_type in op_types and n.output]
     if not nodes:
@@ -170,6 +201,18 @@ def inspect_models(
         candidate = out + DEQUANT_SUFFIX if out + DEQUANT_SUFFIX in int8_tensors else out
         if candidate in int8_tensors:
             pairs.append((node, out, candidate))
+    # The INT8 file keeps each weight under its FP32 name (quantized: "<name>_quantized"); another network's
+    # file has few of them, even when a few tensor names (the logits) coincide.
+    int8_weights = {x.name for x in int8.graph.initializer}
+    weighted = [n for n in nodes if len(n.input) > 1]
+    shared = [n for n in weighted if {n.input[1], n.input[1] + "_quantized"} & int8_weights]
+    if not pairs or 2 * len(pairs) < len(nodes) or 2 * len(shared) < len(weighted):
+        # A per-node table of unrelated nodes would be noise presented as findings.
+        raise RqInputError(
+            f"{Path(int8_path).name} does not look made from this FP32 model: {len(pairs)} of its {len(nodes)} "
+            f"{'/'.join(op_types)} outputs and {len(shared)} of their {len(weighted)} weights are in it "
+            "(pass the FP32 model rq quantized)"
+        )
     input_name = next(
         i.name for i in fp32.graph.input if i.name not in {x.name for x in fp32.graph.initializer}
     )
