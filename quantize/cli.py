@@ -29,6 +29,7 @@ from quantize.cli_options import (
     _value,
     build_spec,
     check_finite,
+    refuse_idle_options,
     spec_for_models,
 )
 from quantize.console import err, out_console, print_json, progress_bar, say, setup_logging
@@ -114,6 +115,7 @@ def ray_session(address: str | None):
 
 @app.command(cls=RqCommand)
 def quantize(
+    ctx: typer.Context,
     calib: opt.Calib,
     model: opt.Model = None,
     out: opt.Out = None,
@@ -171,6 +173,15 @@ def quantize(
 
     with user_errors(), contextlib.ExitStack() as stack:
         check_finite(percentile, "--percentile")
+        refuse_idle_options(
+            ctx,
+            [
+                (("gate_on",), max_drop is not None, "with --max-drop (the limit it gates on)"),
+                (("max_trials", "tune_fraction"), tune, "with --tune"),
+                (("bench_batch", "bench_runs"), bench, "with --bench"),
+                (("val_limit", "eval_batch"), val is not None, "with --val"),
+            ],
+        )
         recipe = _recipe_from_options(
             _read_recipe(recipe_file),
             backend=_value(backend),
@@ -189,6 +200,9 @@ def quantize(
             batch_size=batch_size,
             op_types=_csv(op_types),
             exclude_nodes=_csv(exclude_nodes),
+        )
+        refuse_idle_options(
+            ctx, [(("percentile",), recipe.calibration == "percentile", "with --calibration percentile")]
         )
         options = dict(
             calib=calib, output=out, labels=labels, workers=workers, val=val, val_labels=val_labels

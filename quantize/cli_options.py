@@ -168,6 +168,21 @@ def spec_for_models(
     return spec, source
 
 
+def refuse_idle_options(ctx: typer.Context, rules: list[tuple[tuple[str, ...], bool, str]]) -> None:
+    """One line for options given on the command line that the run would ignore, as ``--bins`` with minmax is
+    refused: each rule is (parameter names, whether they take effect, what they need)."""
+    for names, active, needs in rules:
+        given = [
+            "--" + name.replace("_", "-")
+            for name in names
+            # by name: typer ships its own click, whose ParameterSource enum is not public API
+            if getattr(ctx.get_parameter_source(name), "name", None) in ("COMMANDLINE", "ENVIRONMENT")
+        ]
+        if given and not active:
+            verb, pronoun = ("applies", "it") if len(given) == 1 else ("apply", "them")
+            raise RqInputError(f"{' and '.join(given)} {verb} only {needs}; add it or drop {pronoun}")
+
+
 def _csv(text: str | None) -> tuple[str, ...] | None:
     if text is None:
         return None

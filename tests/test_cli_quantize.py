@@ -277,6 +277,34 @@ def test_typer_checks_fail_in_one_line_before_any_work(cli, tmp_path, flags, mes
     assert line.startswith("rq: error: ") and "Usage:" not in all_output(result)
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--gate-on", "ci"], "--gate-on applies only with --max-drop"),
+        (
+            ["--max-trials", "3", "--tune-fraction", "0.3"],
+            "--max-trials and --tune-fraction apply only with --tune",
+        ),
+        (["--bench-runs", "5"], "--bench-runs applies only with --bench"),
+        (["--bench-batch", "4"], "--bench-batch applies only with --bench"),
+        (["--val-limit", "5"], "--val-limit applies only with --val"),
+        (["--eval-batch", "8"], "--eval-batch applies only with --val"),
+        (
+            ["--calibration", "entropy", "--percentile", "99.9"],
+            "--percentile applies only with --calibration percentile",
+        ),
+    ],
+)
+def test_options_the_run_would_ignore_are_refused(cli, tiny_model, calib, tmp_path, flags, message):
+    """An option that would change nothing is one line and exit 2 before any work, like --bins with minmax: a
+    user who asked for --gate-on ci without a limit must not believe the run was gated."""
+    out = tmp_path / "idle-int8.onnx"
+    assert_one_line_error(
+        cli("quantize", tiny_model, "--calib", calib, "--out", out, *flags, *SMALL), message
+    )
+    assert not out.exists()
+
+
 def test_missing_calib_is_one_line(cli):
     assert_one_line_error(cli("quantize"), "Missing option '--calib'")
 
