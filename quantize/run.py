@@ -363,7 +363,7 @@ def inspect_run(fp32, int8, calib, labels, samples: int, spec, report_dir: Path,
         with BatchStream(chosen, spec, batch_size=8) as stream:
             nodes = inspect_models(prepared.path, int8, (b.images for b in stream))
             used = stream.used
-    data = inspect_report(command, fp32, int8, prepared, detect_cpu(), used, nodes)
+    data = inspect_report(command, fp32, int8, prepared, detect_cpu(), used, nodes, spec)
     return data, write_report(data, Path(report_dir) / data["run_id"]), nodes
 
 

@@ -166,6 +166,7 @@ class SweepResult:
     runtimes: list[str] = field(default_factory=lambda: ["ort"])
     # FP32 (predictions, top-5 correctness) per runtime; the first runtime's are fp32_predictions above.
     fp32_by_runtime: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    preprocess: dict | None = None  # the PreprocessSpec every image went through, as a dict
 
 
 def runtime_tag(name: str) -> str:
@@ -467,4 +468,5 @@ def run_sweep(
         seconds=seconds,
         runtimes=runtimes,
         fp32_by_runtime=fp32_by_runtime,
+        preprocess=spec.to_dict(),
     )

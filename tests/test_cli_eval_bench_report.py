@@ -262,6 +262,10 @@ def test_quantize_report_html_has_the_plot(quantize_run):
     assert "data:image/png;base64," in page
     md = (quantize_run["run"] / "report.md").read_text()
     assert "Accuracy gate: not applied" in md
+    # the preprocessing every image went through, in the JSON and in words (not only inside the command line)
+    data = json.loads((quantize_run["run"] / "report.json").read_text())
+    assert (data["preprocess"]["resize"], data["preprocess"]["crop"]) == (36, 32)
+    assert "Preprocessing: resize 36 (bilinear) → center crop 32" in md
     assert "[low, high]: 95% interval of the speedup against FP32 in the same runtime, bootstrap" in md
 
 

@@ -100,6 +100,7 @@ def _run(inputs, report_dir: Path, **kwargs):
 def test_sweep_report_has_fp32_and_one_row_per_recipe(first_sweep):
     data = first_sweep["data"]
     validate_report(data)
+    assert {"resize", "crop", "mean", "std"} <= set(data["preprocess"])  # every recipe saw these images
     names = [v["name"] for v in data["variants"]]
     recipes = grid_recipes("calibration", BASE, x86_cpu("avx2"))
     assert len(recipes) == 3 == len(GRIDS["calibration"]["calibration"])

@@ -143,7 +143,18 @@ def _run_blocks(data: dict) -> list[Block]:
     advice = data.get("advice")
     if isinstance(advice, dict):
         items.append(f"INT8 advice: reduce_range={advice.get('reduce_range')} — {advice.get('reason', '')}")
+    if isinstance(data.get("preprocess"), dict):
+        items.append(f"Preprocessing: {_preprocess_text(data['preprocess'])}")
     return [("h2", "Run"), ("list", items)]
+
+
+def _preprocess_text(spec: dict) -> str:
+    from calibration import PreprocessSpec
+
+    try:
+        return PreprocessSpec.from_dict(spec).describe()
+    except Exception:  # a report written by another rq version: its fields as they are
+        return ", ".join(f"{k} {v}" for k, v in spec.items())
 
 
 def _method_text(drop: dict) -> str:

@@ -174,6 +174,7 @@ def build_report(
     stages: dict[str, float] | None = None,
     notes: Sequence[str] = (),
     label: str = "run",
+    preprocess: dict | None = None,
 ) -> dict:
     mark_pareto(variants)
     return {
@@ -200,6 +201,7 @@ def build_report(
                 else None
             ),
         },
+        "preprocess": preprocess,  # how every image of the run was turned into a network input
         "calibration": calibration,
         "validation": validation.to_dict() if validation else None,
         "variants": variants,
@@ -280,6 +282,7 @@ def quantize_report(
         model=result.prepared.source,
         cpu=result.cpu,
         advice=result.advice,
+        preprocess=result.spec.to_dict(),
         prepared=result.prepared,
         variants=variants,
         calibration=calibration,
@@ -384,6 +387,7 @@ def sweep_report(result, command: Sequence[str], grid: str) -> dict:
         model=result.model,
         cpu=result.cpu,
         advice=advise_int8(result.cpu),
+        preprocess=result.preprocess,
         prepared=result.prepared,
         variants=variants,
         calibration=result.calibration or None,
@@ -397,7 +401,7 @@ def sweep_report(result, command: Sequence[str], grid: str) -> dict:
 
 
 def inspect_report(
-    command: Sequence[str], fp32: Path, int8: Path, prepared, cpu: CpuInfo, used: int, nodes
+    command: Sequence[str], fp32: Path, int8: Path, prepared, cpu: CpuInfo, used: int, nodes, spec=None
 ) -> dict:
     """report.json of `rq inspect`: the two models and every node's errors (`quantize.graph.inspection`)."""
     data = build_report(
@@ -408,6 +412,7 @@ def inspect_report(
         prepared=prepared,
         variants=[variant("FP32", "fp32", fp32), variant("INT8", "int8", int8)],
         label="inspect",
+        preprocess=spec.to_dict() if spec is not None else None,
     )
     data["inspection"] = {"images": used, "nodes": [n.to_dict() for n in nodes]}
     return data
