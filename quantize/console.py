@@ -127,6 +127,20 @@ def print_run(result, as_json: bool) -> None:
         err.print(f"[{style}]{escape(result.gate.message)}[/]", highlight=False)
 
 
+def _bytes_text(size: int) -> str:
+    """Decimal units, as in the report; kB under one MB (a tiny model is not "0.0 MB")."""
+    return f"{size / 1e6:.1f} MB" if size >= 1_000_000 else f"{size / 1e3:.1f} kB"
+
+
+def size_text(fp32_bytes: int, int8_bytes: int) -> str:
+    """`97.8 MB FP32 → 25.6 MB INT8 (3.82× smaller)`; a model that grew (the Q/DQ nodes of a tiny one weigh more
+    than its weights shrank) says "larger"."""
+    text = f"{_bytes_text(fp32_bytes)} FP32 → {_bytes_text(int8_bytes)} INT8"
+    if int8_bytes <= fp32_bytes:
+        return f"{text} ({fp32_bytes / max(int8_bytes, 1):.2f}× smaller)"
+    return f"{text} ({int8_bytes / max(fp32_bytes, 1):.2f}× larger)"
+
+
 def summary_table(result) -> Table:
     data = result.to_dict()
     replaced = " (replaced the file that was there)" if getattr(result, "replaced_existing", False) else ""
@@ -185,12 +199,7 @@ def summary_table(result) -> Table:
             f"goal ≤ {t.max_drop_pt:.2f} pt on {t.tune_images} images{pool} {'met' if t.goal_met else 'NOT met'}; "
             f"chosen step {t.chosen} ({', '.join(t.fallback_nodes) or 'nothing'} in FP32). {steps}",
         )
-    mb = 1_000_000  # decimal MB, as in the report
-    table.add_row(
-        "size",
-        f"{result.fp32_bytes / mb:.1f} MB FP32 → {result.int8_bytes / mb:.1f} MB INT8 "
-        f"({result.fp32_bytes / max(result.int8_bytes, 1):.2f}× smaller)",
-    )
+    table.add_row("size", size_text(result.fp32_bytes, result.int8_bytes))
     table.add_row("seconds", ", ".join(f"{k} {v:.1f}" for k, v in data["seconds"].items()))
     table.add_row("CPU", result.cpu.describe())
     source = "chosen by rq for this CPU" if result.reduce_range_source == "cpu" else "set by you"

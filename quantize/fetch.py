@@ -143,14 +143,14 @@ def fetch(
     if entry.url is None:
         raise FetchError(_no_url_message(entry, target))
 
-    _prepare_dest_dir(dest_dir)
-
+    created = _prepare_dest_dir(dest_dir)
+    done = False
     try:
         fd, tmp_name = tempfile.mkstemp(dir=dest_dir, prefix=f".{entry.filename}.", suffix=".part")
     except OSError as exc:
+        _remove_empty(created)
         raise FetchError(f"cannot write to destination folder {dest_dir}: {_reason(exc)}") from None
     tmp = Path(tmp_name)
-    done = False
     try:
         with os.fdopen(fd, "wb") as out:
             digest = _download(entry, out, progress=progress, timeout=timeout)
@@ -179,7 +179,14 @@ def fetch(
         if not done:
             with contextlib.suppress(OSError):
                 tmp.unlink()
+            _remove_empty(created)  # a failed fetch leaves no folder it made behind
     return target
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first; rmdir leaves a folder something else wrote into
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def fetch_with_progress(
@@ -316,15 +323,22 @@ def _content_length(response: Any) -> int | None:
     return length if length is not None and length >= 0 else None
 
 
-def _prepare_dest_dir(dest_dir: Path) -> None:
+def _prepare_dest_dir(dest_dir: Path) -> list[Path]:
+    """Create `dest_dir` if needed; the folders it created, deepest first (removed again if the fetch fails)."""
     if dest_dir.exists() and not dest_dir.is_dir():
         raise FetchError(f"destination {dest_dir} exists and is not a folder")
+    created = []
+    missing = dest_dir
+    while not missing.exists() and missing != missing.parent:
+        created.append(missing)
+        missing = missing.parent
     try:
         dest_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise FetchError(f"cannot create destination folder {dest_dir}: {_reason(exc)}") from None
     if not os.access(dest_dir, os.W_OK | os.X_OK):
         raise FetchError(f"destination folder {dest_dir} is not writable")
+    return created
 
 
 def _no_url_message(entry: ModelEntry, target: Path) -> str:

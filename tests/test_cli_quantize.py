@@ -356,3 +356,11 @@ def test_placement_for_openvino_quantizes_the_head_and_names_itself(cli, tiny_mo
     assert data["run_id"].endswith("-for-openvino")
     bad = cli("quantize", tiny_model, "--calib", calib, "--out", out, "--placement-runtime", "tensorrt")
     assert_one_line_error(bad, "--placement-runtime")
+
+
+def test_size_line_units_and_direction():
+    from quantize.console import size_text
+
+    assert size_text(97_800_000, 25_600_000) == "97.8 MB FP32 → 25.6 MB INT8 (3.82× smaller)"
+    # a tiny model: kB, and its Q/DQ nodes can outweigh what its weights saved
+    assert size_text(18_500, 19_300) == "18.5 kB FP32 → 19.3 kB INT8 (1.04× larger)"

@@ -283,6 +283,12 @@ def test_unreachable_port_is_an_error(tmp_path: Path) -> None:
     message = _assert_one_line(exc)
     assert message.startswith("could not download tiny from ")
     assert _leftovers(dest) == []
+    # the folders the fetch created for the file are gone again; one that was there stays
+    assert not dest.exists()
+    nested = tmp_path / "made" / "for" / "it"
+    with pytest.raises(FetchError):
+        fetch(entry, nested, timeout=TIMEOUT)
+    assert not (tmp_path / "made").exists() and tmp_path.is_dir()
 
 
 @pytest.mark.parametrize("route", ["/truncated.onnx", "/truncated-nolength.onnx"])
