@@ -5,7 +5,8 @@ Supported layouts (the name is reported back so the user sees what rq understood
 ``wnid-folders``   class subfolders named by WordNet id: ``val/n01440764/ILSVRC2012_val_….JPEG``
 ``flat+labels``    one flat folder of images, labels from a file given with ``--labels``
 ``wnid-prefixed``  one flat folder of files named ``<wnid>_….JPEG`` (e.g. ``n01440764_tench.JPEG``)
-``unlabeled``      any flat folder of images without labels (fine for calibration, not for accuracy)
+``unlabeled``      any flat folder of images without labels, or subfolders none of which is named by a wnid
+                   (fine for calibration, not for accuracy)
 
 Labels files: Caffe ``val.txt`` (``ILSVRC2012_val_00000001.JPEG 65``, 0-based index into the
 canonical synset list; a wnid instead of the index is accepted too) and Kaggle
@@ -100,6 +101,11 @@ def _listdir(folder: Path) -> list[Path]:
 
 def _images_in(folder: Path) -> list[Path]:
     return [p for p in _listdir(folder) if p.is_file() and is_image_file(p)]
+
+
+def _broken_links(folder: Path) -> list[Path]:
+    """Image-named symbolic links in `folder` whose target does not exist."""
+    return [p for p in _listdir(folder) if is_image_file(p) and p.is_symlink() and not p.exists()]
 
 
 # -- labels files ------------------------------------------------------------------------------
@@ -253,6 +259,10 @@ def discover_dataset(root: Path | str, labels: Path | str | None = None) -> Imag
         raise _no_images_error(root, entries)
 
     notes: list[str] = []
+    broken = [p for folder in (root, *dirs_with_images) for p in _broken_links(folder)]
+    if broken:
+        # A link whose target is gone is not an image, but the user put it there: say so rather than drop it.
+        notes.append(f"skipped {len(broken)} broken link(s) (e.g. {broken[0].relative_to(root)})")
     if flat_images:
         layout, samples, source = _flat(root, flat_images, label_file, labels_path, notes)
     else:
@@ -328,6 +338,8 @@ def _class_folders(
     labels_path: Path | None,
     notes: list[str],
 ) -> tuple[str, list[Sample], str | None]:
+    if not any(WNID_RE.match(d.name) for d in subdirs):
+        return _unlabelled_folders(root, subdirs, subdir_images, label_file, labels_path, notes)
     samples: list[Sample] = []
     empty: list[str] = []
     ignored: list[str] = []
@@ -382,6 +394,33 @@ def _class_folders(
             f"labels file has no entry for {from_folder} of {len(out)} images; used their class folder"
         )
     return LAYOUT_WNID_FOLDERS, out, str(labels_path)
+
+
+def _unlabelled_folders(
+    root: Path,
+    subdirs: list[Path],
+    subdir_images: dict[Path, list[Path]],
+    label_file: _Labels | None,
+    labels_path: Path | None,
+    notes: list[str],
+) -> tuple[str, list[Sample], str | None]:
+    """Subfolders none of which is an ImageNet class id (``cats/``, ``batch1/``): their images, labelled only by
+    a labels file. Calibration needs no labels; a folder mixing class ids with other names is refused instead,
+    as it is more likely a mistake."""
+    images = [p for d in subdirs for p in subdir_images[d]]
+    used = sum(1 for d in subdirs if subdir_images[d])
+    if label_file is not None:
+        samples = [Sample(p, label_file.by_stem.get(p.stem)) for p in images]
+        notes.append(
+            f"images from {used} subfolder(s) that are not class ids; labels from "
+            f"{labels_path.name if labels_path else 'file'} ({label_file.description})"
+        )
+        return LAYOUT_FLAT_LABELS, samples, str(labels_path)
+    notes.append(
+        f"images from {used} subfolder(s) whose names are not ImageNet class ids (e.g. {_quote(subdirs[0].name)}): "
+        "no labels, fine for calibration, but accuracy cannot be measured"
+    )
+    return LAYOUT_UNLABELED, [Sample(p, None) for p in images], None
 
 
 # -- sampling ----------------------------------------------------------------------------------

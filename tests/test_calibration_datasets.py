@@ -206,6 +206,29 @@ def test_error_non_wnid_subfolder_with_images(tmp_path):
     assert_one_line_error(discover_dataset, tmp_path, match="'cats'")
 
 
+def test_subfolders_that_are_not_class_ids_are_unlabelled_images(tmp_path):
+    """cats/ and dogs/ (no wnid among them): calibration images without labels, not an error."""
+    write_rgb(tmp_path / "cats" / "c1.jpg", size=(8, 8))
+    write_rgb(tmp_path / "cats" / "c2.png", size=(8, 8))
+    write_rgb(tmp_path / "dogs" / "d1.jpg", size=(8, 8))
+    (tmp_path / "empty").mkdir()
+    ds = discover_dataset(tmp_path)
+    assert ds.layout == "unlabeled" and len(ds) == 3 and not ds.labelled
+    assert any("not ImageNet class ids" in n and "'cats'" in n for n in ds.notes)
+    # a labels file labels them by file name
+    (tmp_path.parent / "lab.txt").write_text("c1.jpg 5\nd1.jpg 7\n")
+    labelled = discover_dataset(tmp_path, tmp_path.parent / "lab.txt")
+    assert {s.path.name: s.label for s in labelled.samples} == {"c1.jpg": 5, "c2.png": None, "d1.jpg": 7}
+
+
+def test_broken_links_are_counted_in_the_notes(tmp_path):
+    make_class_folders(tmp_path, {"n01440764": 2})
+    (tmp_path / "n01440764" / "gone.JPEG").symlink_to(tmp_path / "nowhere.JPEG")
+    ds = discover_dataset(tmp_path)
+    assert len(ds) == 2
+    assert "skipped 1 broken link(s) (e.g. n01440764/gone.JPEG)" in ds.notes
+
+
 def test_error_mixed_flat_and_subfolders(tmp_path):
     make_class_folders(tmp_path, {"n01440764": 1})
     write_rgb(tmp_path / "loose.jpg", size=(8, 8))
