@@ -433,6 +433,13 @@ def bench(
     runs: Annotated[int, typer.Option(min=1, help="Timed runs per model and batch size.")] = 20,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed runs first.")] = 3,
     runtime: opt.Runtime = "ort",
+    input_shape: Annotated[
+        str | None,
+        typer.Option(
+            "--input-shape",
+            help="Non-batch input dims for models whose input leaves them free, e.g. 3,224,224.",
+        ),
+    ] = None,
     as_json: opt.Json = False,
 ) -> None:
     """Latency and throughput of models, run interleaved (A B A B …) so drift hits all alike."""
@@ -447,6 +454,7 @@ def bench(
             runs=runs,
             warmup=warmup,
             runtimes=runtimes.parse(runtime),
+            image_shape=_parse_batches(input_shape, "--input-shape") if input_shape else None,
         )
         print_json(result.to_dict()) if as_json else out_console().print(result.render_table())
 

@@ -234,6 +234,28 @@ def test_bench_two_tiny_models(cli, tmp_path):
     assert "a.onnx" in text and "b.onnx" in text
 
 
+def test_bench_a_model_with_free_height_and_width(cli, tiny_model, tmp_path):
+    """A model whose input leaves H and W free (quantize and eval handle it): bench asks for --input-shape in
+    one line, then times that size; a size contradicting a fixed dimension is refused."""
+    import onnx
+
+    model = onnx.load(str(tiny_model))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].ClearField("dim_value")
+    dims[2].dim_param = "H"
+    dims[3].ClearField("dim_value")
+    dims[3].dim_param = "W"
+    free = tmp_path / "free-hw.onnx"
+    onnx.save(model, str(free))
+    assert_one_line_error(cli("bench", free, "--runs", "2"), "give the size to benchmark with --input-shape")
+    result = cli("bench", free, "--runs", "2", "--batch", "1", "--input-shape", "3,40,40", "--json")
+    assert result.exit_code == 0, all_output(result)
+    assert json.loads(result.stdout)["input_shape"] == ["N", 3, 40, 40]
+    assert_one_line_error(
+        cli("bench", free, "--runs", "2", "--input-shape", "4,40,40"), "contradicts its fixed dimensions"
+    )
+
+
 def test_bench_missing_model_is_exit_2(cli, tmp_path):
     a = tiny_cnn(tmp_path / "a.onnx")
     result = cli("bench", a, tmp_path / "missing.onnx", "--runs", "2", "--batch", "1")

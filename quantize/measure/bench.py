@@ -231,7 +231,9 @@ def _open(runtime, path: Path, threads: int, allow_spinning: bool):
         raise RqInputError(f"cannot load {path} in {runtime.label}: {ort_reason(e)}") from e
 
 
-def _check_input(path: Path, sess) -> list[int | str | None]:
+def _check_input(path: Path, sess, image_shape: Sequence[int] | None = None) -> list[int | str | None]:
+    """The input shape to feed: the model's, with its free non-batch dims taken from `image_shape` (C, H, W or
+    H, W, C as the model lays them out) when given."""
     if sess.input_type != "tensor(float)":
         raise RqInputError(
             f"{path}: input {sess.input_name!r} is {sess.input_type}; rq benchmarks float32-input models"
@@ -240,10 +242,25 @@ def _check_input(path: Path, sess) -> list[int | str | None]:
     if not shape:
         raise RqInputError(f"{path}: input {sess.input_name!r} is a scalar; rq needs a batched tensor input")
     rest = shape[1:]
+    if image_shape is not None:
+        if len(image_shape) != len(rest):
+            raise RqInputError(
+                f"{path}: --input-shape gives {len(image_shape)} dimensions, input {sess.input_name!r} has "
+                f"{len(rest)} besides the batch ({_fmt_shape(shape)})"
+            )
+        clash = [
+            (d, g) for d, g in zip(rest, image_shape, strict=True) if isinstance(d, int) and d > 0 and d != g
+        ]
+        if clash:
+            raise RqInputError(
+                f"{path}: input {sess.input_name!r} has shape {_fmt_shape(shape)}; --input-shape "
+                f"{','.join(map(str, image_shape))} contradicts its fixed dimensions"
+            )
+        return [shape[0], *image_shape]
     if any(not isinstance(d, int) or d <= 0 for d in rest):
         raise RqInputError(
             f"{path}: input {sess.input_name!r} has shape {_fmt_shape(shape)}; "
-            "all dimensions but the batch must be fixed to benchmark it"
+            "give the size to benchmark with --input-shape (e.g. 3,224,224)"
         )
     return shape
 
@@ -290,8 +307,11 @@ def bench_models(
     allow_spinning: bool = False,
     cpu: CpuInfo | None = None,
     runtimes: Sequence[str] = ("ort",),
+    image_shape: Sequence[int] | None = None,
 ) -> BenchResult:
     """Time every model at every batch size in every runtime, interleaved, and return the statistics.
+
+    ``image_shape``: the non-batch input dims to feed a model whose input leaves them free (dynamic H/W).
 
     Each model is opened in each runtime of ``runtimes`` (see quantize.measure.runtimes; ORT: CPU provider, all graph
     optimizations, ``threads`` intra-op threads — default: physical cores —, one inter-op thread, workers
@@ -345,7 +365,7 @@ def bench_models(
                     raise
                 errors.append((i, rt.name, str(exc)))
                 continue
-            shape = _check_input(p, sess)
+            shape = _check_input(p, sess, image_shape)
             if reference_shape is not None and shape[1:] != reference_shape[1:]:
                 raise RqInputError(
                     f"input shapes differ: {paths[0]} takes {_fmt_shape(reference_shape)} but {p} takes "
