@@ -277,6 +277,9 @@ def test_quantize_report_results_table_gives_the_speedup_interval(quantize_run):
     results = md.split("## Results", 1)[1].split("\n## ", 1)[0]
     int8_row = next(line for line in results.splitlines() if line.startswith("| ") and "INT8" in line)
     assert f"× [{low:.2f}, {high:.2f}]" in int8_row
+    # FP32's agreement with itself is what puts it on the agreement front (◆): shown, not "—"
+    fp32_row = next(line for line in results.splitlines() if line.startswith("| ") and "FP32" in line)
+    assert "100 (reference)" in fp32_row
     assert "its 95% interval over this run's interleaved rounds" in results
 
 

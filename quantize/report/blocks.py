@@ -248,7 +248,7 @@ def _results_blocks(data: dict) -> list[Block]:
             fmt_num(acc.get("top1")),
             fmt_num(acc.get("top5")),
             "reference" if is_fp32 and drop is None else drop_cell(drop),
-            "—" if is_fp32 and drop is None else _agreement_cell(drop),
+            "100 (reference)" if is_fp32 and drop is None else _agreement_cell(drop),
             "—" if is_fp32 and drop is None else (str(drop.get("disagreements")) if drop else NOT_MEASURED),
         ]
         if not batches:
