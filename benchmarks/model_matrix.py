@@ -176,7 +176,7 @@ def markdown(results: list[dict], args, skipped: list[str]) -> str:
         lines.append("| " + " | ".join(row_of(r)) + " |")
     lines.append("")
     lines.append(
-        "drop = FP32 top-1 − INT8 top-1 (paired exact 95% CI); agreement = images where INT8 predicts FP32's "
+        "drop = FP32 top-1 − INT8 top-1 (paired 95% CI: Tango's score interval); agreement = images where INT8 predicts FP32's "
         "class; quantize s = prepare + calibrate + quantize; INT8/FP32 = FP32 median latency / INT8 median "
         "latency in one interleaved run (> 1: INT8 faster; noisy on a shared machine)."
     )

@@ -179,7 +179,10 @@ def quantize(
                 (("gate_on",), max_drop is not None, "with --max-drop (the limit it gates on)"),
                 (("max_trials", "tune_fraction"), tune, "with --tune"),
                 (("bench_batch", "bench_runs"), bench, "with --bench"),
-                (("val_limit", "eval_batch"), val is not None, "with --val"),
+                (("val_limit", "val_labels"), val is not None, "with --val"),
+                # Without --val, held-back calibration images are the fidelity check; with it, only tuning
+                # holds images back.
+                (("holdout_images",), val is None or tune, "without --val, or with --tune"),
             ],
         )
         recipe = _recipe_from_options(

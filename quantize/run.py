@@ -80,6 +80,11 @@ class RunRequest:
             raise RqInputError("--max-drop needs --val (the images to measure the drop on)")
         if self.max_drop is not None and self.max_drop < 0:
             raise RqInputError("--max-drop must be ≥ 0")
+        if self.gate_on == "ci" and self.max_drop == 0:
+            # Any interval of a drop measured on finitely many images reaches above 0: the gate could never pass.
+            raise RqInputError(
+                "--gate-on ci needs --max-drop above 0: the drop's interval always reaches above 0"
+            )
         if self.gate_on not in GATE_ON:
             raise RqInputError(f"--gate-on must be one of {', '.join(GATE_ON)}, not {self.gate_on!r}")
         if self.holdout_images is not None and self.holdout_images < 0:
@@ -200,6 +205,7 @@ def run(
             batch_sizes=list(request.bench_batches),
             runs=request.bench_runs,
             runtimes=runtimes,
+            image_shape=request.spec.input_shape(1)[1:],  # the images' size (a model may leave H/W free)
         )
         result.seconds["bench"] = time.perf_counter() - started
     return _report(request, result, validations, gate, fidelity, bench, runtimes)

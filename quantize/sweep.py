@@ -435,7 +435,11 @@ def run_sweep(
         progress.stage(f"bench (FP32 and every INT8 variant, interleaved{where_all})")
         started = time.perf_counter()
         bench = bench_models(
-            [model, *model_paths], batch_sizes=bench_batches, runs=bench_runs, runtimes=runtimes
+            [model, *model_paths],
+            batch_sizes=bench_batches,
+            runs=bench_runs,
+            runtimes=runtimes,
+            image_shape=spec.input_shape(1)[1:],  # the size the images have (a model may leave H/W free)
         )
         seconds["bench"] = time.perf_counter() - started
 

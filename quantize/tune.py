@@ -498,7 +498,13 @@ def tune_fallback(
     report.chosen = chosen.step
     if len(step_models) > 1 and request.bench_runs > 0:
         progress.note("bench: FP32 and every tuning step, interleaved (batch 1)")
-        bench = bench_models([fp32_path, *step_models], batch_sizes=(1,), runs=request.bench_runs, warmup=2)
+        bench = bench_models(
+            [fp32_path, *step_models],
+            batch_sizes=(1,),
+            runs=request.bench_runs,
+            warmup=2,
+            image_shape=spec.input_shape(1)[1:],  # the size the images have (a model may leave H/W free)
+        )
         for row in bench.rows:
             if row.model_index > 0:
                 report.steps[row.model_index - 1].speed_ratio = {str(row.batch): round(row.ratio_to_first, 4)}

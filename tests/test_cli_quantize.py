@@ -256,6 +256,36 @@ def test_bench_a_model_with_free_height_and_width(cli, tiny_model, tmp_path):
     )
 
 
+def test_quantize_bench_of_a_model_with_free_height_and_width(cli, tiny_model, calib, tmp_path):
+    """rq quantize --bench times the size its preprocessing gives (there is no --input-shape to ask for)."""
+    import onnx
+
+    model = onnx.load(str(tiny_model))
+    for axis, name in ((2, "H"), (3, "W")):
+        dim = model.graph.input[0].type.tensor_type.shape.dim[axis]
+        dim.ClearField("dim_value")
+        dim.dim_param = name
+    free = tmp_path / "free-hw.onnx"
+    onnx.save(model, str(free))
+    out = tmp_path / "free-int8.onnx"
+    result = cli(
+        "quantize",
+        free,
+        "--calib",
+        calib,
+        "--out",
+        out,
+        "--bench",
+        "--bench-batch",
+        "1",
+        "--bench-runs",
+        "2",
+        *SMALL,
+    )
+    assert result.exit_code == 0, all_output(result)
+    assert out.is_file()
+
+
 def test_bench_missing_model_is_exit_2(cli, tmp_path):
     a = tiny_cnn(tmp_path / "a.onnx")
     result = cli("bench", a, tmp_path / "missing.onnx", "--runs", "2", "--batch", "1")
@@ -299,6 +329,16 @@ def test_typer_checks_fail_in_one_line_before_any_work(cli, tmp_path, flags, mes
     assert line.startswith("rq: error: ") and "Usage:" not in all_output(result)
 
 
+def test_a_ci_gate_at_zero_could_never_pass_and_is_refused(cli, tiny_model, calib, tmp_path):
+    out = tmp_path / "never-int8.onnx"
+    flags = ["--val", calib, "--max-drop", "0", "--gate-on", "ci"]
+    assert_one_line_error(
+        cli("quantize", tiny_model, "--calib", calib, "--out", out, *flags, *SMALL),
+        "needs --max-drop above 0",
+    )
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -310,7 +350,11 @@ def test_typer_checks_fail_in_one_line_before_any_work(cli, tmp_path, flags, mes
         (["--bench-runs", "5"], "--bench-runs applies only with --bench"),
         (["--bench-batch", "4"], "--bench-batch applies only with --bench"),
         (["--val-limit", "5"], "--val-limit applies only with --val"),
-        (["--eval-batch", "8"], "--eval-batch applies only with --val"),
+        (["--val-labels", "labels.txt"], "--val-labels applies only with --val"),
+        (
+            ["--val", "VAL", "--holdout-images", "50"],
+            "--holdout-images applies only without --val, or with --tune",
+        ),
         (
             ["--calibration", "entropy", "--percentile", "99.9"],
             "--percentile applies only with --calibration percentile",
@@ -321,6 +365,7 @@ def test_options_the_run_would_ignore_are_refused(cli, tiny_model, calib, tmp_pa
     """An option that would change nothing is one line and exit 2 before any work, like --bins with minmax: a
     user who asked for --gate-on ci without a limit must not believe the run was gated."""
     out = tmp_path / "idle-int8.onnx"
+    flags = [calib if flag == "VAL" else flag for flag in flags]
     assert_one_line_error(
         cli("quantize", tiny_model, "--calib", calib, "--out", out, *flags, *SMALL), message
     )

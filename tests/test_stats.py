@@ -126,7 +126,7 @@ def test_identical_arrays_still_give_an_interval_by_default():
 
 
 def test_tango_interval_matches_the_published_example():
-    """Fagerland, Lydersen & Laake (2013), airway hyper-responsiveness data (n12 = 1, n21 = 7, N = 21): Tango's
+    """Fagerland, Lydersen & Laake (Stat Med 2014), airway hyper-responsiveness data (n12 = 1, n21 = 7, N = 21): Tango's
     asymptotic score interval −0.517 to −0.026."""
     low, high = tango_interval(1, 7, 21)
     assert low == pytest.approx(-0.517, abs=5e-4) and high == pytest.approx(-0.026, abs=5e-4)

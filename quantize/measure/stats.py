@@ -6,14 +6,14 @@ B (INT8) wrong, or the reverse. With the 1300-image validation sets rq typically
 prediction moves top-1 by 1/1300 = 0.077 percentage points. Treating the two accuracies as independent
 samples throws the pairing away: each accuracy alone has a 95% interval of about ±2.2 pt (top-1 near
 80%), and an unpaired interval for their difference is wider still (about ±3.1 pt) — far too wide to say
-anything about a 0.5 pt quantization budget. Conditioning on the discordant pairs instead gives an
-interval whose width scales with √(discordant)/n: 20 discordant images out of 1300 give roughly ±0.7 pt.
+anything about a 0.5 pt quantization budget. A paired interval, built on the discordant pairs, has a width
+that scales with √(discordant)/n: 20 discordant images out of 1300 give roughly ±0.7 pt.
 
 Three interval methods are offered by :func:`paired_drop`:
 
 ``"score"`` (default)
     Tango's asymptotic score interval for the difference of paired proportions (Tango 1998; recommended by
-    Fagerland, Lydersen & Laake 2013 for its coverage at small and zero discordant counts). The drop Δ is
+    Fagerland, Lydersen & Laake, Stat Med 2014 for its coverage at small and zero discordant counts). The drop Δ is
     in the interval when the score statistic ``(a_only − b_only − nΔ) / √(n(2·p̃ + Δ(1 − Δ)))``, with p̃
     the maximum-likelihood share of B-only images under Δ, stays within ±z. The number of discordant
     images is *not* held fixed: with none at all on n images the interval is still about ±z²/n, not
@@ -320,7 +320,7 @@ def tango_interval(a_only: int, b_only: int, n: int, confidence: float = 0.95) -
     a_only / b_only: pairs where only the first / only the second is a success, of n pairs. The statistic
     T(Δ) = (a_only − b_only − nΔ) / √(n(2·p̃(Δ) + Δ(1 − Δ))) falls as Δ grows, with p̃(Δ) the constrained
     maximum-likelihood probability of a b_only pair: (√(B² − 4AC) − B) / 2A, A = 2n,
-    B = −a_only − b_only + (2n − a_only + b_only)Δ, C = −b_only·Δ(1 − Δ) (Fagerland, Lydersen & Laake 2013).
+    B = −a_only − b_only + (2n − a_only + b_only)Δ, C = −b_only·Δ(1 − Δ) (Fagerland, Lydersen & Laake, Stat Med 2014).
     The interval is every Δ with |T(Δ)| ≤ z; each end found by bisection to 1e-12.
     """
     a_only = _check_count(a_only, "a_only")
