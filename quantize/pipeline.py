@@ -41,7 +41,6 @@ from quantize.graph.channel_pad import ChannelPad, pad_conv_input_channels
 from quantize.graph.openvino_form import OpenVinoForm
 from quantize.graph.placement import place, require_something
 from quantize.graph.prepare import ModelError, PreparedModel, load_model, prepare_model
-from quantize.manifest import sha256_file
 from quantize.measure.cpu import CpuInfo, IntegerKernelAdvice, advise_int8, detect_cpu
 from quantize.measure.evaluate import evaluate
 from quantize.measure.fidelity import held_back_samples
@@ -126,15 +125,17 @@ def file_list_sha256(files: list[Path], root: Path) -> str:
     return hashlib.sha256("\n".join(names).encode()).hexdigest()
 
 
-def file_contents_sha256(files: list[Path], root: Path) -> str:
-    """sha256 over the sorted (name relative to `root`, sha256 of the bytes) of every file: what a cached result
-    computed on these images depends on. Names alone would let a folder whose images were replaced, fixed or
-    relabelled under the same names reuse results measured on the old ones."""
-    entries = sorted(
-        (Path(os.path.relpath(os.path.abspath(f), os.path.abspath(root))).as_posix(), sha256_file(f))
-        for f in files
-    )
-    return hashlib.sha256("\n".join(f"{name}\t{digest}" for name, digest in entries).encode()).hexdigest()
+def file_states_sha256(files: list[Path], root: Path) -> str:
+    """sha256 over the sorted (name relative to `root`, size, modification time, inode) of every file: what a
+    cached result computed on these images depends on, without reading them (a calibration folder can be all of
+    ImageNet train). Names alone let images replaced under the same names reuse results measured on the old
+    ones; a rewrite changes the time, a swap by renaming the inode."""
+    entries = []
+    for f in files:
+        st = os.stat(f)
+        name = Path(os.path.relpath(os.path.abspath(f), os.path.abspath(root))).as_posix()
+        entries.append(f"{name}\t{st.st_size}\t{st.st_mtime_ns}\t{st.st_ino}")
+    return hashlib.sha256("\n".join(sorted(entries)).encode()).hexdigest()
 
 
 def default_output_path(model: Path, directory: Path | None = None) -> Path:

@@ -3,7 +3,7 @@
 The model is prepared once and each distinct calibration (method, percentile, bins, sample) runs once; every
 recipe then only re-quantizes. Each finished recipe is cached under `<report-dir>/.sweep-cache/<key>/` (its
 INT8 model, per-image predictions, and a summary keyed by the recipe's digest), where the key covers the model
-file, the preprocessing, the calibration and validation images and the labels files (by content) and the
+file, the preprocessing, the calibration and validation images (name, size, time) and labels (content), the
 versions of rq and its runtime (`cache_key`): an interrupted sweep resumes where it stopped, and a changed
 input starts a fresh cache. With several runtimes (`runtimes`, like `--runtime` on bench/eval) every recipe's
 one INT8 file is validated and benchmarked in each; its predictions are cached per runtime and runtime version
@@ -40,8 +40,8 @@ from quantize.pipeline import (
     CalibrationRun,
     calibration_key,
     check_spec_matches,
-    file_contents_sha256,
     file_list_sha256,
+    file_states_sha256,
     quantize_prepared,
     run_calibration,
 )
@@ -197,8 +197,8 @@ def cache_key(
 ) -> str:
     """The sweep cache's folder name: everything a cached result depends on, besides the recipe itself.
 
-    The images and the labels files count by content (an image replaced under the same name, a corrected labels
-    file, change the results), and the versions of
+    The images count by name, size, modification time and inode (an image replaced under the same name changes
+    the results; their bytes are not read), the labels files by content, and the versions of
     rq, ONNX Runtime (which quantizes and runs the models), onnx and, when the grid uses it, INC count too:
     a cached result is never reused under another runtime."""
     import onnx
@@ -213,8 +213,8 @@ def cache_key(
         {
             "model": sha256_file(model),
             "spec": spec.to_dict(),
-            "calib": file_contents_sha256(calib_files, calib_root),
-            "val": file_contents_sha256(val_files, val_root),
+            "calib": file_states_sha256(calib_files, calib_root),
+            "val": file_states_sha256(val_files, val_root),
             "labels": sha256_file(Path(labels)) if labels is not None else None,
             "val_labels": sha256_file(Path(val_labels)) if val_labels is not None else None,
             "versions": versions,

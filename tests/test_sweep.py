@@ -194,9 +194,9 @@ def test_a_changed_input_starts_a_fresh_cache(inputs, tmp_path, monkeypatch):
 
 
 def test_images_replaced_under_the_same_names_start_a_fresh_cache(inputs, tmp_path, monkeypatch):
-    """The cache key follows the images' bytes, not only their names: a validation folder whose images were
-    swapped between files (same names, so wrong labels now) must not reuse the old accuracies; an identical
-    copy elsewhere may."""
+    """The cache key follows the images' state (size, time, inode), not only their names: a validation folder
+    whose images were swapped between files (same names, so wrong labels now) must not reuse the old
+    accuracies; the same untouched folder does."""
     counter = CountingQuantize()
     monkeypatch.setattr(sweep_module, "quantize_prepared", counter)
     copy = tmp_path / "val-copy"
