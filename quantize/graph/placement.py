@@ -92,22 +92,45 @@ def _float_tensors(model: onnx.ModelProto) -> set[str]:
     return floats
 
 
-def _writes_output(node: onnx.NodeProto, consumers: dict, graph_outputs: set[str]) -> bool:
-    """Whether `node`'s output reaches a graph output without passing another Conv/Gemm/MatMul: through a
-    softmax, reshapes, or the Slice/Add/Concat of a model that adds or drops a background class."""
-    frontier, seen = list(node.output), set()
-    while (
-        frontier and len(seen) < 256
-    ):  # a head's tail is a handful of nodes; stop before walking a whole net
+# What may stand between the classifier's last Gemm/MatMul and the graph output: reshapes, a softmax, and the
+# Slice/Concat of a model that adds or drops a background class; arithmetic only with constants or the head's
+# own tensors (the background column's offset).
+HEAD_TAIL = (
+    "Softmax",
+    "LogSoftmax",
+    "Flatten",
+    "Reshape",
+    "Squeeze",
+    "Unsqueeze",
+    "Identity",
+    "Cast",
+    "Slice",
+)
+HEAD_TAIL_JOIN = ("Concat",)
+HEAD_TAIL_ARITHMETIC = ("Add", "Sub", "Mul", "Div")
+
+
+def _writes_output(
+    node: onnx.NodeProto, consumers: dict, graph_outputs: set[str], constants: set[str]
+) -> bool:
+    """Whether `node`'s output reaches a graph output through a classifier head's tail only (HEAD_TAIL…)."""
+    reached = set(node.output)
+    frontier = list(node.output)
+    while frontier:
         tensor = frontier.pop()
         if tensor in graph_outputs:
             return True
-        if tensor in seen:
-            continue
-        seen.add(tensor)
         for reader in consumers.get(tensor, []):
-            if reader.op_type not in ANCHORS:
-                frontier.extend(o for o in reader.output if o)
+            others = [i for i in reader.input if i and i != tensor]
+            tail = reader.op_type in HEAD_TAIL + HEAD_TAIL_JOIN or (
+                reader.op_type in HEAD_TAIL_ARITHMETIC and all(i in constants or i in reached for i in others)
+            )
+            if not tail:
+                continue
+            for out in reader.output:
+                if out and out not in reached:
+                    reached.add(out)
+                    frontier.append(out)
     return False
 
 
@@ -187,7 +210,7 @@ def place(model: onnx.ModelProto, recipe: QuantRecipe) -> Placement:
     heads = [
         n
         for n in quantized
-        if n.op_type in ("Gemm", "MatMul") and _writes_output(n, consumers, graph_outputs)
+        if n.op_type in ("Gemm", "MatMul") and _writes_output(n, consumers, graph_outputs, constants)
     ]
     others = [n for n in quantized if n.op_type in ANCHORS and n not in heads]
     # For OpenVINO the head is quantized like NNCF's: its f32 FullyConnected cost 2-3 % of ResNet-50's INT8
