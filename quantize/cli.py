@@ -276,11 +276,10 @@ def eval_(
         with ray_session(ray) as runner, progress_bar() as bar:
             by_runtime = evaluate_in(chosen, models, samples, spec, batch, workers, runner, BarProgress(bar))
         if as_json:
-            print_json(eval_json(by_runtime, dataset, spec) | {"preprocess_source": spec_source or "options"})
+            print_json(eval_json(by_runtime, dataset, spec) | {"preprocess_source": spec_source})
         else:
             out_console().print(eval_table(by_runtime, dataset, batch))
-            if spec_source:
-                out_console().print(f"preprocessing from {escape(spec_source)}: {escape(spec.describe())}")
+            out_console().print(f"preprocessing from {escape(spec_source)}: {escape(spec.describe())}")
 
 
 @app.command(cls=RqCommand)

@@ -102,8 +102,8 @@ def build_spec(preset_name, mean, std, resize, crop, interpolation) -> Preproces
 
 def spec_for_models(
     models, preset_name, mean, std, resize, crop, interpolation
-) -> tuple[PreprocessSpec, str | None]:
-    """The preprocessing to evaluate `models` with, and where it came from when not from the options.
+) -> tuple[PreprocessSpec, str]:
+    """The preprocessing to evaluate `models` with, and where it came from (in words).
 
     Like timm's data config: a model rq quantized carries its preprocessing (`rq.preprocess` in its metadata),
     and it is the default; a preset replaces it, and each option given overrides one field. Models that carry
@@ -119,9 +119,8 @@ def spec_for_models(
     for path in models:
         try:
             model = load_model(Path(path), load_weights=False)
-        except (
-            Exception
-        ):  # a missing or broken file: the runtime says so, in its own one line, when it opens it
+        # A missing or broken file: the runtime says so, in its own one line, when it opens it.
+        except Exception:
             continue
         loaded.append((Path(path), model))
         entry = next((p.value for p in model.metadata_props if p.key == PREPROCESS_METADATA_KEY), None)
@@ -133,21 +132,23 @@ def spec_for_models(
             continue  # an unreadable record is no default; the options (or the built-in default) apply
         stored.setdefault(json.dumps(spec.to_dict(), sort_keys=True), (Path(path), spec))
     options_given = any(v is not None for v in (preset_name, mean, std, resize, crop, interpolation))
-    source = None
-    if preset_name is not None or not stored:
-        base = preset(preset_name) if preset_name else PreprocessSpec()
+    with_options = ", with the options given" if options_given else ""
+    if preset_name is not None:
+        base, source = preset(preset_name), f"preset {preset_name}{with_options}"
     elif len(stored) == 1:
         path, base = next(iter(stored.values()))
-        source = f"{path.name}'s rq.preprocess metadata" + (
-            ", with the options given" if options_given else ""
-        )
-    elif options_given:
+        source = f"{path.name}'s rq.preprocess metadata{with_options}"
+    elif not stored:
         base = PreprocessSpec()
+        source = "the options given" if options_given else "rq's default (the ImageNet transform, crop 224)"
+    elif all(v is not None for v in (mean, std, resize, crop)):
+        base, source = PreprocessSpec(), "the options given"
     else:
+        # Filling the fields not given from a built-in default would quietly mix two models' preprocessing.
         names = ", ".join(path.name for path, _ in stored.values())
         raise RqInputError(
-            f"{names} were quantized with different preprocessing; say which with --preset or "
-            "--resize/--crop/--mean/--std"
+            f"{names} were quantized with different preprocessing; say which with --preset, or with all of "
+            "--resize, --crop, --mean and --std"
         )
     spec = base.with_overrides(
         mean=_floats3(mean, "--mean"),

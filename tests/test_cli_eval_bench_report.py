@@ -257,6 +257,32 @@ def test_eval_takes_the_preprocessing_an_rq_model_carries(quantize_run):
     assert_one_line_error(fp32, "expects [3, 32, 32] per image, preprocessing gives [3, 224, 224]")
 
 
+def test_eval_of_models_carrying_different_preprocessing_must_be_told_which(quantize_run, tmp_path):
+    """Two rq models quantized with other preprocessing (resize 36 and 40): no silent choice, and no mix of one
+    model's fields with the built-in default's; a full set of options says which."""
+    import onnx
+
+    other = onnx.load(str(quantize_run["out"]))
+    for prop in other.metadata_props:
+        if prop.key == "rq.preprocess":
+            spec = json.loads(prop.value)
+            spec["resize"] = 40
+            prop.value = json.dumps(spec)
+    other_path = tmp_path / "other-int8.onnx"
+    onnx.save(other, str(other_path))
+    models = [quantize_run["out"], other_path]
+    assert_one_line_error(
+        invoke("eval", *models, "--data", quantize_run["val"]), "were quantized with different preprocessing"
+    )
+    assert_one_line_error(
+        invoke("eval", *models, "--data", quantize_run["val"], "--crop", "32"), "with all of --resize, --crop"
+    )
+    full = ["--resize", "36", "--crop", "32", "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225"]
+    result = invoke("eval", *models, "--data", quantize_run["val"], *full, "--json")
+    assert result.exit_code == 0, all_output(result)
+    assert json.loads(result.stdout)["preprocess_source"] == "the options given"
+
+
 def test_quantize_report_html_has_the_plot(quantize_run):
     page = (quantize_run["run"] / "report.html").read_text()
     assert "data:image/png;base64," in page
