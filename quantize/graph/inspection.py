@@ -119,7 +119,9 @@ def weight_errors(fp32_path: Path, int8_path: Path) -> dict[str, float]:
         create_weight_matching,
     )
 
-    with quiet(), muted(""):  # it logs an ERROR per weight it does not pair: noise here
+    # It logs an ERROR per weight it does not pair through the root logger (no logger of its own), so the root
+    # is muted for this call only: nothing of rq's logs while it runs.
+    with quiet(), muted(""):
         matched = create_weight_matching(str(fp32_path), str(int8_path))
     for pair in matched.values():
         # A weight whose input channels rq padded with zeros for ONNX Runtime (graph/channel_pad.py): the
@@ -204,7 +206,8 @@ def inspect_models(
     # The INT8 file keeps each weight under its FP32 name (quantized: "<name>_quantized"); another network's
     # file has few of them, even when a few tensor names (the logits) coincide.
     int8_weights = {x.name for x in int8.graph.initializer}
-    weighted = [n for n in nodes if len(n.input) > 1]
+    fp32_weights = {x.name for x in fp32.graph.initializer}
+    weighted = [n for n in nodes if len(n.input) > 1 and n.input[1] in fp32_weights]  # not activation MatMuls
     shared = [n for n in weighted if {n.input[1], n.input[1] + "_quantized"} & int8_weights]
     if not pairs or 2 * len(pairs) < len(nodes) or 2 * len(shared) < len(weighted):
         # A per-node table of unrelated nodes would be noise presented as findings.
