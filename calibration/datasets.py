@@ -103,6 +103,13 @@ def _images_in(folder: Path) -> list[Path]:
     return [p for p in _listdir(folder) if p.is_file() and is_image_file(p)]
 
 
+def _link_target(link: Path) -> str:
+    try:
+        return str(link.readlink())
+    except OSError:
+        return "?"
+
+
 def _broken_links(folder: Path) -> list[Path]:
     """Image-named symbolic links in `folder` whose target does not exist."""
     return [p for p in _listdir(folder) if is_image_file(p) and p.is_symlink() and not p.exists()]
@@ -250,18 +257,23 @@ def discover_dataset(root: Path | str, labels: Path | str | None = None) -> Imag
     subdir_images = {d: _images_in(d) for d in subdirs}
     dirs_with_images = [d for d in subdirs if subdir_images[d]]
 
+    # A link whose target is gone is not an image, but the user put it there: say so rather than drop it.
+    broken = [p for folder in (root, *subdirs) for p in _broken_links(folder)]
     if flat_images and dirs_with_images:
         raise DatasetError(
             f"{root} has images both directly inside ({len(flat_images)}) and in subfolders "
             f"(e.g. {dirs_with_images[0].name}/); use either one flat folder or one subfolder per class"
         )
     if not flat_images and not dirs_with_images:
+        if broken:
+            raise DatasetError(
+                f"{root} holds no readable image, only {len(broken)} broken link(s) "
+                f"(e.g. {broken[0].relative_to(root)} → {_link_target(broken[0])}); is their target mounted?"
+            )
         raise _no_images_error(root, entries)
 
     notes: list[str] = []
-    broken = [p for folder in (root, *dirs_with_images) for p in _broken_links(folder)]
     if broken:
-        # A link whose target is gone is not an image, but the user put it there: say so rather than drop it.
         notes.append(f"skipped {len(broken)} broken link(s) (e.g. {broken[0].relative_to(root)})")
     if flat_images:
         layout, samples, source = _flat(root, flat_images, label_file, labels_path, notes)
@@ -408,16 +420,28 @@ def _unlabelled_folders(
     a labels file. Calibration needs no labels; a folder mixing class ids with other names is refused instead,
     as it is more likely a mistake."""
     images = [p for d in subdirs for p in subdir_images[d]]
-    used = sum(1 for d in subdirs if subdir_images[d])
+    used = [d for d in subdirs if subdir_images[d]]
+    nested = sum(1 for d in used if any(c.is_dir() for c in _listdir(d)))
+    if nested:
+        notes.append(f"{nested} subfolder(s) contain subfolders; only images directly inside are used")
     if label_file is not None:
         samples = [Sample(p, label_file.by_stem.get(p.stem)) for p in images]
         notes.append(
-            f"images from {used} subfolder(s) that are not class ids; labels from "
+            f"images from {len(used)} subfolder(s) that are not class ids; labels from "
             f"{labels_path.name if labels_path else 'file'} ({label_file.description})"
         )
+        stems = defaultdict(int)
+        for p in images:
+            stems[p.stem] += 1
+        repeated = sum(n for n in stems.values() if n > 1)
+        if repeated:
+            # A labels file names images by file name: the same name in two subfolders gets one label.
+            notes.append(
+                f"{repeated} images share their file name with another subfolder's: they get one label"
+            )
         return LAYOUT_FLAT_LABELS, samples, str(labels_path)
     notes.append(
-        f"images from {used} subfolder(s) whose names are not ImageNet class ids (e.g. {_quote(subdirs[0].name)}): "
+        f"images from {len(used)} subfolder(s) whose names are not ImageNet class ids (e.g. {_quote(used[0].name)}): "
         "no labels, fine for calibration, but accuracy cannot be measured"
     )
     return LAYOUT_UNLABELED, [Sample(p, None) for p in images], None

@@ -211,7 +211,7 @@ def test_subfolders_that_are_not_class_ids_are_unlabelled_images(tmp_path):
     write_rgb(tmp_path / "cats" / "c1.jpg", size=(8, 8))
     write_rgb(tmp_path / "cats" / "c2.png", size=(8, 8))
     write_rgb(tmp_path / "dogs" / "d1.jpg", size=(8, 8))
-    (tmp_path / "empty").mkdir()
+    (tmp_path / "aaa-empty").mkdir()  # listed first, but not the example: it holds no image
     ds = discover_dataset(tmp_path)
     assert ds.layout == "unlabeled" and len(ds) == 3 and not ds.labelled
     assert any("not ImageNet class ids" in n and "'cats'" in n for n in ds.notes)
@@ -227,6 +227,14 @@ def test_broken_links_are_counted_in_the_notes(tmp_path):
     ds = discover_dataset(tmp_path)
     assert len(ds) == 2
     assert "skipped 1 broken link(s) (e.g. n01440764/gone.JPEG)" in ds.notes
+    # a class folder of broken links only is counted too; a folder of nothing else is one line naming them
+    (tmp_path / "n01443537").mkdir()
+    (tmp_path / "n01443537" / "lost.JPEG").symlink_to(tmp_path / "unmounted" / "lost.JPEG")
+    assert "skipped 2 broken link(s) (e.g. n01440764/gone.JPEG)" in discover_dataset(tmp_path).notes
+    dead = tmp_path / "dead"
+    dead.mkdir()
+    (dead / "a.jpg").symlink_to(tmp_path / "unmounted" / "a.jpg")
+    assert_one_line_error(discover_dataset, dead, match="only 1 broken link")
 
 
 def test_error_mixed_flat_and_subfolders(tmp_path):
