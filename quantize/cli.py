@@ -172,7 +172,12 @@ def quantize(
     from quantize.run import RunRequest, run
 
     with user_errors(), contextlib.ExitStack() as stack:
-        check_finite(percentile, "--percentile")
+        for value, option in (
+            (percentile, "--percentile"),
+            (tune_fraction, "--tune-fraction"),
+            (max_drop, "--max-drop"),
+        ):
+            check_finite(value, option)  # before whether it applies: a NaN is wrong either way
         refuse_idle_options(
             ctx,
             [
