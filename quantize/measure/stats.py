@@ -314,6 +314,17 @@ def agreement(predictions_a, predictions_b, *, confidence: float = 0.95) -> Agre
     )
 
 
+def _paired_counts(a_only, b_only, n, confidence: float, unit: str) -> tuple[int, int, int]:
+    """The discordant counts and the total, checked (whole, non-negative, fitting in n), and the confidence."""
+    a_only = _check_count(a_only, "a_only")
+    b_only = _check_count(b_only, "b_only")
+    n = _check_count(n, "n")
+    _check_confidence(confidence)
+    if n == 0 or a_only + b_only > n:
+        raise RqInputError(f"counts a_only={a_only}, b_only={b_only} do not fit n={n} {unit}")
+    return a_only, b_only, n
+
+
 def tango_interval(a_only: int, b_only: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
     """Tango's score interval for Δ = (a_only − b_only)/n, the difference of two paired proportions (fractions).
 
@@ -323,12 +334,7 @@ def tango_interval(a_only: int, b_only: int, n: int, confidence: float = 0.95) -
     B = −a_only − b_only + (2n − a_only + b_only)Δ, C = −b_only·Δ(1 − Δ) (Fagerland, Lydersen & Laake, Stat Med 2014).
     The interval is every Δ with |T(Δ)| ≤ z; each end found by bisection to 1e-12.
     """
-    a_only = _check_count(a_only, "a_only")
-    b_only = _check_count(b_only, "b_only")
-    n = _check_count(n, "n")
-    _check_confidence(confidence)
-    if n == 0 or a_only + b_only > n:
-        raise RqInputError(f"counts a_only={a_only}, b_only={b_only} do not fit n={n} pairs")
+    a_only, b_only, n = _paired_counts(a_only, b_only, n, confidence, "pairs")
     z = _normal_quantile(0.5 + confidence / 2.0)
 
     def score(delta: float) -> float:
@@ -387,12 +393,7 @@ def images_to_confirm(
     The result is rounded up to a multiple of 10: it is an order of size, not a promise — the next images
     will not show exactly these rates.
     """
-    a_only = _check_count(a_only, "a_only")
-    b_only = _check_count(b_only, "b_only")
-    n = _check_count(n, "n")
-    _check_confidence(confidence)
-    if n == 0 or a_only + b_only > n:
-        raise RqInputError(f"counts a_only={a_only}, b_only={b_only} do not fit n={n} images")
+    a_only, b_only, n = _paired_counts(a_only, b_only, n, confidence, "images")
     gate = float(max_drop_pt) / 100.0
     d = (a_only + b_only) / n
     delta = (a_only - b_only) / n
