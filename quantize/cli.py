@@ -394,8 +394,12 @@ def inspect(
     from quantize.run import inspect_run
 
     with user_errors():
+        from quantize.graph.inspection import check_pair
+
+        check_pair(fp32, int8)  # a pair that does not belong together says so before any size is checked
         # The INT8 file carries the preprocessing it was calibrated with; both models must take its size.
-        spec, _ = spec_for_models([int8, fp32], preset_name, mean, std, resize, crop, interpolation)
+        spec, spec_source = spec_for_models([int8, fp32], preset_name, mean, std, resize, crop, interpolation)
+        err.print(f"preprocessing from {spec_source}: {spec.describe()}", highlight=False, soft_wrap=True)
         command = ["rq", *sys.argv[1:]]
         data, paths, nodes = inspect_run(fp32, int8, calib, labels, samples, spec, report_dir, command)
         used = data["inspection"]["images"]

@@ -141,15 +141,30 @@ def spec_for_models(
     elif not stored:
         base = PreprocessSpec()
         source = "the options given" if options_given else "rq's default (the ImageNet transform, crop 224)"
-    elif all(v is not None for v in (mean, std, resize, crop)):
-        base, source = PreprocessSpec(), "the options given"
     else:
-        # Filling the fields not given from a built-in default would quietly mix two models' preprocessing.
-        names = ", ".join(path.name for path, _ in stored.values())
-        raise RqInputError(
-            f"{names} were quantized with different preprocessing; say which with --preset, or with all of "
-            "--resize, --crop, --mean and --std"
-        )
+        # Several specs: the options must settle every field in which they differ (filling one from a built-in
+        # default would quietly mix two models' preprocessing); the fields they share stay as stored.
+        given = {
+            k for k, v in {"resize": resize, "crop": crop, "mean": mean, "std": std}.items() if v is not None
+        }
+        given |= {"interpolation"} if interpolation is not None else set()
+        dicts = [spec.to_dict() for _, spec in stored.values()]
+        differing = sorted(k for k in dicts[0] if any(d.get(k) != dicts[0].get(k) for d in dicts[1:]))
+        if not set(differing) <= given:
+            names = ", ".join(path.name for path, _ in stored.values())
+            settable = [
+                f"--{k}" for k in differing if k in ("resize", "crop", "mean", "std", "interpolation")
+            ]
+            how = (
+                f"with {', '.join(settable)}"
+                if len(settable) == len(differing)
+                else "with --preset and options"
+            )
+            raise RqInputError(
+                f"{names} were quantized with different preprocessing ({', '.join(differing)}); say which {how}"
+            )
+        path, base = next(iter(stored.values()))
+        source = f"the options given, the rest as stored in {path.name}'s rq.preprocess metadata"
     spec = base.with_overrides(
         mean=_floats3(mean, "--mean"),
         std=_floats3(std, "--std"),
@@ -222,7 +237,8 @@ Preset = Annotated[
     str | None,
     typer.Option(
         "--preset",
-        help=f"Preprocessing preset: {', '.join(PRESETS)} (default resnet50-v2).",
+        help=f"Preprocessing preset: {', '.join(PRESETS)} (default: what an rq model carries in its rq.preprocess "
+        "metadata (eval, inspect), else resnet50-v2).",
         rich_help_panel=PREP,
     ),
 ]

@@ -127,6 +127,14 @@ def print_run(result, as_json: bool) -> None:
         err.print(f"[{style}]{escape(result.gate.message)}[/]", highlight=False)
 
 
+#: The drop interval's method, as the report names it.
+METHOD_NAMES = {
+    "score": "Tango's score interval",
+    "exact": "conditional Clopper–Pearson",
+    "bootstrap": "paired bootstrap",
+}
+
+
 def _bytes_text(size: int) -> str:
     """Decimal units, as in the report; kB under one MB (a tiny model is not "0.0 MB")."""
     return f"{size / 1e6:.1f} MB" if size >= 1_000_000 else f"{size / 1e3:.1f} kB"
@@ -247,8 +255,10 @@ def validation_table(validation, runtime: str | None = None) -> Table:
         "INT8",
         f"{validation.int8.top1:.2f}",
         f"{validation.int8.top5:.2f}",
-        f"top-1 drop {d.drop_pt:.2f} pt, 95% CI [{d.ci_low_pt:.2f}, {d.ci_high_pt:.2f}] ({d.method}, {verdict}); "
-        f"top-1 agreement with FP32 {d.agreement_pct:.2f}%: predictions differ on {d.disagreements} images "
+        f"top-1 drop {d.drop_pt:.2f} pt, 95% CI [{d.ci_low_pt:.2f}, {d.ci_high_pt:.2f}] "
+        f"({METHOD_NAMES.get(d.method, d.method)}, {verdict}); "
+        f"top-1 agreement with FP32 {d.agreement_pct:.2f}%: predictions differ on {d.disagreements} "
+        f"image{'' if d.disagreements == 1 else 's'} "
         f"(FP32-only right {d.a_only}, INT8-only right {d.b_only})",
     )
     if validation.run.cluster:

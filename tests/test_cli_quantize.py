@@ -425,6 +425,36 @@ def test_placement_for_openvino_quantizes_the_head_and_names_itself(cli, tiny_mo
     assert_one_line_error(bad, "--placement-runtime")
 
 
+def test_calibration_from_subfolders_without_class_ids_is_reported(cli, tiny_model, tmp_path):
+    """cats/ and dogs/ calibrate (labels are not needed); the report says how the folder was read, broken link
+    included, in report.md too (not only in the console and report.json)."""
+    for folder in ("cats", "dogs"):
+        for i in range(4):
+            write_rgb(
+                tmp_path / "calib" / folder / f"{folder}{i}.jpg",
+                size=(48, 40),
+                seed=i + (10 if folder == "dogs" else 0),
+            )
+    (tmp_path / "calib" / "dogs" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    out = tmp_path / "pets-int8.onnx"
+    result = cli(
+        "quantize",
+        tiny_model,
+        "--calib",
+        tmp_path / "calib",
+        "--out",
+        out,
+        "--report-dir",
+        tmp_path / "r",
+        *SMALL,
+    )
+    assert result.exit_code == 0, all_output(result)
+    (md,) = (tmp_path / "r").glob("*/report.md")
+    text = md.read_text()
+    assert "Folder notes:" in text and "not ImageNet class ids" in text
+    assert "skipped 1 broken link(s) (e.g. dogs/gone.jpg)" in text
+
+
 def test_size_line_units_and_direction():
     from quantize.console import size_text
 

@@ -269,6 +269,32 @@ def test_cli_inspect_refuses_models_that_are_not_a_pair(tiny_pair, sensitive_pai
     assert not (tmp_path / "r").exists()
 
 
+def test_cli_inspect_refuses_an_int8_model_in_the_fp32_place(tiny_pair, calib_dir, tmp_path):
+    result = invoke("inspect", tiny_pair["int8"], tiny_pair["int8"], "--calib", calib_dir, *SMALL)
+    assert_one_line_error(result, "is already quantized")
+
+
+def test_a_softmax_after_the_head_is_not_compared_with_the_int8_logits(tiny_pair, calib_dir, tmp_path):
+    """The FP32 file ends in a Softmax writing `logits`, the INT8 one's Gemm writes `logits`: the same name,
+    another quantity. The Gemm is left unpaired rather than shown as a −40 dB disaster; the convs still pair."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(tiny_pair["prepared"]))
+    (output,) = model.graph.output
+    head = next(n for n in model.graph.node if output.name in n.output)
+    head.output[0] = "raw_" + output.name
+    model.graph.node.append(
+        helper.make_node("Softmax", [head.output[0]], [output.name], axis=1, name="softmax")
+    )
+    with_softmax = tmp_path / "with-softmax.onnx"
+    onnx.save(model, str(with_softmax))
+    nodes = {n.node: n for n in inspect_models(with_softmax, tiny_pair["int8"], _batches(calib_dir))}
+    assert nodes[head.name].activation_sqnr_db is None
+    convs = [n for n in nodes.values() if n.op_type == "Conv"]
+    assert convs and all(n.activation_sqnr_db is not None and n.activation_sqnr_db > 10 for n in convs)
+
+
 def test_cli_inspect_samples_below_one(tiny_pair, calib_dir, tmp_path):
     result = invoke(
         "inspect",

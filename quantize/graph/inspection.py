@@ -162,6 +162,24 @@ def _check_same_signature(
         )
 
 
+def check_pair(fp32_path: Path, int8_path: Path) -> None:
+    """One line, before any work, when the two files cannot be an FP32 model and its INT8 version: the first is
+    already quantized, or their inputs/outputs differ."""
+    fp32, int8 = (
+        load_model(Path(fp32_path), load_weights=False),
+        load_model(Path(int8_path), load_weights=False),
+    )
+    quantized = sorted(
+        {n.op_type for n in fp32.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
+    )
+    if quantized:
+        raise RqInputError(
+            f"{Path(fp32_path).name} is already quantized ({', '.join(quantized)} nodes): pass the FP32 model first, "
+            "then its INT8 version"
+        )
+    _check_same_signature(fp32, int8, Path(fp32_path).name, Path(int8_path).name)
+
+
 def inspect_models(
     fp32_path: Path,
     int8_path: Path,
@@ -192,13 +210,19 @@ def inspect_models(
         raise RqInputError(f"{Path(fp32_path).name} has no {'/'.join(op_types)} nodes to inspect")
     pairs = []  # (node, fp32 tensor, int8 tensor)
     int8_outputs = {n.name: n.output[0] for n in int8.graph.node if n.output}
-    fp32_tensors = {t for n in fp32.graph.node for t in n.output}
+    # FP32 tensors written by a Relu/Clip straight after a node: where ORT folds that activation into the
+    # node's quantize range and gives the node the activation's output name.
+    folded = {
+        n.output[0]: n.input[0]
+        for n in fp32.graph.node
+        if n.op_type in ("Relu", "Clip") and n.input and n.output
+    }
     for node in nodes:
         out = node.output[0]
         renamed = int8_outputs.get(node.name, out)
-        if out not in int8_tensors and renamed in fp32_tensors:
-            # ORT folded the Relu/Clip after this node into its quantize range and gave the node the
-            # activation's output name: compare after the activation, in both models.
+        if out not in int8_tensors and folded.get(renamed) == out:
+            # Compare after the activation, in both models (any other tensor of that name, a softmax after the
+            # head for instance, is another quantity: that node stays unpaired).
             out = renamed
         candidate = out + DEQUANT_SUFFIX if out + DEQUANT_SUFFIX in int8_tensors else out
         if candidate in int8_tensors:

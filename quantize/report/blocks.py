@@ -500,6 +500,10 @@ def _dataset_blocks(data: dict, key: str, title: str) -> list[Block]:
                 "Warning: some validation images were also used for calibration; accuracy may be optimistic.",
             )
         )
+    notes = [str(n) for n in section.get("notes") or []]
+    if notes:
+        # What discovery understood of the folder (its layout, broken links, subfolders without class ids).
+        blocks += [("p", "Folder notes:"), ("list", notes)]
     skipped = section.get("skipped") or []
     if skipped:
         blocks += [("p", f"Skipped files ({len(skipped)}):"), ("list", _skipped_items(skipped))]
