@@ -381,6 +381,10 @@ def test_without_val_fidelity_is_measured_on_held_back_calibration_images(mixed,
     assert fid["softmax_kl"] == pytest.approx(expected.softmax_kl, rel=1e-3)
     md = (next(p for p in reports.iterdir() if p.is_dir()) / "report.md").read_text()
     assert "## Fidelity to FP32 (label-free)" in md
+    # the Results table shows that agreement too (marked as measured on held-back calibration images)
+    results = md.split("## Results", 1)[1].split("\n## ", 1)[0]
+    int8_row = next(line for line in results.splitlines() if line.startswith("| ") and "INT8" in line)
+    assert f"{fid['agreement_pct']:.2f} (held-back calib.)" in int8_row
 
 
 def test_holdout_images_zero_skips_fidelity_and_limit_is_honoured(mixed, tmp_path):

@@ -236,11 +236,21 @@ def _results_blocks(data: dict) -> list[Block]:
     headers += [f"Speedup b{b}" for b in batches] or ["Speedup"]
     headers += ["Size MB", "Quantized ops", "Pareto"]
     rows = []
+    # Without --val, the agreement measured on held-back calibration images (the Fidelity section) fills the
+    # INT8 rows that ran in ONNX Runtime, marked as such, rather than "not measured" beside a measured figure.
+    fid = data.get("fidelity")
+    held_back = (NOT_MEASURED, NOT_MEASURED)
+    if isinstance(fid, dict) and is_number(fid.get("agreement_pct")):
+        held_back = (
+            f"{fmt_num(fid['agreement_pct'])} (held-back calib.)",
+            str(fid.get("disagreements", "?")),
+        )
     for v in variants:
         is_fp32 = v.get("kind") == "fp32"
         acc = v.get("accuracy") if isinstance(v.get("accuracy"), dict) else {}
         drop = v.get("drop") if isinstance(v.get("drop"), dict) else None
         bench = bench_of(v)
+        fallback = held_back if v.get("runtime") in (None, "ort") else (NOT_MEASURED, NOT_MEASURED)
         row = [
             str(v.get("name", "?")),
             *([str(v.get("runtime") or "?")] if by_runtime else []),
@@ -248,8 +258,8 @@ def _results_blocks(data: dict) -> list[Block]:
             fmt_num(acc.get("top1")),
             fmt_num(acc.get("top5")),
             "reference" if is_fp32 and drop is None else drop_cell(drop),
-            "100 (reference)" if is_fp32 and drop is None else _agreement_cell(drop),
-            "—" if is_fp32 and drop is None else (str(drop.get("disagreements")) if drop else NOT_MEASURED),
+            "100 (reference)" if is_fp32 and drop is None else _agreement_cell(drop) if drop else fallback[0],
+            "—" if is_fp32 and drop is None else (str(drop.get("disagreements")) if drop else fallback[1]),
         ]
         if not batches:
             row.append(NOT_MEASURED)
