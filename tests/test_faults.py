@@ -108,15 +108,18 @@ def run_rq(args: list, place: dict[str, Path], stage: str | None = None, signals
         capture_output=True,
         text=True,
         timeout=120,
-        # A suite started under `nohup` hands SIGHUP down ignored, and rq rightly keeps it ignored: the child
-        # gets the default disposition back, as in a terminal, so the SIGHUP cases test rq's handler.
-        preexec_fn=_default_sighup if hasattr(signal, "SIGHUP") else None,
+        # A suite started under `nohup` hands SIGHUP down ignored, and one started as a background job (`cmd &`
+        # in a script) SIGINT; rq rightly keeps an ignored signal ignored. The child gets the default
+        # dispositions back, as in a terminal, so the signal cases test rq's handlers wherever the suite runs.
+        preexec_fn=_default_signals,
     )
     return proc.returncode, proc.stdout + proc.stderr
 
 
-def _default_sighup() -> None:
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+def _default_signals() -> None:
+    for name in ("SIGHUP", "SIGINT", "SIGTERM"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
 
 
 def invoke(*args):
@@ -259,12 +262,18 @@ def test_without_a_signal_the_same_run_succeeds(inputs, place):
 
 
 def test_uninterruptible_block_defers_the_signal_to_its_end():
-    done = []
-    with pytest.raises(KeyboardInterrupt), handle_signals(), uninterruptible():
-        os.kill(os.getpid(), signal.SIGINT)
-        done.append("finished")  # the block ran to its end before the signal was raised
-    assert done == ["finished"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    # A suite run as a background job inherits SIGINT ignored (and rq keeps an ignored signal ignored): start
+    # from Python's usual handler, as in a terminal, and put back what was there.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        done = []
+        with pytest.raises(KeyboardInterrupt), handle_signals(), uninterruptible():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("finished")  # the block ran to its end before the signal was raised
+        assert done == ["finished"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_an_ignored_signal_stays_ignored(inputs, place):
