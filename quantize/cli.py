@@ -188,6 +188,8 @@ def quantize(
                 # Without --val, held-back calibration images are the fidelity check; with it, only tuning
                 # holds images back.
                 (("holdout_images",), val is None or tune, "without --val, or with --tune"),
+                # The batch of the validation passes, or of the held-back check (none with --holdout-images 0).
+                (("eval_batch",), val is not None or holdout_images != 0, "when images are evaluated"),
             ],
         )
         recipe = _recipe_from_options(

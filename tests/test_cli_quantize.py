@@ -329,6 +329,13 @@ def test_typer_checks_fail_in_one_line_before_any_work(cli, tmp_path, flags, mes
     assert line.startswith("rq: error: ") and "Usage:" not in all_output(result)
 
 
+def test_eval_batch_without_val_sizes_the_held_back_check(cli, tiny_model, calib, tmp_path):
+    """Not refused without --val: the held-back fidelity check runs in batches of --eval-batch."""
+    out = tmp_path / "eb-int8.onnx"
+    result = cli("quantize", tiny_model, "--calib", calib, "--out", out, "--eval-batch", "4", *SMALL)
+    assert result.exit_code == 0, all_output(result)
+
+
 def test_a_ci_gate_at_zero_could_never_pass_and_is_refused(cli, tiny_model, calib, tmp_path):
     out = tmp_path / "never-int8.onnx"
     flags = ["--val", calib, "--max-drop", "0", "--gate-on", "ci"]
@@ -354,6 +361,10 @@ def test_a_ci_gate_at_zero_could_never_pass_and_is_refused(cli, tiny_model, cali
         (
             ["--val", "VAL", "--holdout-images", "50"],
             "--holdout-images applies only without --val, or with --tune",
+        ),
+        (
+            ["--holdout-images", "0", "--eval-batch", "4"],
+            "--eval-batch applies only when images are evaluated",
         ),
         (
             ["--calibration", "entropy", "--percentile", "99.9"],
