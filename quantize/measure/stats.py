@@ -133,9 +133,8 @@ def _log_binom_tail(log_c: np.ndarray, lo: int, hi: int, p: float) -> float:
     return _log_sum_exp(terms)
 
 
-def _bisect_increasing(f, target: float) -> float:
-    """The p in (0, 1) with f(p) = target, for f increasing in p; bisection to float resolution."""
-    lo, hi = 0.0, 1.0
+def _bisect_increasing(f, target: float, lo: float = 0.0, hi: float = 1.0) -> float:
+    """The x in (lo, hi) with f(x) = target, for f increasing in x; bisection to float resolution."""
     for _ in range(200):
         mid = 0.5 * (lo + hi)
         if mid <= lo or mid >= hi:  # interval cannot shrink further in floating point
@@ -332,7 +331,7 @@ def tango_interval(a_only: int, b_only: int, n: int, confidence: float = 0.95) -
     T(Δ) = (a_only − b_only − nΔ) / √(n(2·p̃(Δ) + Δ(1 − Δ))) falls as Δ grows, with p̃(Δ) the constrained
     maximum-likelihood probability of a b_only pair: (√(B² − 4AC) − B) / 2A, A = 2n,
     B = −a_only − b_only + (2n − a_only + b_only)Δ, C = −b_only·Δ(1 − Δ) (Fagerland, Lydersen & Laake, Stat Med 2014).
-    The interval is every Δ with |T(Δ)| ≤ z; each end found by bisection to 1e-12.
+    The interval is every Δ with |T(Δ)| ≤ z; each end found by bisection (`_bisect_increasing`).
     """
     a_only, b_only, n = _paired_counts(a_only, b_only, n, confidence, "pairs")
     z = _normal_quantile(0.5 + confidence / 2.0)
@@ -348,21 +347,10 @@ def tango_interval(a_only: int, b_only: int, n: int, confidence: float = 0.95) -
             return 0.0 if difference == 0 else math.copysign(math.inf, difference)
         return difference / math.sqrt(variance)
 
-    def solve(target: float, lo: float, hi: float) -> float:
-        """Δ in [lo, hi] where score(Δ) = target; score falls with Δ."""
-        for _ in range(200):
-            mid = 0.5 * (lo + hi)
-            if score(mid) > target:
-                lo = mid
-            else:
-                hi = mid
-            if hi - lo < 1e-12:
-                break
-        return 0.5 * (lo + hi)
-
     estimate = (a_only - b_only) / n
-    low = -1.0 if score(-1.0) <= z else solve(z, -1.0, estimate)
-    high = 1.0 if score(1.0) >= -z else solve(-z, estimate, 1.0)
+    # score falls as Δ grows: bisect its negative, which rises.
+    low = -1.0 if score(-1.0) <= z else _bisect_increasing(lambda d: -score(d), -z, -1.0, estimate)
+    high = 1.0 if score(1.0) >= -z else _bisect_increasing(lambda d: -score(d), z, estimate, 1.0)
     return low, high
 
 
