@@ -118,11 +118,14 @@ class QuantizeResult:
         }
 
 
+def _name_in(folder: Path, file: Path) -> str:
+    # No resolve(): a symlinked image may point outside the folder; its name inside the folder is what counts.
+    return Path(os.path.relpath(os.path.abspath(file), os.path.abspath(folder))).as_posix()
+
+
 def file_list_sha256(files: list[Path], root: Path) -> str:
     """sha256 of the sorted calibration file list (paths relative to its folder), to tell runs apart."""
-    # No resolve(): a symlinked image may point outside the folder; its name inside the folder is what counts.
-    names = sorted(Path(os.path.relpath(os.path.abspath(f), os.path.abspath(root))).as_posix() for f in files)
-    return hashlib.sha256("\n".join(names).encode()).hexdigest()
+    return hashlib.sha256("\n".join(sorted(_name_in(root, f) for f in files)).encode()).hexdigest()
 
 
 def file_states_sha256(files: list[Path], root: Path) -> str:
@@ -133,8 +136,7 @@ def file_states_sha256(files: list[Path], root: Path) -> str:
     entries = []
     for f in files:
         st = os.stat(f)
-        name = Path(os.path.relpath(os.path.abspath(f), os.path.abspath(root))).as_posix()
-        entries.append(f"{name}\t{st.st_size}\t{st.st_mtime_ns}\t{st.st_ino}")
+        entries.append(f"{_name_in(root, f)}\t{st.st_size}\t{st.st_mtime_ns}\t{st.st_ino}")
     return hashlib.sha256("\n".join(sorted(entries)).encode()).hexdigest()
 
 
