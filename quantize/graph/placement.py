@@ -105,8 +105,8 @@ HEAD_TAIL = (
     "Identity",
     "Cast",
     "Slice",
+    "Concat",
 )
-HEAD_TAIL_JOIN = ("Concat",)
 HEAD_TAIL_ARITHMETIC = ("Add", "Sub", "Mul", "Div")
 
 
@@ -122,7 +122,7 @@ def _writes_output(
             return True
         for reader in consumers.get(tensor, []):
             others = [i for i in reader.input if i and i != tensor]
-            tail = reader.op_type in HEAD_TAIL + HEAD_TAIL_JOIN or (
+            tail = reader.op_type in HEAD_TAIL or (
                 reader.op_type in HEAD_TAIL_ARITHMETIC and all(i in constants or i in reached for i in others)
             )
             if not tail:
