@@ -13,9 +13,11 @@ from calibration.datasets import (
     LAYOUTS,
     ImageDataset,
     Sample,
+    Spares,
     discover_dataset,
     is_image_file,
     select_samples,
+    select_with_spares,
 )
 from calibration.errors import DatasetError, RqInputError
 from calibration.loader import Batch, BatchStream
@@ -48,6 +50,7 @@ __all__ = [
     "PreprocessSpec",
     "RqInputError",
     "Sample",
+    "Spares",
     "Synset",
     "class_name",
     "discover_dataset",
@@ -56,5 +59,6 @@ __all__ = [
     "load_synsets",
     "preset",
     "select_samples",
+    "select_with_spares",
     "wnid_to_index",
 ]

@@ -24,6 +24,7 @@ import io
 import random
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -464,17 +465,26 @@ def select_samples(dataset: ImageDataset, n: int | None, seed: int = 0) -> list[
     Uses :class:`random.Random`, whose shuffle/sample sequence is stable across Python versions
     and independent of numpy.
     """
+    return select_with_spares(dataset, n, seed)[0]
+
+
+def select_with_spares(dataset: ImageDataset, n: int | None, seed: int = 0) -> tuple[list[Sample], Spares]:
+    """:func:`select_samples`'s subset, and the :class:`Spares` that stand in for its unreadable images."""
     if n is not None and (isinstance(n, bool) or not isinstance(n, int)):
         raise DatasetError(f"number of calibration images must be a whole number, got {n!r}")
     if n is not None and n <= 0:
         raise DatasetError(f"number of calibration images must be at least 1, got {n}")
     samples = sorted(dataset.samples, key=lambda s: str(s.path))
     if n is None or n >= len(samples):
-        return samples
+        return samples, Spares([], labelled=False)
     rng = random.Random(seed)
 
     if not dataset.labelled:
-        return rng.sample(samples, n)
+        chosen = rng.sample(samples, n)
+        taken = {s.path for s in chosen}
+        rest = [s for s in samples if s.path not in taken]
+        random.Random(seed).shuffle(rest)
+        return chosen, Spares(rest, labelled=False)
 
     by_class: dict[int, list[Sample]] = defaultdict(list)
     for s in samples:
@@ -485,17 +495,54 @@ def select_samples(dataset: ImageDataset, n: int | None, seed: int = 0) -> list[
     for c in classes:  # shuffled in that (seeded) order, so the RNG stream is reproducible
         rng.shuffle(by_class[c])
 
-    chosen: list[Sample] = []
-    depth = 0
-    while len(chosen) < n:
-        for c in classes:
-            members = by_class[c]
-            if depth < len(members):
-                chosen.append(members[depth])
-                if len(chosen) == n:
-                    break
-        depth += 1
-    return chosen
+    # The whole round-robin order; the first n are the subset. A larger n gives a longer prefix of the same
+    # order, so the spares are the images the next larger subsets would add, in that order.
+    order: list[Sample] = []
+    for depth in range(max(len(m) for m in by_class.values())):
+        order.extend(by_class[c][depth] for c in classes if depth < len(by_class[c]))
+    return order[:n], Spares(order[n:], labelled=True)
+
+
+class Spares:
+    """The images a selection left out, in the order they stand in for unreadable ones.
+
+    A labelled selection replaces an unreadable image by the next unused image of *its class* (so a
+    one-per-class calibration set stays one per class), and by the next image of the selection's own order
+    when that class has none left; an unlabelled one by the next image of a seeded shuffle of the rest.
+    Each pass over the images takes a fresh :meth:`picker`, so the same unreadable images get the same
+    replacements in every pass.
+    """
+
+    def __init__(self, order: list[Sample], *, labelled: bool) -> None:
+        self.order = order
+        self.by_class: dict[int, list[Sample]] = defaultdict(list)
+        if labelled:
+            for s in order:
+                assert s.label is not None
+                self.by_class[s.label].append(s)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def picker(self) -> Callable[[Sample], Sample | None]:
+        """A function from an unreadable sample to its replacement (None when no image is left)."""
+        taken: set[Path] = set()
+        cursors: dict[int | None, int] = defaultdict(int)
+
+        def next_from(queue: list[Sample], key: int | None) -> Sample | None:
+            while cursors[key] < len(queue):
+                candidate = queue[cursors[key]]
+                cursors[key] += 1
+                if candidate.path not in taken:
+                    taken.add(candidate.path)
+                    return candidate
+            return None
+
+        def pick(unreadable: Sample) -> Sample | None:
+            same_class = self.by_class.get(unreadable.label) if unreadable.label is not None else None
+            return (same_class and next_from(same_class, unreadable.label)) or next_from(self.order, None)
+
+        return pick
 
 
 __all__ = [
@@ -507,7 +554,9 @@ __all__ = [
     "LAYOUT_WNID_PREFIXED",
     "ImageDataset",
     "Sample",
+    "Spares",
     "discover_dataset",
     "is_image_file",
     "select_samples",
+    "select_with_spares",
 ]

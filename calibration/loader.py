@@ -23,7 +23,7 @@ from types import TracebackType
 import numpy as np
 
 from calibration import preprocess
-from calibration.datasets import Sample
+from calibration.datasets import Sample, Spares
 from calibration.errors import DatasetError, RqInputError
 from calibration.preprocess import ImageDecodeError, PreprocessSpec
 from calibration.progress import NO_PROGRESS, Progress
@@ -79,12 +79,16 @@ class BatchStream:
     * Decoding runs in ``workers`` threads, at most ``prefetch_batches`` batches beyond the one the
       consumer currently holds.
     * Unreadable images are skipped, not fatal: ``skipped`` lists ``(path, reason)``; ``used``
-      counts images yielded. A batch can be short (skips, last batch) but is never empty.
-      If nothing at all could be decoded, the iteration ends with a :class:`DatasetError`.
+      counts images yielded, ``read`` lists their samples in order. A batch can be short (skips, last
+      batch) but is never empty. If nothing at all could be decoded, the iteration ends with a
+      :class:`DatasetError`.
+    * ``spares`` (calibration.datasets.Spares): when given, each unreadable image is replaced by a spare,
+      in extra batches after the sampled ones (an unreadable spare is replaced in turn), until the spares run
+      out; ``replaced`` lists ``(unreadable path, replacement path)``. Without spares, short is short.
     * ``progress`` (calibration.progress.Progress): ``total(len(samples))`` when a pass starts, then
       ``advance(k)`` after each chunk of samples with the number of samples it consumed (skipped ones
       included).
-    * Iterating again starts a fresh pass (``skipped``/``used`` are reset). Stopping early —
+    * Iterating again starts a fresh pass (``skipped``/``used``/``read``/``replaced`` are reset). Stopping early —
       ``break``, an exception or Ctrl-C in the consumer, :meth:`close`, or leaving a ``with``
       block — cancels the pending decodes and lets the threads exit.
     """
@@ -98,6 +102,7 @@ class BatchStream:
         prefetch_batches: int = 2,
         *,
         progress: Progress | None = None,
+        spares: Spares | None = None,
     ) -> None:
         self.batch_size = _check_int("batch size", batch_size, 1)
         self.workers = _default_workers() if workers is None else _check_int("workers", workers, 1)
@@ -107,7 +112,10 @@ class BatchStream:
         self.samples: list[Sample] = list(samples)
         self.spec = spec
         self.progress = progress or NO_PROGRESS
+        self.spares = spares
         self.skipped: list[tuple[Path, str]] = []
+        self.replaced: list[tuple[Path, Path]] = []
+        self.read: list[Sample] = []
         self.used: int = 0
         # A *weak* reference to the running pass: a strong one would keep an abandoned generator
         # alive, so a consumer's `break` would no longer close it (and stop the threads) at once.
@@ -137,29 +145,43 @@ class BatchStream:
 
     def _generate(self) -> Generator[Batch, None, None]:
         self.skipped = []
+        self.replaced = []
+        self.read = []
         self.used = 0
         total = len(self.samples)
         if total == 0:
             raise DatasetError("no images to read (the sample list is empty)")
         self.progress.total(total)
-        chunks = [self.samples[i : i + self.batch_size] for i in range(0, total, self.batch_size)]
+        pick = self.spares.picker() if self.spares is not None else None
         pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=THREAD_NAME_PREFIX)
-        # One deque entry per chunk: the futures of its images, in sample order.
-        pending: deque[list[Future[np.ndarray]]] = deque()
-        next_chunk = 0
+        # One deque entry per chunk: the chunk and the futures of its images, in sample order.
+        pending: deque[tuple[list[Sample], list[Future[np.ndarray]]]] = deque()
+        queue = deque(self.samples[i : i + self.batch_size] for i in range(0, total, self.batch_size))
+        # Unreadable images waiting for a replacement: a chunk of them is drawn once the queue is empty, so
+        # the sampled images' batches are the same with or without spares.
+        waiting: list[Sample] = []
+        attempted = 0
 
         def submit_next() -> None:
-            nonlocal next_chunk
-            if next_chunk < len(chunks):
-                pending.append([pool.submit(self._decode, s.path) for s in chunks[next_chunk]])
-                next_chunk += 1
+            if not queue and waiting and pick is not None:
+                drawn = [(s, pick(s)) for s in waiting]
+                waiting.clear()
+                replacements = [r for _, r in drawn if r is not None]
+                self.replaced.extend((s.path, r.path) for s, r in drawn if r is not None)
+                queue.extend(
+                    replacements[i : i + self.batch_size]
+                    for i in range(0, len(replacements), self.batch_size)
+                )
+            if queue:
+                chunk = queue.popleft()
+                pending.append((chunk, [pool.submit(self._decode, s.path) for s in chunk]))
 
         try:
             # The chunk about to be assembled plus `prefetch_batches` chunks ahead of it.
             for _ in range(1 + self.prefetch_batches):
                 submit_next()
-            for chunk in chunks:
-                futures = pending.popleft()
+            while pending:
+                chunk, futures = pending.popleft()
                 images: list[np.ndarray] = []
                 kept: list[Sample] = []
                 for sample, fut in zip(chunk, futures, strict=True):
@@ -169,9 +191,14 @@ class BatchStream:
                     except ImageDecodeError as e:
                         logger.debug("skipped %s: %s", sample.path, e.reason)
                         self.skipped.append((sample.path, e.reason))
-                self.progress.advance(len(chunk))
+                        waiting.append(sample)
+                # The progress bar counts the sampled images; replacements run past its end unannounced.
+                if attempted < total:
+                    self.progress.advance(min(len(chunk), total - attempted))
+                attempted += len(chunk)
                 if images:
                     self.used += len(images)
+                    self.read.extend(kept)
                     batch = Batch(
                         images=np.stack(images).astype(np.float32, copy=False),
                         labels=np.array([-1 if s.label is None else s.label for s in kept], dtype=np.int64),
@@ -184,15 +211,17 @@ class BatchStream:
                 submit_next()
             if self.used == 0:
                 path, reason = self.skipped[0]
-                raise DatasetError(f"none of the {total} images could be decoded (e.g. {path}: {reason})")
+                raise DatasetError(f"none of the {attempted} images could be decoded (e.g. {path}: {reason})")
         finally:
             self._shutdown(pool, pending)
 
     # -- shutdown ------------------------------------------------------------------------------
 
     @staticmethod
-    def _shutdown(pool: ThreadPoolExecutor, pending: deque[list[Future[np.ndarray]]]) -> None:
-        for futures in pending:
+    def _shutdown(
+        pool: ThreadPoolExecutor, pending: deque[tuple[list[Sample], list[Future[np.ndarray]]]]
+    ) -> None:
+        for _, futures in pending:
             for fut in futures:
                 fut.cancel()  # queued decodes never start; running ones finish their one image
         pending.clear()

@@ -159,16 +159,21 @@ def summary_table(result) -> Table:
     table.add_row("calibration folder", f"{calib['folder']} (layout: {calib['layout']})")
     for note in calib["notes"]:
         table.add_row("", note)
-    skipped = calib["skipped"]
+    skipped, replaced = calib["skipped"], calib["replaced"]
     table.add_row(
         "images",
         f"{calib['images_used']} used of {calib['images_requested']} sampled "
-        f"({calib['images_available']} available), {len(skipped)} skipped",
+        f"({calib['images_available']} available), {len(skipped)} skipped"
+        + (f", {len(replaced)} replaced by other images" if replaced else ""),
     )
     for path, reason in skipped[:10]:
         table.add_row("  skipped", f"{path}: {reason}")
     if len(skipped) > 10:
         table.add_row("  skipped", f"… and {len(skipped) - 10} more")
+    for old, new in replaced[:10]:
+        table.add_row("  replaced", f"{old} → {new}")
+    if len(replaced) > 10:
+        table.add_row("  replaced", f"… and {len(replaced) - 10} more")
     prep = data["preparation"]
     for i, step in enumerate(prep["steps"]):
         table.add_row("preparation" if i == 0 else "", step)

@@ -25,8 +25,9 @@ from calibration import (
     ImageDataset,
     PreprocessSpec,
     Sample,
+    Spares,
     discover_dataset,
-    select_samples,
+    select_with_spares,
 )
 from calibration.errors import RqInputError
 from calibration.loader import pad_batch
@@ -70,7 +71,8 @@ class QuantizeResult:
     reduce_range_source: str  # "cpu" (rq decided) or "user"
     prepared: PreparedModel
     calibration_dataset: ImageDataset
-    calibration_files: list[Path]
+    calibration_files: list[Path]  # the sample drawn, then the replacements of its unreadable images
+    images_requested: int
     images_used: int
     skipped: list[tuple[Path, str]]
     ranges: CalibrationRanges
@@ -83,6 +85,7 @@ class QuantizeResult:
     runtime_form: OpenVinoForm | None = None  # placement_runtime="openvino": what the OpenVINO form changed
     channel_pads: list[ChannelPad] = field(default_factory=list)  # inputs padded for ORT's direct int8 kernel
     replaced_existing: bool = False  # a file was already at `output` and was replaced
+    replaced_images: list[tuple[Path, Path]] = field(default_factory=list)  # (unreadable, its replacement)
 
     def to_dict(self) -> dict:
         return {
@@ -99,9 +102,10 @@ class QuantizeResult:
                 "layout": self.calibration_dataset.layout,
                 "notes": list(self.calibration_dataset.notes),
                 "images_available": len(self.calibration_dataset.samples),
-                "images_requested": len(self.calibration_files),
+                "images_requested": self.images_requested,
                 "images_used": self.images_used,
                 "skipped": [[str(p), reason] for p, reason in self.skipped],
+                "replaced": [[str(old), str(new)] for old, new in self.replaced_images],
                 "method": self.recipe.calibration,
                 # INC calibrates inside its own run: rq has no range table to count then.
                 "tensors": len(self.ranges.tensors.data) if self.ranges else None,
@@ -170,10 +174,13 @@ class ModelBatches:
         *,
         workers: int | None = None,
         progress: Progress | None = None,
+        spares: Spares | None = None,
     ):
         self.fixed = prepared.signature.fixed_batch
         self.batch = self.fixed or batch_size
-        self.stream = BatchStream(samples, spec, batch_size=self.batch, workers=workers, progress=progress)
+        self.stream = BatchStream(
+            samples, spec, batch_size=self.batch, workers=workers, progress=progress, spares=spares
+        )
         # The public calibration reader (calibration.ImageCalibrationReader) is what every pass reads through.
         self.reader = ImageCalibrationReader(
             self.stream, prepared.signature.input_name, fixed_batch=self.fixed
@@ -195,6 +202,10 @@ class ModelBatches:
     def skipped(self) -> list[tuple[Path, str]]:
         return list(self.stream.skipped)
 
+    @property
+    def replaced(self) -> list[tuple[Path, Path]]:
+        return list(self.stream.replaced)
+
     def close(self) -> None:
         self.reader.close()
 
@@ -206,9 +217,30 @@ class ModelBatches:
 
 
 def model_batches(
-    prepared: PreparedModel, samples, spec: PreprocessSpec, batch_size: int, *, workers: int | None = None
+    prepared: PreparedModel,
+    samples,
+    spec: PreprocessSpec,
+    batch_size: int,
+    *,
+    workers: int | None = None,
+    spares: Spares | None = None,
 ) -> ModelBatches:
-    return ModelBatches(prepared, list(samples), spec, batch_size, workers=workers)
+    return ModelBatches(prepared, list(samples), spec, batch_size, workers=workers, spares=spares)
+
+
+def calibration_batches(
+    prepared: PreparedModel, calibration: CalibrationRun, spec: PreprocessSpec, batch_size: int
+):
+    """Another pass over the calibration images: the same sample, the same replacements for its unreadable
+    images (bias correction, INC's trials)."""
+    return model_batches(
+        prepared,
+        calibration.samples,
+        spec,
+        batch_size,
+        workers=calibration.workers,
+        spares=calibration.spares,
+    )
 
 
 def _stamp_metadata(model: onnx.ModelProto, recipe: QuantRecipe, spec: PreprocessSpec, source: Path) -> None:
@@ -268,7 +300,7 @@ class CalibrationRun:
     """Calibration images read and the activation ranges they gave."""
 
     dataset: ImageDataset
-    samples: list[Sample]
+    samples: list[Sample]  # the sample drawn; unreadable ones are replaced from `spares` in every pass
     ranges: CalibrationRanges | None  # None for the INC backend, which calibrates by itself
     used: int
     skipped: list[tuple[Path, str]]
@@ -281,9 +313,12 @@ class CalibrationRun:
     bias_statistics: dict = field(default_factory=dict)
     # Image-decoding processes (`--workers`): INC's own calibration passes use them too.
     workers: int | None = None
+    spares: Spares | None = None
+    replaced: list[tuple[Path, Path]] = field(default_factory=list)  # (unreadable image, its replacement)
 
     def files(self) -> list[Path]:
-        return [s.path for s in self.samples]
+        """Every calibration file a pass reads: the sample and the replacements of its unreadable images."""
+        return [s.path for s in self.samples] + [new for _, new in self.replaced]
 
 
 def calibration_key(recipe: QuantRecipe) -> tuple:
@@ -315,8 +350,10 @@ def run_calibration(
     read here, and the backend reads the same samples again.
     """
     started = time.perf_counter()
-    samples = select_samples(dataset, recipe.samples, recipe.seed)
-    batches = ModelBatches(prepared, samples, spec, recipe.batch_size, workers=workers, progress=progress)
+    samples, spares = select_with_spares(dataset, recipe.samples, recipe.seed)
+    batches = ModelBatches(
+        prepared, samples, spec, recipe.batch_size, workers=workers, progress=progress, spares=spares
+    )
     with batches:
         if backends.get(recipe.backend).uses_rq_ranges:
             ranges = calibrate(prepared.path, prepared.signature.input_name, iter(batches), recipe, workdir)
@@ -335,6 +372,8 @@ def run_calibration(
         smoke_sample=sample,
         seconds=time.perf_counter() - started,
         workers=workers,
+        spares=spares,
+        replaced=batches.replaced,
     )
 
 
@@ -546,8 +585,10 @@ def quantize_model(
         prepared=prepared,
         calibration_dataset=dataset,
         calibration_files=calibration.files(),
+        images_requested=len(calibration.samples),
         images_used=calibration.used,
         skipped=calibration.skipped,
+        replaced_images=calibration.replaced,
         ranges=calibration.ranges,
         quantized_ops=ops,
         fp32_bytes=model.stat().st_size,

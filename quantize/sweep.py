@@ -377,8 +377,10 @@ def run_sweep(
                 calib_summary = {
                     "folder": str(calib_dataset.root),
                     "layout": calib_dataset.layout,
+                    "images_requested": len(calibration.samples),
                     "images_used": calibration.used,
                     "skipped": [[str(p), r] for p, r in calibration.skipped],
+                    "replaced": [[str(old), str(new)] for old, new in calibration.replaced],
                     "file_list_sha256": file_list_sha256(calibration.files(), calib_dataset.root),
                     "seconds": round(calibration.seconds, 3),
                 }
@@ -447,6 +449,8 @@ def run_sweep(
     validated_images = len(labels_arr) * sum(1 for e in entries if "validate" in e.seconds)
     # The calibration sample every recipe of the grid used (they share samples and seed).
     calibration_files = [s.path for s in select_samples(calib_dataset, base.samples, base.seed)]
+    # …and the images that replaced its unreadable ones (the summary is a cached entry's when nothing ran).
+    calibration_files += [Path(new) for _, new in calib_summary.get("replaced") or []]
     val_summary = {
         "folder": str(val_dataset.root),
         "layout": val_dataset.layout,

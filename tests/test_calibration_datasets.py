@@ -16,6 +16,7 @@ from calibration import (
     Sample,
     discover_dataset,
     select_samples,
+    select_with_spares,
     wnid_to_index,
 )
 from tests.helpers.calib_images import IMAGENET, make_class_folders, write_rgb
@@ -332,6 +333,49 @@ def test_select_unlabeled_random_sample():
     ds = _synthetic(1, 100, labelled=False)
     a = select_samples(ds, 10, seed=0)
     assert len(set(a)) == 10 and a == select_samples(ds, 10, seed=0) != select_samples(ds, 10, seed=1)
+
+
+def test_spares_are_the_rest_in_the_order_larger_selections_take():
+    ds = _synthetic(6, 5)
+    chosen, spares = select_with_spares(ds, 8, seed=2)
+    assert chosen == select_samples(ds, 8, seed=2)
+    # A larger selection extends the same order: the spares are what it would add.
+    assert len(chosen) + len(spares) == 30
+    assert select_samples(ds, 13, seed=2) == chosen + spares.order[:5]
+    assert select_samples(ds, 29, seed=2) == chosen + spares.order[:21]
+    assert not {s.path for s in chosen} & {s.path for s in spares.order}
+    everything, none = select_with_spares(ds, None)
+    assert everything == sorted(ds.samples, key=lambda s: str(s.path)) and len(none) == 0
+    assert none.picker()(everything[0]) is None
+
+
+def test_spares_replace_within_the_class_then_from_the_order():
+    # Class 0 has 3 images, class 1 has 1: one image each is chosen.
+    samples = [*_synthetic(1, 3).samples, Sample(Path("/d/n00000001/img_000.jpg"), 1)]
+    ds = ImageDataset(Path("/d"), "wnid-folders", samples, "folder names", [])
+    chosen, spares = select_with_spares(ds, 2, seed=0)
+    assert sorted(s.label for s in chosen) == [0, 1]
+    first_zero = next(s for s in chosen if s.label == 0)
+    only_one = next(s for s in chosen if s.label == 1)
+    pick = spares.picker()
+    a = pick(first_zero)
+    b = pick(only_one)  # class 1 has no other image: the next spare of any class
+    c = pick(a)
+    assert a.label == 0 and b.label == 0 and c is None  # class 0's two spares, then nothing left
+    assert len({a.path, b.path, first_zero.path}) == 3
+    # Every pass starts afresh: the same unreadable images get the same replacements.
+    again = spares.picker()
+    assert again(first_zero) == a and again(only_one) == b
+
+
+def test_spares_of_an_unlabelled_selection():
+    ds = _synthetic(1, 20, labelled=False)
+    chosen, spares = select_with_spares(ds, 5, seed=1)
+    assert chosen == select_samples(ds, 5, seed=1) and len(spares) == 15
+    pick = spares.picker()
+    drawn = [pick(chosen[0]) for _ in range(15)]
+    assert {s.path for s in drawn} == {s.path for s in spares.order} and pick(chosen[0]) is None
+    assert spares.order == select_with_spares(ds, 5, seed=1)[1].order
 
 
 @pytest.mark.parametrize("n", [0, -3])

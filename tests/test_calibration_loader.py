@@ -21,6 +21,7 @@ from calibration import (
     PreprocessSpec,
     RqInputError,
     Sample,
+    Spares,
 )
 from calibration.loader import THREAD_NAME_PREFIX, pad_batch
 from calibration.progress import ProgressCallbacks
@@ -98,6 +99,59 @@ def test_corrupt_files_are_skipped_and_recorded(tmp_path):
     reasons = [r for _, r in stream.skipped]
     assert "truncated" in reasons[0] and "empty" in reasons[1] and "not an image" in reasons[2]
     assert all("\n" not in r for r in reasons)
+
+
+def test_unreadable_images_are_replaced_from_spares_after_the_sampled_batches(tmp_path):
+    images = make_samples(tmp_path, 9)
+    bad = [
+        Sample(write_truncated_jpeg(tmp_path / "trunc.JPEG"), 1),
+        Sample(write_zero_byte(tmp_path / "zero.JPEG"), 2),
+    ]
+    spare_bad = Sample(write_text_as_image(tmp_path / "text.JPEG"), 3)
+    samples = [images[0], bad[0], images[1], images[2], bad[1], images[3]]
+    # The first spare is unreadable too: it is replaced in turn.
+    spares = Spares([spare_bad, *images[4:]], labelled=False)
+    progress: list[int] = []
+    stream = BatchStream(
+        samples,
+        SMALL,
+        batch_size=2,
+        workers=2,
+        spares=spares,
+        progress=ProgressCallbacks(on_advance=progress.append),
+    )
+    batches = list(stream)
+    without = list(BatchStream(samples, SMALL, batch_size=2, workers=2))
+    # The sampled images' batches are those of a stream without spares; the replacements come after them.
+    assert [b.paths for b in batches[: len(without)]] == [b.paths for b in without]
+    assert [p for b in batches[len(without) :] for p in b.paths] == [images[4].path, images[5].path]
+    assert stream.used == len(samples) == len(stream.read) and sum(progress) == len(samples)
+    assert [p for p, _ in stream.skipped] == [bad[0].path, bad[1].path, spare_bad.path]
+    assert stream.replaced == [
+        (bad[0].path, spare_bad.path),
+        (bad[1].path, images[4].path),
+        (spare_bad.path, images[5].path),
+    ]
+    assert [s.path for s in stream.read] == [s.path for s in samples if s not in bad] + [
+        images[4].path,
+        images[5].path,
+    ]
+    # A second pass reads the same images in the same order.
+    assert [b.paths for b in stream] == [b.paths for b in batches]
+
+
+def test_replacements_stop_when_the_spares_run_out(tmp_path):
+    good = make_samples(tmp_path, 3)
+    samples = [
+        good[0],
+        Sample(write_zero_byte(tmp_path / "z1.jpg"), 1),
+        Sample(write_zero_byte(tmp_path / "z2.jpg"), 2),
+    ]
+    stream = BatchStream(samples, SMALL, batch_size=3, spares=Spares([good[1]], labelled=False))
+    assert [len(b) for b in stream] == [1, 1]
+    assert (
+        stream.used == 2 and len(stream.skipped) == 2 and stream.replaced == [(samples[1].path, good[1].path)]
+    )
 
 
 def test_everything_corrupt_raises(tmp_path):

@@ -63,6 +63,20 @@ def test_quantize_summary(cli, tiny_model, calib, tmp_path):
     assert again.exit_code == 0 and "(replaced the file that was there)" in all_output(again)
 
 
+def test_quantize_summary_lists_replaced_images(cli, tiny_model, tmp_path):
+    from calibration import discover_dataset, select_samples
+
+    calib = tmp_path / "calib"
+    make_class_folders(calib, {WNIDS[0]: 6, WNIDS[1]: 6}, size=(48, 40))
+    broken = select_samples(discover_dataset(calib), 8, 0)[0].path
+    write_zero_byte(broken)
+    result = cli("quantize", tiny_model, "--calib", calib, "--out", tmp_path / "int8.onnx", *SMALL)
+    text = all_output(result)
+    assert result.exit_code == 0, text
+    assert "8 used of 8 sampled (12 available), 1 skipped, 1 replaced by other images" in text
+    assert f"{broken} →" in text.replace("\n", "")
+
+
 def test_quantize_a_model_whose_nodes_have_no_names(cli, tiny_model, calib, tmp_path):
     """Node names are optional in ONNX; unnamed nodes are named during preparation (one step reported) and
     quantized like named ones, not collapsed into one."""

@@ -204,6 +204,31 @@ def test_corrupt_images_are_skipped_and_counted(tiny_model, tmp_path, avx2_cpu):
     assert result.output.is_file()
 
 
+def test_unreadable_calibration_images_are_replaced_in_every_pass(tiny_model, tmp_path, avx2_cpu):
+    """A sampled image that cannot be read is replaced by another of its class; bias correction's pass reads
+    the same replacements, and the report lists them."""
+    from calibration import discover_dataset, select_samples
+
+    calib = tmp_path / "calib"
+    make_class_folders(calib, {WNIDS[0]: 6, WNIDS[1]: 6}, size=(48, 40))
+    recipe = SMALL_RECIPE.with_changes(samples=4)
+    chosen = select_samples(discover_dataset(calib), 4, recipe.seed)
+    broken = [s.path for s in chosen[:2]]
+    for path in broken:
+        write_truncated_jpeg(path)
+    result = quantize(tiny_model, calib, tmp_path / "out.onnx", cpu=avx2_cpu, recipe=recipe)
+    assert result.images_requested == 4 and result.images_used == 4
+    assert [p for p, _ in result.skipped] == broken
+    assert [old for old, _ in result.replaced_images] == broken
+    # Of the same class (the folder names it), and not already in the sample.
+    assert all(old.parent == new.parent for old, new in result.replaced_images)
+    assert not {new for _, new in result.replaced_images} & {s.path for s in chosen}
+    assert result.bias_correction.images == 4
+    assert result.calibration_files == [s.path for s in chosen] + [new for _, new in result.replaced_images]
+    calibration = result.to_dict()["calibration"]
+    assert calibration["images_requested"] == 4 and len(calibration["replaced"]) == 2
+
+
 def test_all_corrupt_folder_writes_nothing(tiny_model, tmp_path, avx2_cpu, isolated_tmp):
     calib = tmp_path / "calib"
     for i in range(3):
@@ -365,3 +390,24 @@ def test_inc_calibration_passes_decode_with_the_workers_asked_for(
     make_batches, _batch = calibration_passes(prepared, calibration, recipe, SMALL_SPEC)
     images = sum(len(b) for b in make_batches())
     assert seen == [2] and images == 4
+
+
+def test_inc_calibration_passes_replace_unreadable_images_as_rq_does(tiny_model, calib_dir, tmp_path):
+    """INC reads the calibration images again in every trial: the same replacements as rq's own pass."""
+    from calibration import discover_dataset, select_samples
+    from quantize.backends.inc import calibration_passes
+    from quantize.graph.prepare import prepare_model
+
+    calib = shutil.copytree(calib_dir, tmp_path / "calib")
+    recipe = QuantRecipe(backend="inc", samples=4)
+    dataset = discover_dataset(calib)
+    broken = select_samples(dataset, 4, recipe.seed)[3].path
+    write_zero_byte(broken)
+    prepared = prepare_model(tiny_model, tmp_path)
+    calibration = pipeline.run_calibration(prepared, dataset, recipe, SMALL_SPEC, tmp_path)
+    make_batches, _batch = calibration_passes(prepared, calibration, recipe, SMALL_SPEC)
+    first = sum(len(b) for b in make_batches())
+    assert first == 4 and calibration.used == 4
+    assert [old for old, _ in calibration.replaced] == [broken]
+    replacement = calibration.replaced[0][1]
+    assert sum(len(b) for b in make_batches()) == 4 and calibration.replaced == [(broken, replacement)]

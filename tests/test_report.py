@@ -176,8 +176,10 @@ def _build(with_bench: bool = True) -> dict:
             calibration={
                 "folder": "calib/",
                 "layout": "flat",
+                "images_requested": 300,
                 "images_used": 300,
                 "skipped": [[f"calib/bad{i}.jpg", "cannot decode"] for i in range(25)],
+                "replaced": [[f"calib/bad{i}.jpg", f"calib/spare{i}.jpg"] for i in range(25)],
                 "file_list_sha256": "b" * 64,
                 "seconds": 12.5,
             },
@@ -242,6 +244,8 @@ def test_markdown_contents(tmp_path):
     assert '"per_channel": true' in md  # recipe as JSON
     assert "constant folding" in md
     assert "calib/bad19.jpg" in md and "calib/bad20.jpg" not in md and "and 5 more" in md
+    assert "Images used: 300 of 300 sampled" in md
+    assert "Unreadable images replaced (25)" in md and "calib/bad3.jpg → calib/spare3.jpg" in md
     assert "onnxruntime" in md and "1.20.1" in md
     assert "c" * 64 in md
     assert "validation images are a 1300-image ImageNet subset" in md

@@ -533,15 +533,17 @@ class IncBackend:
 def calibration_passes(prepared, calibration, recipe: QuantRecipe, spec):
     """A factory of fresh calibration passes for INC (it reads the images again for every trial): the
     calibration sample, decoded with the run's `--workers`; the last pass's counts go back to `calibration`."""
-    from quantize.pipeline import model_batches
+    from quantize.pipeline import calibration_batches
 
     def make_batches():
-        batches = model_batches(
-            prepared, calibration.samples, spec, recipe.batch_size, workers=calibration.workers
-        )
+        batches = calibration_batches(prepared, calibration, spec, recipe.batch_size)
         with contextlib.closing(batches):
             yield from batches
-        calibration.used, calibration.skipped = batches.used, list(batches.skipped)
+        calibration.used, calibration.skipped, calibration.replaced = (
+            batches.used,
+            batches.skipped,
+            batches.replaced,
+        )
 
     return make_batches, prepared.signature.fixed_batch or recipe.batch_size
 

@@ -307,13 +307,13 @@ class OrtBackend:
 def _correct_biases(prepared, calibration, recipe: QuantRecipe, spec, int8: onnx.ModelProto):
     """Fold INT8's mean output shift of each Conv/Gemm channel into `int8`'s biases, on the calibration images."""
     from quantize.bias_correction import correct_biases
-    from quantize.pipeline import model_batches
+    from quantize.pipeline import calibration_batches
 
     report = correct_biases(
         load_model(prepared.path),
         int8,
         prepared.signature.input_name,
-        model_batches(prepared, calibration.samples, spec, recipe.batch_size),
+        calibration_batches(prepared, calibration, spec, recipe.batch_size),
         cache=calibration.bias_statistics,
         give_bias=recipe.placement_runtime != "openvino",
     )

@@ -417,13 +417,13 @@ def _recipe_blocks(data: dict) -> list[Block]:
     return blocks
 
 
-def _skipped_items(skipped: Any) -> list[str]:
+def _skipped_items(skipped: Any, joiner: str = " — ") -> list[str]:
     if not isinstance(skipped, list):
         return []
     items = []
     for entry in skipped[:SKIPPED_SHOWN]:
         if isinstance(entry, (list, tuple)) and len(entry) == 2:
-            items.append(f"{entry[0]} — {entry[1]}")
+            items.append(f"{entry[0]}{joiner}{entry[1]}")
         else:
             items.append(str(entry))
     if len(skipped) > SKIPPED_SHOWN:
@@ -468,8 +468,10 @@ def _dataset_blocks(data: dict, key: str, title: str) -> list[Block]:
     # A quantize run that validated in several runtimes times each pass: {runtime: {images_per_s, seconds}}.
     per_runtime = section.get("runtimes") if isinstance(section.get("runtimes"), dict) else {}
     if key == "calibration":
+        requested = section.get("images_requested")
+        sampled = f" of {requested} sampled" if is_int(requested) else ""
         items += [
-            f"Images used: {section.get('images_used', '?')}",
+            f"Images used: {section.get('images_used', '?')}{sampled}",
             f"File list SHA-256: {section.get('file_list_sha256', '?')}",
         ]
     else:
@@ -519,6 +521,13 @@ def _dataset_blocks(data: dict, key: str, title: str) -> list[Block]:
         blocks += [("p", f"Skipped files ({len(skipped)}):"), ("list", _skipped_items(skipped))]
     else:
         blocks.append(("p", "Skipped files: none."))
+    replaced = section.get("replaced") or []
+    if replaced:
+        # Calibration draws another image (of the same class where it can) for each unreadable one.
+        blocks += [
+            ("p", f"Unreadable images replaced ({len(replaced)}), unreadable → replacement:"),
+            ("list", _skipped_items(replaced, " → ")),
+        ]
     return blocks
 
 

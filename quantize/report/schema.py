@@ -108,6 +108,7 @@ OptObj = _kind("an object", lambda v: isinstance(v, dict), nullable=True)
 Seconds = _kind("a number of seconds", is_number, nullable=True)
 Version = _kind("a version string", lambda v: isinstance(v, str), nullable=True)
 Skipped = list[_kind("a [path, reason] pair of strings", _is_pair)]
+Replaced = list[_kind("an [unreadable path, replacement path] pair of strings", _is_pair)]
 BatchKey = Annotated[Any, PlainValidator(_batch)]
 
 
@@ -155,6 +156,7 @@ class Calibration(_Section):
     layout: Str
     images_used: Int
     skipped: Skipped
+    replaced: Replaced = []  # absent from reports written before replacements existed
     file_list_sha256: Str
     seconds: Number
 
