@@ -352,7 +352,7 @@ def evaluate_in(runtimes, models, samples, spec, batch, workers=None, ray=None, 
 def inspect_run(fp32, int8, calib, labels, samples: int, spec, report_dir: Path, command) -> tuple:
     """`rq inspect`: per-node errors of `int8` against the prepared `fp32` on `samples` calibration images;
     the report written under `report_dir`. Returns (report, its paths, the nodes worst first)."""
-    from calibration import BatchStream, discover_dataset, select_samples
+    from calibration import BatchStream, discover_dataset, select_with_spares
     from quantize.files import work_folder
     from quantize.graph.inspection import inspect_models
     from quantize.graph.prepare import prepare_model
@@ -361,12 +361,12 @@ def inspect_run(fp32, int8, calib, labels, samples: int, spec, report_dir: Path,
     from quantize.report.data import inspect_report
 
     dataset = discover_dataset(calib, labels)
-    chosen = select_samples(dataset, samples, 0)
+    chosen, spares = select_with_spares(dataset, samples, 0)
     ensure_writable_dir(report_dir)
     with work_folder("rq-inspect-") as tmp:
         # The INT8 model was made from the prepared graph: compare against the same graph (same names).
         prepared = prepare_model(fp32, tmp)
-        with BatchStream(chosen, spec, batch_size=8) as stream:
+        with BatchStream(chosen, spec, batch_size=8, spares=spares) as stream:
             nodes = inspect_models(prepared.path, int8, (b.images for b in stream))
             used = stream.used
     data = inspect_report(command, fp32, int8, prepared, detect_cpu(), used, nodes, spec)
