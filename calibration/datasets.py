@@ -24,7 +24,7 @@ import io
 import random
 import re
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -508,7 +508,8 @@ class Spares:
 
     A labelled selection replaces an unreadable image by the next unused image of *its class* (so a
     one-per-class calibration set stays one per class), and by the next image of the selection's own order
-    when that class has none left; an unlabelled one by the next image of a seeded shuffle of the rest.
+    when that class has none left; an unlabelled one by the next image of a seeded shuffle of the rest. An
+    unreadable spare is followed by the next one drawn for the same image (its class, not the spare's).
     Each pass over the images takes a fresh :meth:`picker`, so the same unreadable images get the same
     replacements in every pass.
     """
@@ -524,9 +525,10 @@ class Spares:
     def __len__(self) -> int:
         return len(self.order)
 
-    def picker(self) -> Callable[[Sample], Sample | None]:
-        """A function from an unreadable sample to its replacement (None when no image is left)."""
-        taken: set[Path] = set()
+    def picker(self, exclude: Iterable[Path] = ()) -> Callable[[Sample], Sample | None]:
+        """A function from an unreadable sample to its replacement (None when no image is left); it never
+        returns a path of `exclude` (the sample itself) or one it returned before."""
+        taken: set[Path] = set(exclude)
         cursors: dict[int | None, int] = defaultdict(int)
 
         def next_from(queue: list[Sample], key: int | None) -> Sample | None:

@@ -82,9 +82,10 @@ class BatchStream:
       counts images yielded, ``read`` lists their samples in order. A batch can be short (skips, last
       batch) but is never empty. If nothing at all could be decoded, the iteration ends with a
       :class:`DatasetError`.
-    * ``spares`` (calibration.datasets.Spares): when given, each unreadable image is replaced by a spare,
-      in extra batches after the sampled ones (an unreadable spare is replaced in turn), until the spares run
-      out; ``replaced`` lists ``(unreadable path, replacement path)``. Without spares, short is short.
+    * ``spares`` (calibration.datasets.Spares): when given, each unreadable image is replaced in its batch by
+      the next readable spare drawn for it (unreadable spares are skipped too), so a pass yields the batches it
+      would yield if every image were readable; at most as many spares are tried as samples. ``replaced``
+      lists ``(unreadable path, replacement path)``. Without spares, a batch with unreadable images is short.
     * ``progress`` (calibration.progress.Progress): ``total(len(samples))`` when a pass starts, then
       ``advance(k)`` after each chunk of samples with the number of samples it consumed (skipped ones
       included).
@@ -152,36 +153,43 @@ class BatchStream:
         if total == 0:
             raise DatasetError("no images to read (the sample list is empty)")
         self.progress.total(total)
-        pick = self.spares.picker() if self.spares is not None else None
+        pick = self.spares.picker(exclude=[s.path for s in self.samples]) if self.spares is not None else None
+        # At most as many spares tried as images sampled: a folder nothing can decode (a missing codec, no
+        # permission) fails after twice the sample, not after every file in it.
+        spare_budget = total
+        chunks = [self.samples[i : i + self.batch_size] for i in range(0, total, self.batch_size)]
         pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=THREAD_NAME_PREFIX)
-        # One deque entry per chunk: the chunk and the futures of its images, in sample order.
-        pending: deque[tuple[list[Sample], list[Future[np.ndarray]]]] = deque()
-        queue = deque(self.samples[i : i + self.batch_size] for i in range(0, total, self.batch_size))
-        # Unreadable images waiting for a replacement: a chunk of them is drawn once the queue is empty, so
-        # the sampled images' batches are the same with or without spares.
-        waiting: list[Sample] = []
-        attempted = 0
+        # One deque entry per chunk: the futures of its images, in sample order.
+        pending: deque[list[Future[np.ndarray]]] = deque()
+        next_chunk = 0
 
         def submit_next() -> None:
-            if not queue and waiting and pick is not None:
-                drawn = [(s, pick(s)) for s in waiting]
-                waiting.clear()
-                replacements = [r for _, r in drawn if r is not None]
-                self.replaced.extend((s.path, r.path) for s, r in drawn if r is not None)
-                queue.extend(
-                    replacements[i : i + self.batch_size]
-                    for i in range(0, len(replacements), self.batch_size)
-                )
-            if queue:
-                chunk = queue.popleft()
-                pending.append((chunk, [pool.submit(self._decode, s.path) for s in chunk]))
+            nonlocal next_chunk
+            if next_chunk < len(chunks):
+                pending.append([pool.submit(self._decode, s.path) for s in chunks[next_chunk]])
+                next_chunk += 1
+
+        def replacement(unreadable: Sample) -> tuple[Sample, np.ndarray] | None:
+            """The next readable spare for `unreadable` (decoded here: replacements are rare), or None."""
+            nonlocal spare_budget
+            while pick is not None and spare_budget > 0:
+                spare = pick(unreadable)
+                if spare is None:
+                    return None
+                spare_budget -= 1
+                try:
+                    return spare, self._decode(spare.path)
+                except ImageDecodeError as e:
+                    logger.debug("skipped spare %s: %s", spare.path, e.reason)
+                    self.skipped.append((spare.path, e.reason))
+            return None
 
         try:
             # The chunk about to be assembled plus `prefetch_batches` chunks ahead of it.
             for _ in range(1 + self.prefetch_batches):
                 submit_next()
-            while pending:
-                chunk, futures = pending.popleft()
+            for chunk in chunks:
+                futures = pending.popleft()
                 images: list[np.ndarray] = []
                 kept: list[Sample] = []
                 for sample, fut in zip(chunk, futures, strict=True):
@@ -191,11 +199,13 @@ class BatchStream:
                     except ImageDecodeError as e:
                         logger.debug("skipped %s: %s", sample.path, e.reason)
                         self.skipped.append((sample.path, e.reason))
-                        waiting.append(sample)
-                # The progress bar counts the sampled images; replacements run past its end unannounced.
-                if attempted < total:
-                    self.progress.advance(min(len(chunk), total - attempted))
-                attempted += len(chunk)
+                        # In the unreadable image's place: a pass yields the batches it would without spares.
+                        found = replacement(sample)
+                        if found is not None:
+                            kept.append(found[0])
+                            images.append(found[1])
+                            self.replaced.append((sample.path, found[0].path))
+                self.progress.advance(len(chunk))
                 if images:
                     self.used += len(images)
                     self.read.extend(kept)
@@ -211,17 +221,19 @@ class BatchStream:
                 submit_next()
             if self.used == 0:
                 path, reason = self.skipped[0]
-                raise DatasetError(f"none of the {attempted} images could be decoded (e.g. {path}: {reason})")
+                tried = total - spare_budget
+                spares = f", nor {tried} spare image(s)" if tried else ""
+                raise DatasetError(
+                    f"none of the {total} images could be decoded{spares} (e.g. {path}: {reason})"
+                )
         finally:
             self._shutdown(pool, pending)
 
     # -- shutdown ------------------------------------------------------------------------------
 
     @staticmethod
-    def _shutdown(
-        pool: ThreadPoolExecutor, pending: deque[tuple[list[Sample], list[Future[np.ndarray]]]]
-    ) -> None:
-        for _, futures in pending:
+    def _shutdown(pool: ThreadPoolExecutor, pending: deque[list[Future[np.ndarray]]]) -> None:
+        for futures in pending:
             for fut in futures:
                 fut.cancel()  # queued decodes never start; running ones finish their one image
         pending.clear()

@@ -320,6 +320,16 @@ class CalibrationRun:
         """Every calibration file a pass reads: the sample and the replacements of its unreadable images."""
         return [s.path for s in self.samples] + [new for _, new in self.replaced]
 
+    def readable_samples(self) -> list[Sample]:
+        """The images the calibration pass read, in order: each replacement in its unreadable image's place."""
+        replacement = dict(self.replaced)
+        unreadable = {path for path, _ in self.skipped}
+        return [
+            Sample(replacement[s.path], None) if s.path in replacement else s
+            for s in self.samples
+            if s.path in replacement or s.path not in unreadable
+        ]
+
 
 def calibration_key(recipe: QuantRecipe) -> tuple:
     """Recipes with the same key share calibration ranges (format, per-channel, reduce_range do not matter)."""
@@ -491,7 +501,7 @@ def _tune(backend, prepared, calibration, recipe, spec, workdir, tune: TuneReque
         recipe=recipe,
         spec=spec,
         request=tune,
-        sensitivity_samples=calibration.samples,
+        sensitivity_samples=calibration.readable_samples(),
         holdout_samples=held_back_samples(
             calibration.dataset, calibration.files(), tune.holdout_images, recipe.seed
         ),

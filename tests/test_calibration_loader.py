@@ -101,7 +101,7 @@ def test_corrupt_files_are_skipped_and_recorded(tmp_path):
     assert all("\n" not in r for r in reasons)
 
 
-def test_unreadable_images_are_replaced_from_spares_after_the_sampled_batches(tmp_path):
+def test_unreadable_images_are_replaced_in_their_batch_by_spares(tmp_path):
     images = make_samples(tmp_path, 9)
     bad = [
         Sample(write_truncated_jpeg(tmp_path / "trunc.JPEG"), 1),
@@ -109,8 +109,9 @@ def test_unreadable_images_are_replaced_from_spares_after_the_sampled_batches(tm
     ]
     spare_bad = Sample(write_text_as_image(tmp_path / "text.JPEG"), 3)
     samples = [images[0], bad[0], images[1], images[2], bad[1], images[3]]
-    # The first spare is unreadable too: it is replaced in turn.
-    spares = Spares([spare_bad, *images[4:]], labelled=False)
+    # The first spare is unreadable too: the next one is drawn for the same image. A spare that is one of the
+    # samples (images[1]) is never drawn.
+    spares = Spares([spare_bad, images[1], images[4], images[5]], labelled=False)
     progress: list[int] = []
     stream = BatchStream(
         samples,
@@ -121,21 +122,16 @@ def test_unreadable_images_are_replaced_from_spares_after_the_sampled_batches(tm
         progress=ProgressCallbacks(on_advance=progress.append),
     )
     batches = list(stream)
-    without = list(BatchStream(samples, SMALL, batch_size=2, workers=2))
-    # The sampled images' batches are those of a stream without spares; the replacements come after them.
-    assert [b.paths for b in batches[: len(without)]] == [b.paths for b in without]
-    assert [p for b in batches[len(without) :] for p in b.paths] == [images[4].path, images[5].path]
+    # Each replacement takes its unreadable image's place: as many batches, as full, as with readable images.
+    assert [[p.name for p in b.paths] for b in batches] == [
+        ["img_000.png", "img_004.png"],
+        ["img_001.png", "img_002.png"],
+        ["img_005.png", "img_003.png"],
+    ]
     assert stream.used == len(samples) == len(stream.read) and sum(progress) == len(samples)
-    assert [p for p, _ in stream.skipped] == [bad[0].path, bad[1].path, spare_bad.path]
-    assert stream.replaced == [
-        (bad[0].path, spare_bad.path),
-        (bad[1].path, images[4].path),
-        (spare_bad.path, images[5].path),
-    ]
-    assert [s.path for s in stream.read] == [s.path for s in samples if s not in bad] + [
-        images[4].path,
-        images[5].path,
-    ]
+    assert [p for p, _ in stream.skipped] == [bad[0].path, spare_bad.path, bad[1].path]
+    assert stream.replaced == [(bad[0].path, images[4].path), (bad[1].path, images[5].path)]
+    assert [s.path for s in stream.read] == [p for b in batches for p in b.paths]
     # A second pass reads the same images in the same order.
     assert [b.paths for b in stream] == [b.paths for b in batches]
 
@@ -148,10 +144,23 @@ def test_replacements_stop_when_the_spares_run_out(tmp_path):
         Sample(write_zero_byte(tmp_path / "z2.jpg"), 2),
     ]
     stream = BatchStream(samples, SMALL, batch_size=3, spares=Spares([good[1]], labelled=False))
-    assert [len(b) for b in stream] == [1, 1]
+    assert [len(b) for b in stream] == [2]
     assert (
         stream.used == 2 and len(stream.skipped) == 2 and stream.replaced == [(samples[1].path, good[1].path)]
     )
+
+
+def test_a_folder_nothing_can_decode_fails_after_as_many_spares_as_samples(tmp_path):
+    samples = [Sample(write_zero_byte(tmp_path / f"z{i}.jpg"), None) for i in range(3)]
+    spares = [Sample(write_zero_byte(tmp_path / f"spare{i}.jpg"), None) for i in range(20)]
+    tried: list[Path] = []
+    stream = BatchStream(samples, SMALL, batch_size=2, spares=Spares(spares, labelled=False))
+    real = stream._decode
+    stream._decode = lambda path: (tried.append(path), real(path))[1]
+    with pytest.raises(DatasetError) as e:
+        list(stream)
+    assert str(e.value).startswith("none of the 3 images could be decoded, nor 3 spare image(s) (e.g. ")
+    assert len(tried) == 6
 
 
 def test_everything_corrupt_raises(tmp_path):

@@ -224,6 +224,20 @@ def test_unreadable_calibration_images_are_replaced_in_every_pass(tiny_model, tm
     assert all(old.parent == new.parent for old, new in result.replaced_images)
     assert not {new for _, new in result.replaced_images} & {s.path for s in chosen}
     assert result.bias_correction.images == 4
+    # What tuning's sensitivity pass reads: the replacements in the unreadable images' places.
+    run = pipeline.CalibrationRun(
+        dataset=None,
+        samples=chosen,
+        ranges=None,
+        used=4,
+        skipped=result.skipped,
+        smoke_sample=None,
+        seconds=0,
+    )
+    run.replaced = result.replaced_images
+    assert [s.path for s in run.readable_samples()] == [new for _, new in result.replaced_images] + [
+        s.path for s in chosen[2:]
+    ]
     assert result.calibration_files == [s.path for s in chosen] + [new for _, new in result.replaced_images]
     calibration = result.to_dict()["calibration"]
     assert calibration["images_requested"] == 4 and len(calibration["replaced"]) == 2
@@ -405,9 +419,14 @@ def test_inc_calibration_passes_replace_unreadable_images_as_rq_does(tiny_model,
     write_zero_byte(broken)
     prepared = prepare_model(tiny_model, tmp_path)
     calibration = pipeline.run_calibration(prepared, dataset, recipe, SMALL_SPEC, tmp_path)
-    make_batches, _batch = calibration_passes(prepared, calibration, recipe, SMALL_SPEC)
-    first = sum(len(b) for b in make_batches())
-    assert first == 4 and calibration.used == 4
-    assert [old for old, _ in calibration.replaced] == [broken]
-    replacement = calibration.replaced[0][1]
-    assert sum(len(b) for b in make_batches()) == 4 and calibration.replaced == [(broken, replacement)]
+    make_batches, batch = calibration_passes(prepared, calibration, recipe, SMALL_SPEC)
+    # INC reads as many batches as the sample fills (ceil(samples / batch)), then stops without exhausting
+    # the pass: the replacement must be in those batches, and the counts must be kept all the same.
+    passes = []
+    for _ in range(2):
+        gen = make_batches()
+        passes.append([next(gen) for _ in range(-(-recipe.samples // batch))])
+        gen.close()
+        assert calibration.used == 4 and [old for old, _ in calibration.replaced] == [broken]
+    assert [len(b) for b in passes[0]] == [4]
+    np.testing.assert_array_equal(passes[0][0], passes[1][0])

@@ -537,13 +537,16 @@ def calibration_passes(prepared, calibration, recipe: QuantRecipe, spec):
 
     def make_batches():
         batches = calibration_batches(prepared, calibration, spec, recipe.batch_size)
-        with contextlib.closing(batches):
-            yield from batches
-        calibration.used, calibration.skipped, calibration.replaced = (
-            batches.used,
-            batches.skipped,
-            batches.replaced,
-        )
+        try:
+            with contextlib.closing(batches):
+                yield from batches
+        finally:
+            # Also when INC stops reading before the end (it reads as many batches as the sample fills).
+            calibration.used, calibration.skipped, calibration.replaced = (
+                batches.used,
+                batches.skipped,
+                batches.replaced,
+            )
 
     return make_batches, prepared.signature.fixed_batch or recipe.batch_size
 
