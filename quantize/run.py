@@ -175,6 +175,8 @@ def run(
             )
     if request.report_dir is not None:
         ensure_writable_dir(request.report_dir)
+    if request.val is not None or request.bench_batches:
+        _check_runtimes_open(model, request.runtimes)
     result = quantize_model(
         model,
         request.calib,
@@ -209,6 +211,18 @@ def run(
         )
         result.seconds["bench"] = time.perf_counter() - started
     return _report(request, result, validations, gate, fidelity, bench, runtimes)
+
+
+def _check_runtimes_open(model: Path, names) -> None:
+    """Every runtime --val/--bench will use must load and compile the FP32 model before an INT8 file is
+    written: a one-line error (exit 2) now, not after calibration with the INT8 file already published."""
+    from quantize.measure.evaluate import open_in_runtime, prepare_for
+
+    if not model.is_file():
+        return  # quantize_model says what is wrong with the path
+    for name in names:
+        if name != "ort":  # onnxruntime is the runtime rq quantizes with: preparation loads the model in it
+            prepare_for(open_in_runtime(model, name), 1)
 
 
 def _check_evaluable(model: Path) -> None:
@@ -328,10 +342,12 @@ def write_report_after_model(data: dict, report_dir: Path, model: Path) -> dict:
 def evaluate_in(runtimes, models, samples, spec, batch, workers=None, ray=None, progress=None) -> dict:
     """`rq eval`: the models on the same batches, in each runtime (`quantize.measure.evaluate.evaluate`)."""
     from quantize.measure.evaluate import evaluate
+    from quantize.measure.runtimes import check_model_files
 
     progress = progress or NO_PROGRESS
+    check_model_files(models)  # bad input in every runtime, not a model one runtime happens to skip
     by_runtime = {}
-    for k, name in enumerate(runtimes):
+    for name in runtimes:
         progress.stage(f"evaluate in {name}" if list(runtimes) != ["ort"] else "evaluate")
         by_runtime[name] = evaluate(
             models,
@@ -342,9 +358,10 @@ def evaluate_in(runtimes, models, samples, spec, batch, workers=None, ray=None, 
             progress=progress,
             ray=ray,
             runtime=name,
-            # A model a later runtime cannot read keeps the rows of the runtimes that ran it; that runtime's
-            # rows say why it is missing (as rq bench does).
-            skip_unreadable=k > 0,
+            # A model (after the first) that OpenVINO cannot read keeps the rows of the runtimes that ran it;
+            # that runtime's rows say why it is missing, as rq bench does. onnxruntime is the reference runtime
+            # (rq quantizes with it): a model it cannot load is an error.
+            skip_unreadable=name != "ort",
         )
     return by_runtime
 

@@ -176,7 +176,9 @@ def test_a_file_that_is_not_onnx_is_one_line_on_stderr(tmp_path):
         )
         assert done.returncode == 2, done.stderr
         lines = [ln for ln in done.stderr.splitlines() if ln.strip() and not ln.startswith("·")]
-        assert lines == ["rq: error: openvino cannot read text.onnx: not an ONNX model"], done.stderr
+        assert len(lines) == 1 and lines[0].startswith(f"rq: error: {text} is not an ONNX model: "), (
+            done.stderr
+        )
 
 
 def test_eval_keeps_the_ort_rows_of_a_model_openvino_cannot_read(cli, tmp_path):
@@ -193,3 +195,54 @@ def test_eval_keeps_the_ort_rows_of_a_model_openvino_cannot_read(cli, tmp_path):
     (note,) = data["runtimes"]["openvino"]["notes"]
     assert note.startswith("#2 odd.onnx not evaluated in openvino: openvino cannot read odd.onnx")
     assert "\n" not in note
+
+
+@pytest.mark.parametrize("measure", [["--val", "VAL"], ["--bench", "--bench-runs", "20"]])
+def test_quantize_checks_every_runtime_reads_the_model_before_writing(cli, tiny_pair, tmp_path, measure):
+    """A runtime that cannot run the FP32 model: one line, exit 2, before calibration writes anything."""
+    thousand_classes, val = top1_60_percent(tmp_path)
+    # --val needs an ImageNet classifier; --bench takes the tiny CNN.
+    odd = _unreadable_by_openvino(
+        thousand_classes if "--val" in measure else tiny_pair[0], tmp_path / "odd.onnx"
+    )
+    calib = tmp_path / "calib"
+    make_class_folders(calib, {wnid(0): 4, wnid(1): 4}, size=(48, 40))
+    out, reports = tmp_path / "odd-int8.onnx", tmp_path / "reports"
+    measure = [str(val) if m == "VAL" else m for m in measure]
+    result = cli(
+        "quantize", odd, "--calib", calib, "--samples", "8", "--out", out, "--report-dir", reports,
+        "--runtime", "ort,openvino", *measure, *SMALL,
+    )  # fmt: skip
+    assert_one_line_error(result, "openvino cannot read odd.onnx")
+    assert not out.exists() and not any(reports.rglob("*"))
+
+
+@pytest.mark.parametrize("command", ["bench", "eval"])
+def test_a_file_that_is_no_model_is_bad_input_in_openvino_too(cli, tiny_pair, tmp_path, command):
+    """Only a model OpenVINO cannot *convert* loses its OpenVINO rows; a missing, empty or corrupt file is an
+    error (exit 2) in any runtime, as it is in onnxruntime."""
+    model, val = top1_60_percent(tmp_path)
+    first = model if command == "eval" else tiny_pair[0]
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(first.read_bytes()[:200])
+    args = ["--data", val, *SMALL] if command == "eval" else ["--runs", "1", "--batch", "1"]
+    for bad, why in (
+        (tmp_path / "nope.onnx", "model not found"),
+        (empty, "empty file"),
+        (truncated, "is not an ONNX model"),
+    ):
+        assert_one_line_error(cli(command, first, bad, "--runtime", "openvino", *args), why)
+
+
+def test_eval_skips_a_model_openvino_cannot_read_wherever_openvino_is_listed(cli, tmp_path):
+    model, val = top1_60_percent(tmp_path)
+    odd = _unreadable_by_openvino(model, tmp_path / "odd.onnx")
+    for runtimes_asked in ("openvino,ort", "openvino"):
+        result = cli("eval", model, odd, "--data", val, "--runtime", runtimes_asked, "--json", *SMALL)
+        assert result.exit_code == 0, all_output(result)
+        data = json.loads(result.stdout)
+        assert [m["path"] for m in data["runtimes"]["openvino"]["models"]] == [str(model)]
+        (note,) = data["runtimes"]["openvino"]["notes"]
+        assert note.startswith("#2 odd.onnx not evaluated in openvino: openvino cannot read odd.onnx")

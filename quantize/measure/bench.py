@@ -351,6 +351,9 @@ def bench_models(
     cpu = cpu or detect_cpu()
     n_threads = threads or physical_core_count(cpu)
 
+    # A file that is no model is bad input whatever the runtime; a runtime that cannot read a model (after the
+    # first) only loses that model's rows.
+    runtimes_mod.check_model_files(paths)
     units: list[_Unit] = []
     errors: list[tuple[int, str, str]] = []
     reference_shape: list | None = None

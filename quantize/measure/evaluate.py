@@ -164,7 +164,7 @@ def _run_any(session, images: np.ndarray) -> np.ndarray:
     return _in_fixed_batches(session.run, images, _fixed_batch_of(session))
 
 
-def _prepare_for(session, images: int) -> None:
+def prepare_for(session, images: int) -> None:
     """Let the session compile for the batch it is about to run (OpenVINO compiles per batch size), so the
     inference time measured next is inference only."""
     prepare = getattr(session, "prepare", None)
@@ -298,7 +298,7 @@ def evaluate(
     for i, m in enumerate(models):
         try:
             session = open_in_runtime(Path(m), runtime, threads)
-            _prepare_for(session, min(batch_size, len(samples)))
+            prepare_for(session, min(batch_size, len(samples)))
         except RqInputError as exc:
             if not skip_unreadable or i == 0:
                 raise
@@ -320,7 +320,7 @@ def evaluate(
             paths.extend(batch.paths)
             for i, (session, (_name, offset)) in enumerate(zip(sessions, io, strict=True)):
                 try:
-                    _prepare_for(session, len(batch.images))
+                    prepare_for(session, len(batch.images))
                     t0 = time.perf_counter()
                     logits = _run_any(session, batch.images)
                 except RqInputError:

@@ -34,7 +34,7 @@ from typing import Protocol
 import numpy as np
 
 from calibration.errors import RqInputError
-from quantize.exits import ORT_LOG_SEVERITY, ort_reason
+from quantize.exits import ORT_LOG_SEVERITY, one_line, ort_reason
 
 OPENVINO_INSTALL = "pip install 'rq-quant[openvino]'"
 _INT8_OPS = {
@@ -130,6 +130,21 @@ def check_model_file(path: Path, missing: str) -> None:
         raise RqInputError(missing)
     if path.stat().st_size == 0:
         raise RqInputError(f"{path} is an empty file (0 bytes), not an ONNX model")
+
+
+def check_model_files(paths: Sequence[Path]) -> None:
+    """Each path an ONNX model file (or an OpenVINO IR ``.xml``) before any runtime opens one: a missing, empty
+    or corrupt file is bad input in every runtime, never a row left out as if that runtime could not read it."""
+    import onnx
+
+    for path in map(Path, paths):
+        check_model_file(path, f"model not found: {path}")
+        if path.suffix.lower() == ".xml":
+            continue
+        try:
+            onnx.load_model(str(path), load_external_data=False)
+        except Exception as exc:  # protobuf's DecodeError, onnx's own errors
+            raise RqInputError(f"{path} is not an ONNX model: {one_line(exc)}") from None
 
 
 class Session(Protocol):
