@@ -86,13 +86,13 @@ def test_bench_structure_and_interleaving(two_models):
     assert res.row(0, 1).name == "a.onnx"
 
     # Timed calls only, interleaved A B A B …, batch by batch.
-    assert res.order == [(0, 1), (1, 1)] * 3 + [(0, 2), (1, 2)] * 3
+    assert res.order == [(0, 1, "ort"), (1, 1, "ort")] * 3 + [(0, 2, "ort"), (1, 2, "ort")] * 3
 
 
 def test_result_serializes_and_renders(two_models):
     res = bench_models(two_models, batch_sizes=(1,), threads=1, runs=2, warmup=0)
     d = json.loads(json.dumps(res.to_dict()))
-    assert len(d["rows"]) == 2 and d["order"] == [[0, 1], [1, 1], [0, 1], [1, 1]]
+    assert len(d["rows"]) == 2 and d["order"] == [[0, 1, "ort"], [1, 1, "ort"]] * 2
 
     from rich.console import Console
 

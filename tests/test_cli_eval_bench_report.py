@@ -115,7 +115,7 @@ def test_bench_json_structure_and_interleaving(cli, tmp_path):
     assert data["batch_sizes"] == [1, 2] and data["runs"] == 2 and data["threads"] == 1
     assert data["input_shape"] == ["N", 3, 32, 32]
     # interleaved: A B A B at batch 1, then A B A B at batch 2
-    assert data["order"] == [[0, 1], [1, 1], [0, 1], [1, 1], [0, 2], [1, 2], [0, 2], [1, 2]]
+    assert data["order"] == [[0, 1, "ort"], [1, 1, "ort"]] * 2 + [[0, 2, "ort"], [1, 2, "ort"]] * 2
     rows = {(r["model_index"], r["batch"]): r for r in data["rows"]}
     assert set(rows) == {(0, 1), (1, 1), (0, 2), (1, 2)}
     for (index, batch), row in rows.items():
@@ -234,7 +234,7 @@ def test_quantize_report_json(quantize_run):
     low, high = int8["bench"]["1"]["ratio_to_fp32_interval"]
     assert 0 < low <= high
     assert "ratio_to_fp32_interval" not in fp32["bench"]["1"]
-    assert data["bench"]["order"] == [[0, 1], [1, 1]] * 20
+    assert data["bench"]["order"] == [[0, 1, "ort"], [1, 1, "ort"]] * 20
     assert data["gate"] is None
     assert set(data["stages"]) >= {"prepare", "calibrate", "quantize", "validate", "bench"}
 

@@ -296,6 +296,10 @@ def test_render_report_errors(tmp_path):
     (tmp_path / "report.json").write_text(json.dumps({"schema": "other/9"}), encoding="utf-8")
     with pytest.raises(RqInputError, match="schema"):
         render_report(tmp_path)
+    # rq writes strict JSON: a NaN put in by hand would render "PASSED: drop n/a pt > 1.00 pt"
+    (tmp_path / "report.json").write_text('{"gate": {"drop_pt": NaN}}', encoding="utf-8")
+    with pytest.raises(RqInputError, match="not strict JSON: NaN is not a JSON number"):
+        render_report(tmp_path)
 
 
 def test_validate_accepts_realistic_report():

@@ -125,6 +125,9 @@ def test_bench_two_runtimes_rows_and_ratios(cli, fake_runtimes, tiny_pair):
     assert result.exit_code == 0, all_output(result)
     data = json.loads(result.stdout)
     assert data["runtimes"] == ["ort", "reference"] and data["errors"] == []
+    # every timed call of every runtime, in the order run: each round times every session once
+    assert data["order"][:4] == [[0, 1, "ort"], [1, 1, "ort"], [0, 1, "reference"], [1, 1, "reference"]]
+    assert len(data["order"]) == 2 * 2 * 2 * 2  # runs × models × runtimes × batch sizes
     assert data["runtime_versions"]["reference"].startswith("onnx.reference")
     rows = {(r["runtime"], r["model_index"], r["batch"]): r for r in data["rows"]}
     assert len(rows) == 8

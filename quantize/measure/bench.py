@@ -91,9 +91,9 @@ class BenchResult:
     input_shape: list[int | str] = field(default_factory=list)  # batch dim shown as "N"
     batch_sizes: list[int] = field(default_factory=list)  # the batch sizes actually run
     rows: list[BenchRow] = field(default_factory=list)
-    # (model_index, batch) of every *timed* call in execution order (warmup excluded), so the
+    # (model_index, batch, runtime) of every *timed* call in execution order (warmup excluded), so the
     # interleaving can be checked after the fact.
-    order: list[tuple[int, int]] = field(default_factory=list)
+    order: list[tuple[int, int, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     session_config: dict[str, str] = field(default_factory=dict)
     runtimes: list[str] = field(default_factory=lambda: ["ort"])
@@ -121,7 +121,7 @@ class BenchResult:
             "input_shape": list(self.input_shape),
             "batch_sizes": list(self.batch_sizes),
             "rows": [r.to_dict() for r in self.rows],
-            "order": [[i, b] for i, b in self.order],
+            "order": [[i, b, rt] for i, b, rt in self.order],
             "notes": list(self.notes),
             "session_config": dict(self.session_config),
             "runtimes": list(self.runtimes),
@@ -439,8 +439,7 @@ def bench_models(
                     except RqInputError as exc:
                         failed(u, exc)
                         continue
-                    if u.runtime == runtime_names[0]:
-                        result.order.append((u.index, b))
+                    result.order.append((u.index, b, u.runtime))
                 progress.advance(1)
         finally:
             if gc_was_enabled:

@@ -373,15 +373,23 @@ def write_report(data: dict, directory: Path) -> dict[str, Path]:
     return {"json": json_path, **_write_views(json.loads(text), directory)}
 
 
+def _no_constant(name: str):
+    # rq writes strict JSON (allow_nan=False); a NaN or Infinity in it was put there by hand, and would render
+    # as a verdict that contradicts itself ("PASSED: drop n/a > 1.00").
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def read_report(directory: Path) -> dict:
     """The validated ``report.json`` of ``directory``; a missing, unreadable or invalid one is an RqInputError."""
     json_path = Path(directory) / JSON_NAME
     if not json_path.is_file():
         raise RqInputError(f"no {JSON_NAME} in {directory}")
     try:
-        data = json.loads(json_path.read_text(encoding="utf-8"))
+        data = json.loads(json_path.read_text(encoding="utf-8"), parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise RqInputError(f"{json_path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except ValueError as exc:  # _no_constant
+        raise RqInputError(f"{json_path} is not strict JSON: {exc}") from None
     except UnicodeDecodeError:
         raise RqInputError(f"{json_path} is not UTF-8 text") from None
     except OSError as exc:
