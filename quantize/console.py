@@ -339,8 +339,12 @@ def eval_json(by_runtime: dict, dataset, spec) -> dict:
     payload = by_runtime[first].to_dict()
     payload.update(folder=str(dataset.root), layout=dataset.layout, preprocess=spec.to_dict(), runtime=first)
     payload["runtimes"] = {name: r.to_dict() for name, r in by_runtime.items()}
-    for entry, drop in zip(payload["models"], drops_vs_first(by_runtime[first]), strict=True):
-        entry["vs_first"] = drop.to_dict() if drop else None
+    # Each runtime's models against that runtime's first model, as the table prints them.
+    for entries, run in [(payload["models"], by_runtime[first])] + [
+        (payload["runtimes"][name]["models"], r) for name, r in by_runtime.items()
+    ]:
+        for entry, drop in zip(entries, drops_vs_first(run), strict=True):
+            entry["vs_first"] = drop.to_dict() if drop else None
     return payload
 
 

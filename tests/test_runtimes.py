@@ -473,6 +473,10 @@ def test_eval_model_another_runtime_cannot_read_keeps_the_others_rows(cli, tmp_p
         assert result.exit_code == 0, all_output(result)
         data = json.loads(result.stdout)
         assert [len(run["models"]) for run in data["runtimes"].values()] == [2, 1]
+        # each runtime's models carry their drop against that runtime's first model, as the table shows
+        ort_rows = data["runtimes"]["ort"]["models"]
+        assert ort_rows[0]["vs_first"] is None and ort_rows[1]["vs_first"]["agreement_pct"] == 100.0
+        assert ort_rows[1]["vs_first"] == data["models"][1]["vs_first"]
         assert data["runtimes"]["refuses-odd"]["models"][0]["top1"] == 60.0
         (note,) = data["runtimes"]["refuses-odd"]["notes"]
         assert (
