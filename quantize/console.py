@@ -286,27 +286,50 @@ def sweep_table(data: dict) -> Table:
         title="rq sweep (★ = on the top-1/speed Pareto front, ◆ = on the agreement/speed front)",
         title_justify="left",
     )
+    from quantize.report.plot import runtimes_of, speed_key
+
     batches = sorted({int(b) for v in data["variants"] if v["bench"] for b in v["bench"]})
+    # Several runtimes: each row names its own, "speed" is against FP32 in that runtime, and the fronts (★ ◆)
+    # put every row on one axis, the speedup against ONNX Runtime's FP32, shown beside it.
+    multi = len(runtimes_of(data["variants"])) > 1
+    common = speed_key(data["variants"]) if multi else "ratio_to_fp32"
+    shared_axis = common != "ratio_to_fp32"
     for col in [
         "variant",
+        *(["runtime"] if multi else []),
         "top-1 %",
         "drop pt [95% CI]",
         "agree %",
         "differ",
         *[f"speed b{b}" for b in batches],
+        *([f"vs ORT FP32 b{b}" for b in batches] if shared_axis else []),
         "ops",
         "★",
     ]:
-        table.add_column(col, justify="left" if col == "variant" else "right")
+        table.add_column(col, justify="left" if col in ("variant", "runtime") else "right")
+    if shared_axis:
+        table.caption = (
+            "speed bN: against FP32 in the row's runtime; vs ORT FP32 bN: against ONNX Runtime's FP32, the axis "
+            "of the ★ and ◆ fronts"
+        )
+
+    def ratio(v: dict, b: int, key: str) -> str:
+        figures = v["bench"].get(str(b)) if v["bench"] else None
+        value = figures.get(key) if figures else None
+        return f"{value:.2f}×" if value is not None else "—"
+
     for v in data["variants"]:
         drop = v["drop"]
         drop_text = (
             f"{drop['drop_pt']:.2f} [{drop['ci_low_pt']:.2f}, {drop['ci_high_pt']:.2f}]" if drop else "—"
         )
-        speeds = [f"{v['bench'][str(b)]['ratio_to_fp32']:.2f}×" if v["bench"] else "—" for b in batches]
+        speeds = [ratio(v, b, "ratio_to_fp32") for b in batches]
+        if shared_axis:
+            speeds += [ratio(v, b, common) for b in batches]
         ops = v["quantized_ops"]
         table.add_row(
             escape(v["name"]),
+            *([escape(str(v.get("runtime") or "?"))] if multi else []),
             f"{v['accuracy']['top1']:.2f}" if v["accuracy"] else "—",
             drop_text,
             f"{drop['agreement_pct']:.2f}" if drop and drop.get("agreement_pct") is not None else "—",

@@ -329,6 +329,17 @@ def test_sweep_validates_and_benches_every_recipe_in_every_runtime(
         assert by_name[name]["sha256"] == by_name[f"{name} · reference"]["sha256"]
         assert by_name[f"{name} · reference"]["drop"] is not None
     assert any("validated and benchmarked in ort, reference" in n for n in data["notes"])
+    # the console table names each row's runtime, and the speed axis the fronts use
+    from rich.console import Console
+
+    from quantize.console import sweep_table
+
+    console = Console(record=True, width=300)
+    console.print(sweep_table(data))
+    text = console.export_text()
+    assert "runtime" in text and "vs ORT FP32 b1" in text and "the axis of the ★ and ◆ fronts" in text
+    fp32_ref = next(line for line in text.splitlines() if "FP32 · reference" in line)
+    assert "reference" in fp32_ref.split("FP32 · reference", 1)[1]
 
 
 def test_sweep_cache_is_per_runtime_and_version(fake_runtimes, sweep_inputs, tmp_path, monkeypatch):
