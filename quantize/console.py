@@ -35,6 +35,9 @@ def progress_bar():
         TimeElapsedColumn(),
         console=err,
         transient=True,
+        # Not drawn when stderr is no terminal: there a stopped bar leaves only an empty line, which put a blank
+        # line before a one-line error in logs and CI output.
+        disable=not err.is_terminal,
     )
 
 

@@ -486,3 +486,30 @@ def test_size_line_units_and_direction():
     assert size_text(97_800_000, 25_600_000) == "97.8 MB FP32 → 25.6 MB INT8 (3.82× smaller)"
     # a tiny model: kB, and its Q/DQ nodes can outweigh what its weights saved
     assert size_text(18_500, 19_300) == "18.5 kB FP32 → 19.3 kB INT8 (1.04× larger)"
+
+
+def test_an_error_is_the_only_line_on_a_piped_stderr(tiny_model, calib, tmp_path):
+    """Piped (logs, CI), stderr holds the error line alone: no empty line left by an undrawn progress bar."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "out.onnx"
+    folder.mkdir()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "quantize.cli",
+            "quantize",
+            str(tiny_model),
+            "--calib",
+            str(calib),
+            "-o",
+            str(folder),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == EXIT_BAD_INPUT
+    assert done.stderr.splitlines() == [f"rq: error: output path is a folder: {folder}"], done.stderr
