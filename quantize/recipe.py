@@ -156,7 +156,7 @@ class QuantRecipe:
             ),
             (
                 self.placement_runtime == "ort" or self.format == "qdq",
-                "placement_runtime openvino rewrites a QDQ model: it needs format qdq",
+                "placement_runtime openvino (--placement-runtime) rewrites a QDQ model: it needs format qdq (--format qdq)",
             ),
             (
                 self.version == RECIPE_VERSION,

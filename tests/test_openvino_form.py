@@ -121,7 +121,10 @@ def test_a_model_without_qdq_outputs_or_affines_changes_only_its_signed_tensors(
 
 
 def test_openvino_form_needs_qdq():
-    with pytest.raises(RqInputError, match="placement_runtime openvino rewrites a QDQ model"):
+    with pytest.raises(
+        RqInputError,
+        match=r"placement_runtime openvino \(--placement-runtime\) rewrites a QDQ model: it needs format qdq \(--format qdq\)",
+    ):
         QuantRecipe(placement_runtime="openvino", format="qoperator")
 
 
