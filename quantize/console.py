@@ -230,6 +230,8 @@ def fidelity_table(fidelity) -> Table:
     table.add_column("what", style="bold")
     table.add_column("value", overflow="fold")
     table.add_row("images", fidelity.source)
+    # --runtime applies to --val and --bench; this check is always onnxruntime's (say so beside an OpenVINO bench).
+    table.add_row("runtime", "onnxruntime")
     table.add_row(
         "top-1 agreement",
         f"{fidelity.agreement_pct:.2f}% (95% CI [{fidelity.agreement_ci_low_pct:.2f}, "
