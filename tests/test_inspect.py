@@ -196,6 +196,15 @@ def test_cli_inspect_writes_the_per_node_report(tiny_pair, calib_dir, tmp_path):
     assert data["inspection"]["images"] == 4 and len(data["inspection"]["nodes"]) == 3
 
 
+def _inspect_json(tiny_pair, calib, tmp_path) -> dict:
+    result = invoke(
+        "inspect", tiny_pair["fp32"], tiny_pair["int8"], "--calib", calib, "--samples", "4", "--json",
+        "--report-dir", tmp_path / "r", *SMALL,
+    )  # fmt: skip
+    assert result.exit_code == 0, all_output(result)
+    return json.loads(result.stdout)
+
+
 def test_cli_inspect_replaces_an_unreadable_image(tiny_pair, calib_dir, tmp_path):
     """`--samples 4` compares on 4 images even when one of those drawn cannot be read."""
     import shutil
@@ -204,39 +213,11 @@ def test_cli_inspect_replaces_an_unreadable_image(tiny_pair, calib_dir, tmp_path
 
     calib = shutil.copytree(calib_dir, tmp_path / "calib")
     write_zero_byte(select_samples(discover_dataset(calib), 4, 0)[1].path)
-    result = invoke(
-        "inspect",
-        tiny_pair["fp32"],
-        tiny_pair["int8"],
-        "--calib",
-        calib,
-        "--samples",
-        "4",
-        "--json",
-        "--report-dir",
-        tmp_path / "r",
-        *SMALL,
-    )
-    assert result.exit_code == 0, all_output(result)
-    assert json.loads(result.stdout)["images"] == 4
+    assert _inspect_json(tiny_pair, calib, tmp_path)["images"] == 4
 
 
 def test_cli_inspect_json(tiny_pair, calib_dir, tmp_path):
-    result = invoke(
-        "inspect",
-        tiny_pair["fp32"],
-        tiny_pair["int8"],
-        "--calib",
-        calib_dir,
-        "--samples",
-        "4",
-        "--json",
-        "--report-dir",
-        tmp_path / "r",
-        *SMALL,
-    )
-    assert result.exit_code == 0, all_output(result)
-    data = json.loads(result.stdout)
+    data = _inspect_json(tiny_pair, calib_dir, tmp_path)
     assert data["images"] == 4
     assert {n["op_type"] for n in data["nodes"]} == {"Conv", "Gemm"}
 
