@@ -199,7 +199,7 @@ class BatchStream:
                     except ImageDecodeError as e:
                         logger.debug("skipped %s: %s", sample.path, e.reason)
                         self.skipped.append((sample.path, e.reason))
-                        # In the unreadable image's place: a pass yields the batches it would without spares.
+                        # In the unreadable image's place: the pass yields the batches it would if every image were readable.
                         found = replacement(sample)
                         if found is not None:
                             kept.append(found[0])
