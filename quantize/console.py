@@ -312,7 +312,7 @@ def sweep_table(data: dict) -> Table:
         "★",
     ]:
         table.add_column(col, justify="left" if col in ("variant", "runtime") else "right")
-    if shared_axis:
+    if shared_axis and batches:
         table.caption = (
             "speed bN: against FP32 in the row's runtime; vs ORT FP32 bN: against ONNX Runtime's FP32, the axis "
             "of the ★ and ◆ fronts"

@@ -341,11 +341,16 @@ def write_report_after_model(data: dict, report_dir: Path, model: Path) -> dict:
 
 def evaluate_in(runtimes, models, samples, spec, batch, workers=None, ray=None, progress=None) -> dict:
     """`rq eval`: the models on the same batches, in each runtime (`quantize.measure.evaluate.evaluate`)."""
-    from quantize.measure.evaluate import evaluate
+    from quantize.measure.evaluate import evaluate, open_in_runtime
     from quantize.measure.runtimes import check_model_files
 
     progress = progress or NO_PROGRESS
     check_model_files(models)  # bad input in every runtime, not a model one runtime happens to skip
+    if "ort" in list(runtimes)[1:]:
+        # onnxruntime, the reference runtime, does not skip a model it cannot load: say so before the passes
+        # of the runtimes listed before it, not after them.
+        for m in models:
+            open_in_runtime(Path(m), "ort")
     by_runtime = {}
     for name in runtimes:
         progress.stage(f"evaluate in {name}" if list(runtimes) != ["ort"] else "evaluate")

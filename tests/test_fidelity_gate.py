@@ -382,7 +382,7 @@ def test_without_val_fidelity_is_measured_on_held_back_calibration_images(mixed,
     assert fid["softmax_kl"] == pytest.approx(expected.softmax_kl, rel=1e-3)
     md = (next(p for p in reports.iterdir() if p.is_dir()) / "report.md").read_text()
     assert "## Fidelity to FP32 (label-free)" in md
-    assert "| Runtime | onnxruntime (`--runtime` applies to `--val` and `--bench`) |" in md
+    assert "| Runtime | onnxruntime (--runtime applies to --val and --bench) |" in md
     # the Results table shows that agreement too (marked as measured on held-back calibration images)
     results = md.split("## Results", 1)[1].split("\n## ", 1)[0]
     int8_row = next(line for line in results.splitlines() if line.startswith("| ") and "INT8" in line)

@@ -300,6 +300,14 @@ def test_render_report_errors(tmp_path):
     (tmp_path / "report.json").write_text('{"gate": {"drop_pt": NaN}}', encoding="utf-8")
     with pytest.raises(RqInputError, match="not strict JSON: NaN is not a JSON number"):
         render_report(tmp_path)
+    # Infinity parses (older reports hold it for an exact node's SQNR): what fails here is the schema
+    (tmp_path / "report.json").write_text('{"x": Infinity}', encoding="utf-8")
+    with pytest.raises(RqInputError) as info:
+        render_report(tmp_path)
+    assert "strict JSON" not in str(info.value)
+    (tmp_path / "report.json").write_bytes(b'{"schema": "rq.report/1", "x": "\xff"}')
+    with pytest.raises(RqInputError, match="is not UTF-8 text"):
+        render_report(tmp_path)
 
 
 def test_validate_accepts_realistic_report():

@@ -340,6 +340,11 @@ def test_sweep_validates_and_benches_every_recipe_in_every_runtime(
     assert "runtime" in text and "vs ORT FP32 b1" in text and "the axis of the ★ and ◆ fronts" in text
     fp32_ref = next(line for line in text.splitlines() if "FP32 · reference" in line)
     assert "reference" in fp32_ref.split("FP32 · reference", 1)[1]
+    # without timings there are no speed columns to explain
+    console = Console(record=True, width=300)
+    console.print(sweep_table({**data, "variants": [{**v, "bench": None} for v in data["variants"]]}))
+    text = console.export_text()
+    assert "runtime" in text and "vs ORT FP32" not in text and "speed b" not in text
 
 
 def test_sweep_cache_is_per_runtime_and_version(fake_runtimes, sweep_inputs, tmp_path, monkeypatch):
@@ -563,3 +568,25 @@ def test_open_says_why_a_path_is_not_a_model_in_one_line(runtime, tmp_path):
         with pytest.raises(RqInputError, match=reason) as info:
             rt.open(path)
         assert "\n" not in str(info.value)
+
+
+def test_model_files_are_checked_as_onnx_except_the_formats_their_runtime_reads(tmp_path):
+    junk = b"not a protobuf at all\n" * 4
+    for name in (
+        "model.xml",
+        "model.ort",
+    ):  # OpenVINO IR, onnxruntime's own format: their runtime judges them
+        (tmp_path / name).write_bytes(junk)
+        runtimes.check_model_files([tmp_path / name])
+    (tmp_path / "model.onnx").write_bytes(junk)
+    with pytest.raises(RqInputError, match=r"model.onnx is not an ONNX model: "):
+        runtimes.check_model_files([tmp_path / "model.onnx"])
+
+
+def test_eval_says_onnxruntime_cannot_load_a_model_before_another_runtimes_pass(cli, fake_runtimes, tmp_path):
+    model, val = top1_60_percent(tmp_path)
+    junk = tmp_path / "junk.ort"
+    junk.write_bytes(b"not an ORT flatbuffer\n" * 4)
+    result = cli("eval", model, junk, "--data", val, "--runtime", "reference,ort", *SMALL)
+    assert_one_line_error(result, "junk.ort in onnxruntime")
+    assert "evaluate in reference" not in all_output(result)

@@ -133,13 +133,14 @@ def check_model_file(path: Path, missing: str) -> None:
 
 
 def check_model_files(paths: Sequence[Path]) -> None:
-    """Each path an ONNX model file (or an OpenVINO IR ``.xml``) before any runtime opens one: a missing, empty
-    or corrupt file is bad input in every runtime, never a row left out as if that runtime could not read it."""
+    """Each path an ONNX model file (or an OpenVINO IR ``.xml``, an onnxruntime ``.ort`` file: their runtime
+    judges them) before any runtime opens one: a missing, empty or corrupt file is bad input in every runtime,
+    never a row left out as if that runtime could not read it."""
     import onnx
 
     for path in map(Path, paths):
         check_model_file(path, f"model not found: {path}")
-        if path.suffix.lower() == ".xml":
+        if path.suffix.lower() in (".xml", ".ort"):
             continue
         try:
             onnx.load_model(str(path), load_external_data=False)

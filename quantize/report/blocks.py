@@ -189,7 +189,7 @@ def _fidelity_blocks(data: dict) -> list[Block]:
         return []
     rows = [
         ["Images", str(fid.get("source", "?"))],
-        ["Runtime", "onnxruntime (`--runtime` applies to `--val` and `--bench`)"],
+        ["Runtime", "onnxruntime (--runtime applies to --val and --bench)"],
         [
             "Top-1 agreement with FP32",
             f"{fmt_num(fid.get('agreement_pct'))}% [{fmt_num(fid.get('agreement_ci_low_pct'))}, "

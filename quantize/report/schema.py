@@ -373,10 +373,17 @@ def write_report(data: dict, directory: Path) -> dict[str, Path]:
     return {"json": json_path, **_write_views(json.loads(text), directory)}
 
 
-def _no_constant(name: str):
-    # rq writes strict JSON (allow_nan=False); a NaN or Infinity in it was put there by hand, and would render
-    # as a verdict that contradicts itself ("PASSED: drop n/a > 1.00").
-    raise ValueError(f"{name} is not a JSON number")
+class _NotANumber(ValueError):
+    pass
+
+
+def _no_constant(name: str) -> float:
+    # rq writes strict JSON (allow_nan=False); a NaN in it was put there by hand, and would render as a verdict
+    # that contradicts itself ("PASSED: drop n/a > 1.00"). Infinity is kept: reports written before rq wrote
+    # strict JSON hold it for an exact node's SQNR.
+    if name == "NaN":
+        raise _NotANumber(f"{name} is not a JSON number")
+    return float("inf") if name == "Infinity" else float("-inf")
 
 
 def read_report(directory: Path) -> dict:
@@ -388,10 +395,10 @@ def read_report(directory: Path) -> dict:
         data = json.loads(json_path.read_text(encoding="utf-8"), parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise RqInputError(f"{json_path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    except ValueError as exc:  # _no_constant
-        raise RqInputError(f"{json_path} is not strict JSON: {exc}") from None
-    except UnicodeDecodeError:
+    except UnicodeDecodeError:  # a ValueError too: before the next clause
         raise RqInputError(f"{json_path} is not UTF-8 text") from None
+    except _NotANumber as exc:
+        raise RqInputError(f"{json_path} is not strict JSON: {exc}") from None
     except OSError as exc:
         raise RqInputError(f"cannot read {json_path}: {exc.strerror or exc}") from None
     validate_report(data)
