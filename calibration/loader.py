@@ -79,9 +79,8 @@ class BatchStream:
     * Decoding runs in ``workers`` threads, at most ``prefetch_batches`` batches beyond the one the
       consumer currently holds.
     * Unreadable images are skipped, not fatal: ``skipped`` lists ``(path, reason)``; ``used``
-      counts images yielded, ``read`` lists their samples in order. A batch can be short (skips, last
-      batch) but is never empty. If nothing at all could be decoded, the iteration ends with a
-      :class:`DatasetError`.
+      counts images yielded. A batch can be short (skips, last batch) but is never empty. If nothing at
+      all could be decoded, the iteration ends with a :class:`DatasetError`.
     * ``spares`` (calibration.datasets.Spares): when given, each unreadable image is replaced in its batch by
       the next readable spare drawn for it (unreadable spares are skipped too), so a pass yields the batches it
       would yield if every image were readable; at most as many spares are tried as samples. ``replaced``
@@ -89,7 +88,7 @@ class BatchStream:
     * ``progress`` (calibration.progress.Progress): ``total(len(samples))`` when a pass starts, then
       ``advance(k)`` after each chunk of samples with the number of samples it consumed (skipped ones
       included).
-    * Iterating again starts a fresh pass (``skipped``/``used``/``read``/``replaced`` are reset). Stopping early —
+    * Iterating again starts a fresh pass (``skipped``/``used``/``replaced`` are reset). Stopping early —
       ``break``, an exception or Ctrl-C in the consumer, :meth:`close`, or leaving a ``with``
       block — cancels the pending decodes and lets the threads exit.
     """
@@ -116,7 +115,6 @@ class BatchStream:
         self.spares = spares
         self.skipped: list[tuple[Path, str]] = []
         self.replaced: list[tuple[Path, Path]] = []
-        self.read: list[Sample] = []
         self.used: int = 0
         # A *weak* reference to the running pass: a strong one would keep an abandoned generator
         # alive, so a consumer's `break` would no longer close it (and stop the threads) at once.
@@ -147,7 +145,6 @@ class BatchStream:
     def _generate(self) -> Generator[Batch, None, None]:
         self.skipped = []
         self.replaced = []
-        self.read = []
         self.used = 0
         total = len(self.samples)
         if total == 0:
@@ -208,7 +205,6 @@ class BatchStream:
                 self.progress.advance(len(chunk))
                 if images:
                     self.used += len(images)
-                    self.read.extend(kept)
                     batch = Batch(
                         images=np.stack(images).astype(np.float32, copy=False),
                         labels=np.array([-1 if s.label is None else s.label for s in kept], dtype=np.int64),
