@@ -367,12 +367,15 @@ def eval_json(by_runtime: dict, dataset, spec) -> dict:
     payload = by_runtime[first].to_dict()
     payload.update(folder=str(dataset.root), layout=dataset.layout, preprocess=spec.to_dict(), runtime=first)
     payload["runtimes"] = {name: r.to_dict() for name, r in by_runtime.items()}
-    # Each runtime's models against that runtime's first model, as the table prints them.
-    for entries, run in [(payload["models"], by_runtime[first])] + [
-        (payload["runtimes"][name]["models"], r) for name, r in by_runtime.items()
-    ]:
-        for entry, drop in zip(entries, drops_vs_first(run), strict=True):
-            entry["vs_first"] = drop.to_dict() if drop else None
+    # Each runtime's models against that runtime's first model, as the table prints them; the first runtime's
+    # are also the top-level models.
+    for name, run in by_runtime.items():
+        drops = [drop.to_dict() if drop else None for drop in drops_vs_first(run)]
+        for entry, drop in zip(payload["runtimes"][name]["models"], drops, strict=True):
+            entry["vs_first"] = drop
+        if name == first:
+            for entry, drop in zip(payload["models"], drops, strict=True):
+                entry["vs_first"] = drop
     return payload
 
 
